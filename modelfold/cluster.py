@@ -1,0 +1,151 @@
+"""k-means clustering of channel feature vectors, written in torch.
+
+k-means++ seeding, Lloyd iterations, several restarts keeping the lowest inertia,
+deterministic for a given seed, no empty clusters. Works on CPU or CUDA tensors.
+
+Wide feature matrices (``d > max_dim``) are first projected onto their top ``max_dim``
+principal directions (randomized SVD, seeded). A projection keeps exact duplicates exact,
+and makes Lloyd iterations cost ``n * max_dim * k`` instead of ``n * d * k`` (VGG's
+classifier groups have d ~ 30k). The reported inertia is always measured on the
+original, unprojected features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KMeansResult:
+    """Cluster assignment of n points into k clusters."""
+
+    labels: torch.Tensor  # (n,) int64 in [0, k)
+    inertia: float  # sum of squared distances to cluster means, original feature space
+    relative_error: float  # inertia / sum of squared norms (0 = lossless)
+    iterations: int
+
+
+def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (n, k) between rows of x and rows of c."""
+    d = x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
+    return d.clamp_min_(0.0)
+
+
+def _kmeans_pp(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding; returns indices of the k initial centers."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen, device="cpu"))
+    idx = [first]
+    mind = _sq_dists(x, x_sq, x[first : first + 1]).squeeze(1)
+    for _ in range(1, k):
+        total = float(mind.sum())
+        if total <= 0.0:
+            # Fewer distinct points than k: take not-yet-chosen points in order.
+            chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
+            chosen[torch.tensor(idx, device=x.device)] = True
+            rest = torch.nonzero(~chosen).squeeze(1)[: k - len(idx)].tolist()
+            idx.extend(rest)
+            break
+        probs = (mind / total).to("cpu", torch.float64)
+        nxt = int(torch.multinomial(probs, 1, generator=gen))
+        idx.append(nxt)
+        mind = torch.minimum(mind, _sq_dists(x, x_sq, x[nxt : nxt + 1]).squeeze(1))
+    return torch.tensor(idx, device=x.device, dtype=torch.long)
+
+
+def _fill_empty(labels: torch.Tensor, dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Give every empty cluster the point farthest from its current center."""
+    counts = torch.bincount(labels, minlength=k)
+    empty = torch.nonzero(counts == 0).squeeze(1).tolist()
+    if not empty:
+        return labels
+    labels = labels.clone()
+    own = dist.gather(1, labels[:, None]).squeeze(1).clone()
+    for c in empty:
+        counts = torch.bincount(labels, minlength=k)
+        movable = counts[labels] > 1
+        cand = torch.where(movable, own, torch.full_like(own, -1.0))
+        p = int(torch.argmax(cand))
+        labels[p] = c
+        own[p] = -1.0
+    return labels
+
+
+def _means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=k).clamp_min(1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+def inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Sum of squared distances of the rows of x to their cluster means."""
+    x = x.to(torch.float64)
+    c = _means(x, labels, k)
+    return float(((x - c[labels]) ** 2).sum())
+
+
+def project(x: torch.Tensor, max_dim: int, seed: int = 0) -> torch.Tensor:
+    """Project rows of x onto their top ``max_dim`` principal directions (no-op if narrow)."""
+    n, d = x.shape
+    if d <= max_dim or n <= max_dim:
+        return x
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        centered = x - x.mean(0, keepdim=True)
+        _, _, v = torch.svd_lowrank(centered, q=max_dim, niter=3)
+    finally:
+        torch.random.set_rng_state(state)
+    return centered @ v
+
+
+def kmeans(
+    features: torch.Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    n_init: int = 3,
+    max_iter: int = 50,
+    max_dim: int = 256,
+) -> KMeansResult:
+    """Cluster the rows of ``features`` (n, d) into ``k`` non-empty clusters.
+
+    Returns the labelling with the lowest inertia over ``n_init`` k-means++ restarts.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D (n, d), got shape {tuple(features.shape)}")
+    n = features.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf")
+    orig = features.detach().to(torch.float32)
+    total_sq = float((orig.to(torch.float64) ** 2).sum())
+    if k == n:
+        labels = torch.arange(n, device=orig.device)
+        return KMeansResult(labels, 0.0, 0.0, 0)
+    x = project(orig, max_dim, seed)
+    x_sq = (x * x).sum(1)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    best: tuple[float, torch.Tensor, int] | None = None
+    for _ in range(max(1, n_init)):
+        centers = x[_kmeans_pp(x, x_sq, k, gen)]
+        labels = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        it = 0
+        for it in range(1, max_iter + 1):
+            dist = _sq_dists(x, x_sq, centers)
+            new = _fill_empty(dist.argmin(1), dist, k)
+            if torch.equal(new, labels):
+                break
+            labels = new
+            centers = _means(x, labels, k)
+        score = float(((x - _means(x, labels, k)[labels]) ** 2).sum())
+        if best is None or score < best[0] - 1e-12 * max(1.0, abs(best[0])):
+            best = (score, labels, it)
+    assert best is not None
+    labels = best[1]
+    err = inertia(orig, labels, k)
+    rel = err / total_sq if total_sq > 0 else 0.0
+    return KMeansResult(labels, err, rel, best[2])

@@ -1,0 +1,31 @@
+"""Exceptions raised by modelfold. Every message names the problem and the way out."""
+
+from __future__ import annotations
+
+
+class ModelFoldError(Exception):
+    """Base class of every error modelfold raises on purpose."""
+
+
+class InvalidRatioError(ModelFoldError, ValueError):
+    """A ratio/sparsity outside the admissible range."""
+
+
+class InputShapeError(ModelFoldError, ValueError):
+    """The example inputs do not fit the model."""
+
+
+class UnsupportedModelError(ModelFoldError):
+    """The model (or one of its layers) cannot be folded safely."""
+
+
+class InvalidWeightsError(ModelFoldError, ValueError):
+    """NaN/Inf or otherwise unusable parameters."""
+
+
+class ModelModeError(ModelFoldError):
+    """The model is in a mode folding does not accept (e.g. training mode)."""
+
+
+class CheckpointError(ModelFoldError):
+    """A model file could not be read or written."""
