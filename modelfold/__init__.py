@@ -1,0 +1,11 @@
+"""modelfold: data-free compression of trained networks by model folding."""
+
+from . import errors
+from .api import REPAIRS, channel_groups, fold, prune
+from .cluster import kmeans
+from .groups import ChannelGroup, Slice
+from .report import FoldReport, GroupReport
+
+__all__ = ["REPAIRS", "ChannelGroup", "FoldReport", "GroupReport", "Slice", "channel_groups", "errors",
+           "fold", "kmeans", "prune"]
+__version__ = "0.1.0"

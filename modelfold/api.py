@@ -1,0 +1,151 @@
+"""Public entry points: fold, prune, channel_groups."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch.nn as nn
+
+from . import checks
+from .engine import Planner, compress
+from .errors import InvalidRatioError, UnsupportedModelError
+from .groups import ChannelGroup, build_graph, iter_groups
+from .policies import first_k_planner, kmeans_planner, magnitude_planner
+from .report import FoldReport, count_macs, count_params
+
+REPAIRS = ("none", "ar", "dir", "data")
+
+
+def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Module | str] = (),
+                   verify: bool = True) -> list[ChannelGroup]:
+    """Every conv/linear output channel space of ``model`` and how it is coupled.
+
+    Groups that cannot be folded safely carry ``foldable=False`` and a reason.
+    """
+    work = checks.prepare(model, example_inputs)
+    names = checks.ignore_names(work, model, ignore)
+    from .engine import verify_coupling
+
+    dg = build_graph(work, example_inputs)
+    ignored = [m for n, m in work.named_modules() if n in names]
+    out = []
+    for i, (_, cg) in enumerate(iter_groups(dg, ignored)):
+        if cg.foldable and any(s.module in names for s in cg.slices):
+            cg.foldable, cg.reason = False, "ignored by the user"
+        if cg.foldable and verify and not verify_coupling(work, cg, example_inputs, i):
+            cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
+        out.append(cg)
+    return out
+
+
+def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
+                        ignore: set[str]) -> float:
+    """Bisect the channel ratio whose pruned/folded model removes ``sparsity`` of the params."""
+    total = count_params(work)
+
+    def removed(r: float) -> float:
+        m = copy.deepcopy(work)
+        compress(m, example_inputs, r, first_k_planner, ignore=ignore, verify=False)
+        return 1.0 - count_params(m) / total
+
+    hi_s = removed(0.95)
+    if sparsity > hi_s + 1e-9:
+        raise InvalidRatioError(
+            f"sparsity={sparsity:.3f} is not reachable: removing 95% of every foldable group's "
+            f"channels removes only {hi_s:.1%} of the parameters. Ask for at most {hi_s:.2f}, or "
+            "check the report for groups kept intact.")
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if removed(mid) < sparsity:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: float | None,
+         planner: Planner, method: str, *, ignore: Iterable[nn.Module | str], strict: bool,
+         verify: bool, seed: int, progress: bool, repair: str = "none",
+         repair_kwargs: dict | None = None) -> tuple[nn.Module, FoldReport]:
+    t0 = time.perf_counter()
+    ratio = checks.ratio_or_sparsity(ratio, sparsity)
+    work = checks.prepare(model, example_inputs)
+    names = checks.ignore_names(work, model, ignore)
+    if sparsity is not None:
+        ratio = _ratio_for_sparsity(work, example_inputs, sparsity, names)
+    params0, macs0 = count_params(work), count_macs(work, example_inputs)
+
+    from .repair import make_repair
+
+    fixer = make_repair(repair, model=model, example_inputs=example_inputs, seed=seed,
+                        progress=progress, **(repair_kwargs or {}))
+    work = fixer.before(work)
+
+    def on_kept(cg: ChannelGroup) -> None:
+        if strict and cg.reason != "ignored by the user":
+            raise UnsupportedModelError(
+                f"group rooted at '{cg.root}' cannot be folded safely: {cg.reason}. "
+                f"Pass ignore=[...] with the modules named there to keep them intact, or strict=False "
+                "to leave such groups unfolded and listed in the report.")
+
+    groups = compress(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, verify=verify,
+                      seed=seed, progress=progress, on_kept=on_kept)
+    work = fixer.after(work)
+    work.eval()
+    report = FoldReport(method, ratio, params0, count_params(work), macs0,
+                        count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair)
+    return work, report
+
+
+def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
+         sparsity: float | None = None, repair: str = "none", data: Any = None,
+         ignore: Iterable[nn.Module | str] = (), strict: bool = False, seed: int = 0,
+         n_init: int = 3, verify: bool = True, progress: bool = False,
+         return_report: bool = False, **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Fold ``model``: cluster similar channels with k-means and merge each cluster.
+
+    ratio: fraction of channels removed in every foldable group (k = max(1, round(n(1-ratio)))).
+    sparsity: alternatively, the fraction of parameters to remove (the ratio is solved for).
+    repair: "none" (Fold-Naive), "ar" (Fold-AR), "dir" (Fold-DIR) or "data" (Fold-R, needs data=).
+    Returns a new, physically smaller module; ``model`` is not modified.
+    """
+    if example_inputs is None:
+        from . import hf
+
+        if hf.is_supported(model):
+            return hf.fold_model(model, ratio=ratio, repair=repair, seed=seed,
+                                 return_report=return_report, **kwargs)
+        raise checks.missing_inputs(model)
+    if kwargs:
+        raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
+    if repair not in REPAIRS:
+        raise ValueError(f"repair must be one of {REPAIRS}, got {repair!r}")
+    out, report = _run(model, example_inputs, ratio, sparsity, kmeans_planner(seed, n_init), "fold",
+                       ignore=ignore, strict=strict, verify=verify, seed=seed, progress=progress,
+                       repair=repair, repair_kwargs={"data": data})
+    return (out, report) if return_report else out
+
+
+def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
+          sparsity: float | None = None, norm: int = 2, ignore: Iterable[nn.Module | str] = (),
+          strict: bool = False, seed: int = 0, verify: bool = True, progress: bool = False,
+          return_report: bool = False, **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold``."""
+    if example_inputs is None:
+        from . import hf
+
+        if hf.is_supported(model):
+            return hf.prune_model(model, ratio=ratio, norm=norm, return_report=return_report, **kwargs)
+        raise checks.missing_inputs(model)
+    if kwargs:
+        raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")
+    out, report = _run(model, example_inputs, ratio, sparsity, magnitude_planner(norm), f"sp-l{norm}",
+                       ignore=ignore, strict=strict, verify=verify, seed=seed, progress=progress)
+    return (out, report) if return_report else out
+
+
+__all__ = ["channel_groups", "fold", "prune", "REPAIRS"]

@@ -1,0 +1,99 @@
+"""Input validation shared by the public API: clear errors before any work is done."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import InputShapeError, InvalidRatioError, InvalidWeightsError, ModelModeError
+
+
+def ratio_or_sparsity(ratio: float | None, sparsity: float | None) -> float:
+    """Validate that exactly one of ratio/sparsity is given and lies in [0, 1)."""
+    if (ratio is None) == (sparsity is None):
+        raise InvalidRatioError("give exactly one of ratio= (fraction of channels removed per group) "
+                                "or sparsity= (fraction of parameters removed)")
+    value, name = (ratio, "ratio") if ratio is not None else (sparsity, "sparsity")
+    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value) \
+            or not 0.0 <= value < 1.0:
+        raise InvalidRatioError(f"{name}={value!r} is outside [0, 1): it is the fraction removed, "
+                                "e.g. 0.5 removes half; 1.0 would remove everything")
+    return float(ratio) if ratio is not None else 0.0
+
+
+def check_weights(model: nn.Module) -> None:
+    """Raise if any parameter or floating buffer holds NaN/Inf."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InvalidWeightsError(
+                    f"{kind} '{name}' contains NaN or Inf values; folding would spread them into merged "
+                    "channels. Repair or reload the checkpoint (or exclude the layer and fix it) first.")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor{tuple(x.shape)}:{str(x.dtype).replace('torch.', '')}"
+    if isinstance(x, tuple | list):
+        return "(" + ", ".join(_describe(v) for v in x) + ")"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
+    return type(x).__name__
+
+
+def run(model: nn.Module, example_inputs: Any) -> Any:
+    """One forward pass; wrong inputs become an InputShapeError."""
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                return model(**example_inputs)
+            if isinstance(example_inputs, tuple):
+                return model(*example_inputs)
+            return model(example_inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward
+        raise InputShapeError(
+            f"the model cannot run on example_inputs {_describe(example_inputs)}: {type(e).__name__}: {e}. "
+            "Pass a tensor (or tuple of tensors) shaped like a real batch, e.g. torch.randn(1, 3, 224, 224) "
+            "for an ImageNet CNN.") from e
+
+
+def prepare(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """Validate the model and inputs; return a deep copy to work on (the user's model is untouched)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ModelModeError("the model is in training mode; call model.eval() first. Folding reads BatchNorm "
+                             "running statistics and needs deterministic forward passes.")
+    check_weights(model)
+    work = copy.deepcopy(model)
+    run(work, example_inputs)
+    return work
+
+
+def ignore_names(work: nn.Module, original: nn.Module, ignore: Iterable[nn.Module | str]) -> set[str]:
+    """Qualified names of ignored modules (given as names or as modules of the original model)."""
+    by_id = {id(m): n for n, m in original.named_modules()}
+    valid = {n for n, _ in work.named_modules()}
+    names: set[str] = set()
+    if isinstance(ignore, nn.Module | str):
+        ignore = [ignore]
+    for item in ignore:
+        name = by_id.get(id(item)) if isinstance(item, nn.Module) else item
+        if name is None or name not in valid:
+            raise ValueError(f"ignore entry {item!r} is not a module of this model; use names from "
+                             "model.named_modules() or the module objects themselves")
+        names.add(name)
+        names.update(f"{name}.{sub}" for sub, _ in work.get_submodule(name).named_modules() if sub)
+    return names
+
+
+def missing_inputs(model: nn.Module) -> TypeError:
+    return TypeError(
+        f"example_inputs is required for {type(model).__name__}: modelfold traces one forward pass to find "
+        "coupled channels. Pass e.g. torch.randn(1, 3, 224, 224). (Only recognised Hugging Face "
+        "transformers can be folded without it.)")

@@ -1,0 +1,199 @@
+"""The one engine behind fold and prune: discover groups, choose a plan, merge, remove.
+
+For each channel group a *plan* is either a cluster labelling (folding: merge each
+cluster into its representative) or a keep-set (pruning: a selection). Both end with
+Torch-Pruning physically removing the non-kept channels from every coupled tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad_enabled, iter_groups
+from .merge import gather_features, merge_tensor, representatives
+from .report import GroupReport
+
+
+@dataclass
+class Plan:
+    """How to reduce one group: ``labels`` (fold, k clusters) or ``keep`` (prune)."""
+
+    k: int
+    labels: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    rel_error: float | None = None
+    channel_scale: torch.Tensor | None = None  # (k,) factor on merged norm scales (repairs)
+
+
+Planner = Callable[[ChannelGroup, dict[str, torch.Tensor], int], Plan]
+
+
+def resolve(model: nn.Module, name: str) -> nn.Module | torch.Tensor:
+    """Module or parameter of ``model`` by qualified name."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_parameter(name)
+
+
+def _tensor(owner: nn.Module | torch.Tensor, attr: str) -> torch.Tensor | None:
+    t = owner if attr == "" else getattr(owner, attr, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def group_features(model: nn.Module, cg: ChannelGroup) -> dict[str, torch.Tensor]:
+    """Per-channel feature blocks (n, d_i) of a group, keyed "module:kind:attr".
+
+    Producers (weight rows and bias), consumers (weight columns) and channel-wise
+    convolution filters (depthwise) enter; norm parameters do not.
+    """
+    feats: dict[str, torch.Tensor] = {}
+    for sl in cg.slices:
+        owner = resolve(model, sl.module)
+        is_conv_channel = sl.kind == CHANNEL and isinstance(owner, nn.modules.conv._ConvNd)
+        if sl.kind not in (PRODUCER, CONSUMER) and not is_conv_channel:
+            continue
+        table = sl.table(cg.size)
+        for attr, dim in sl.tensors:
+            t = _tensor(owner, attr)
+            if t is not None:
+                feats[f"{sl.module}:{sl.kind}:{attr}"] = gather_features(t, dim, table)
+    return feats
+
+
+def apply_labels(model: nn.Module, cg: ChannelGroup, plan: Plan) -> None:
+    """Merge every slice of the group in place: producers/channels averaged, consumers summed."""
+    assert plan.labels is not None
+    with torch.no_grad():
+        for sl in cg.slices:
+            owner = resolve(model, sl.module)
+            table = sl.table(cg.size)
+            mode = "sum" if sl.kind == CONSUMER else "mean"
+            is_norm = isinstance(owner, nn.modules.batchnorm._NormBase | nn.LayerNorm)
+            for attr, dim in sl.tensors:
+                t = _tensor(owner, attr)
+                if t is None:
+                    continue
+                scale = plan.channel_scale if (is_norm and attr == "weight") else None
+                t.data.copy_(merge_tensor(t.data, dim, table, plan.labels, plan.k, mode, scale))
+
+
+def permute(model: nn.Module, cg: ChannelGroup, perm: torch.Tensor) -> None:
+    """Permute the group's channels in every slice (new channel c = old channel perm[c])."""
+    with torch.no_grad():
+        for sl in cg.slices:
+            owner = resolve(model, sl.module)
+            table = sl.table(cg.size)
+            for attr, dim in sl.tensors:
+                t = _tensor(owner, attr)
+                if t is not None:
+                    src = t.data.index_select(dim, table[perm].reshape(-1).to(t.device))
+                    t.data.index_copy_(dim, table.reshape(-1).to(t.device), src)
+
+
+def _outputs(model: nn.Module, inputs: object) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs) \
+            if isinstance(inputs, tuple) else model(inputs)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [o for o in (out if isinstance(out, list | tuple) else [getattr(out, "logits", out)])
+            if isinstance(o, torch.Tensor)]
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        if x.shape != y.shape or float((x - y).abs().max()) > 1e-4 * (1.0 + scale):
+            return False
+    return True
+
+
+def verify_coupling(model: nn.Module, cg: ChannelGroup, inputs: object, seed: int) -> bool:
+    """Check a group's coupling: permuting its channels must leave the function unchanged.
+
+    A missed consumer or a channel-mixing op the tracer took for element-wise (e.g. a
+    channel shuffle) breaks the equality. The model is restored if the check fails.
+    """
+    ref = _outputs(model, inputs)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(cg.size, generator=gen)
+    permute(model, cg, perm)
+    ok = _close(ref, _outputs(model, inputs))
+    if not ok:
+        permute(model, cg, torch.argsort(perm))
+    return ok
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: object,
+    ratio: float,
+    planner: Planner,
+    *,
+    ignore: Sequence[str] = (),
+    verify: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+    on_kept: Callable[[ChannelGroup], None] | None = None,
+) -> list[GroupReport]:
+    """Compress ``model`` in place; returns one report per group.
+
+    ``ignore`` are qualified module names whose slices must stay intact.
+    """
+    dg = build_graph(model, example_inputs)
+    ignore_set = set(ignore)
+    ignored_mods = [m for name, m in model.named_modules() if name in ignore_set]
+    reports: list[GroupReport] = []
+
+    # Pass 1: describe and verify every group on the unmodified copy.
+    accepted: dict[str, ChannelGroup] = {}
+    described = [cg for _, cg in iter_groups(dg, ignored_mods)]
+    for i, cg in enumerate(described):
+        if cg.foldable and any(s.module in ignore_set for s in cg.slices):
+            cg.foldable, cg.reason = False, "ignored by the user"
+        if cg.foldable and verify and not verify_coupling(model, cg, example_inputs, seed + i):
+            cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
+        if cg.foldable:
+            accepted[cg.root] = cg
+        else:
+            if on_kept is not None:
+                on_kept(cg)
+            reports.append(GroupReport(cg.root, cg.members, cg.size, cg.size, "kept", cg.reason))
+
+    # Pass 2: fold/prune lazily, so that each group sees the sizes left by the previous.
+    bar = tqdm(total=len(accepted), desc="folding groups", disable=not progress, leave=False)
+    with grad_enabled():
+        for group, cg in iter_groups(dg, ignored_mods):
+            if cg.root not in accepted:
+                continue
+            bar.update(1)
+            n = cg.size
+            k = max(1, round(n * (1.0 - ratio)))
+            if k >= n:
+                reports.append(GroupReport(cg.root, cg.members, n, n, "unchanged"))
+                continue
+            plan = planner(cg, group_features(model, cg), k)
+            if plan.labels is not None:
+                apply_labels(model, cg, plan)
+                keep = representatives(plan.labels, plan.k)
+                status = "folded"
+            else:
+                assert plan.keep is not None
+                keep = plan.keep
+                status = "pruned"
+            drop = sorted(set(range(n)) - {int(i) for i in keep})
+            if drop:
+                group.prune(idxs=drop)
+            reports.append(GroupReport(cg.root, cg.members, n, n - len(drop), status, "", plan.rel_error))
+    bar.close()
+    return reports
