@@ -1,6 +1,6 @@
 """modelfold: data-free compression of trained networks by model folding."""
 
-from . import errors
+from . import errors, io
 from .api import REPAIRS, channel_groups, fold, prune
 from .cluster import kmeans
 from .groups import ChannelGroup, Slice

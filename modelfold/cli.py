@@ -1,0 +1,156 @@
+"""Command line: ``modelfold fold`` / ``modelfold prune`` / ``modelfold inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import api, io
+from .errors import ModelFoldError
+
+EPILOG = """\
+MODEL is one of:
+  a modelfold zoo name        resnet18_fmnist, vgg11_bn_fmnist (trained on Fashion-MNIST, shipped)
+  a torchvision model name    e.g. resnet50 --weights resnet50.pth (state_dict file)
+  a torch.save'd full model   e.g. my_model.pt
+  package.module:factory      a callable returning the nn.Module (weights via --weights)
+  a Hugging Face model dir    config.json + weights (or a .gguf file); --targets selects what folds
+
+examples:
+  modelfold fold resnet18_fmnist --ratio 0.5 --repair ar --out folded.pt
+  modelfold fold resnet50 --weights resnet50.pth --sparsity 0.5 --ignore layer4 --out r50.pt
+  modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
+  modelfold inspect densenet121
+  modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
+Reload a CNN result with torch.load(path, weights_only=False).
+"""
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; write e.g. 1,3,224,224") from e
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; all sizes must be positive")
+    return shape
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelfold", description="Compress a trained network by model folding "
+                                "(k-means channel clustering + merging), without data or fine-tuning.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", metavar="MODEL", help="model to load (see 'modelfold --help')")
+        sp.add_argument("--weights", help="state_dict file (.pt/.pth/.safetensors) to load into MODEL")
+        sp.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 "
+                        "(default: 1,3,224,224 for torchvision, 1,1,32,32 for the zoo)")
+        sp.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",
+                        help="module names (from model.named_modules()) to keep intact")
+
+    for name, helptext in (("fold", "fold a model (Fold-Naive/AR/DIR/R)"),
+                           ("prune", "structured magnitude pruning baseline (SP-L1/SP-L2)")):
+        sp = sub.add_parser(name, help=helptext, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        common(sp)
+        amount = sp.add_mutually_exclusive_group(required=True)
+        amount.add_argument("--ratio", type=float, help="fraction of channels removed in every foldable group")
+        amount.add_argument("--sparsity", type=float, help="fraction of parameters to remove (ratio is solved)")
+        sp.add_argument("--out", required=True, help="output file (CNN: torch.save'd module) or dir (HF)")
+        sp.add_argument("--strict", action="store_true", help="fail instead of keeping unsupported groups intact")
+        sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sp.add_argument("--targets", default="mlp", help="HF models only: mlp, attention or all (default mlp)")
+        if name == "fold":
+            sp.add_argument("--repair", default="none", choices=api.REPAIRS,
+                            help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free); "
+                                 "data needs training data and is not available from the CLI")
+        else:
+            sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
+
+    sp = sub.add_parser("inspect", help="list the channel groups of a model and how they are coupled")
+    common(sp)
+    sp.add_argument("-v", "--verbose", action="store_true", help="list every slice of every group")
+    return p
+
+
+def _hf(spec: str) -> bool:
+    from . import hf
+
+    is_dir = getattr(hf, "is_hf_dir", None)
+    return spec.endswith(".gguf") or bool(is_dir and is_dir(spec))
+
+
+def _run_hf(args: argparse.Namespace) -> int:
+    from . import hf
+
+    model = hf.load_any(args.model)
+    kw = {"targets": args.targets, "seed": args.seed, "return_report": True}
+    if args.command == "fold":
+        out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
+    else:
+        out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
+    hf.save(out, args.out)
+    print(report)
+    print(f"saved to {args.out}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command != "inspect" and _hf(args.model):
+        return _run_hf(args)
+    model = io.load_model(args.model, args.weights)
+    shape = args.input_shape or io.default_input_shape(args.model)
+    if shape is None:
+        raise ModelFoldError(f"cannot guess an input shape for {args.model}; pass --input-shape, e.g. 1,3,224,224")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if args.command == "inspect":
+        groups = api.channel_groups(model, x, ignore=args.ignore)
+        for g in groups:
+            print(g if args.verbose else f"{g.root:<40} {g.size:>5} ch  {len(g.slices):>3} slices  "
+                  f"{'foldable' if g.foldable else 'kept: ' + g.reason}")
+        print(f"{sum(g.foldable for g in groups)} of {len(groups)} groups foldable")
+        return 0
+    common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore, "strict": args.strict,
+              "seed": args.seed, "progress": True, "return_report": True}
+    if args.command == "fold":
+        out, report = api.fold(model, x, repair=args.repair, **common)
+    else:
+        out, report = api.prune(model, x, norm=args.norm, **common)
+    io.save_model(out, args.out)
+    print(report)
+    print(_stage_table(model, out))
+    print(f"saved to {args.out} (reload with torch.load(path, weights_only=False))")
+    return 0
+
+
+def _stage_table(before: torch.nn.Module, after: torch.nn.Module) -> str:
+    """Widths of every conv/linear layer, before -> after."""
+    rows = ["  layer                                    out before -> after"]
+    mods = dict(after.named_modules())
+    for name, m in before.named_modules():
+        width = getattr(m, "out_channels", getattr(m, "out_features", None))
+        new = mods.get(name)
+        if width is None or new is None:
+            continue
+        w2 = getattr(new, "out_channels", getattr(new, "out_features", None))
+        if w2 != width:
+            rows.append(f"  {name:<40} {width:>10} -> {w2}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``modelfold`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ModelFoldError, ValueError, TypeError) as e:
+        print(f"modelfold: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Loading models named on the command line, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError
+
+ZOO = ("resnet18_fmnist", "vgg11_bn_fmnist")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then move the result onto ``path`` in one step.
+
+    An existing file at ``path`` survives any failure untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """``torch.save`` the whole module atomically (reload with ``torch.load(path, weights_only=False)``)."""
+    return atomic_write(path, lambda tmp: torch.save(model, tmp))
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
+        raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}. "
+                              "Is it a complete state_dict saved with torch.save or safetensors?") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    return obj
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build the model a CLI argument names, in eval mode.
+
+    spec: a modelfold zoo name (resnet18_fmnist, vgg11_bn_fmnist), a torchvision model
+    name, a ``torch.save``d full model file, or ``package.module:factory``.
+    weights: optional state_dict file (.pt/.pth/.safetensors) loaded into the model.
+    """
+    path = Path(spec)
+    if spec in ZOO:
+        from .zoo import load_pretrained
+
+        model = load_pretrained(spec)
+    elif path.is_file():
+        try:
+            model = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot load model file {path}: {type(e).__name__}: {e}. Pass a file "
+                                  "written by torch.save(model), or a torchvision name with --weights") from e
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"{path} holds a {type(model).__name__}, not a full nn.Module; if it is a "
+                                  "state_dict, pass the architecture as MODEL and this file as --weights")
+    elif ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise CheckpointError(f"cannot import {spec!r}: {e}") from e
+        model = factory()
+    else:
+        import torchvision
+
+        if spec not in torchvision.models.list_models(module=torchvision.models):
+            raise CheckpointError(f"unknown model {spec!r}: not a file, not package.module:factory, and not a "
+                                  f"torchvision classification model (see torchvision.models.list_models()) "
+                                  f"nor one of {', '.join(ZOO)}")
+        model = torchvision.models.get_model(spec, weights=None)
+    if weights is not None:
+        state = _load_state(Path(weights))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{weights} does not fit {spec}: {e}") from e
+    return model.eval()
+
+
+def default_input_shape(spec: str) -> tuple[int, ...] | None:
+    """A sensible example-input shape for known model names (None if unknown)."""
+    if spec in ZOO:
+        return (1, 1, 32, 32)
+    if ":" not in spec and not Path(spec).exists():
+        if spec.startswith("inception"):
+            return (1, 3, 299, 299)
+        return (1, 3, 224, 224)
+    return None

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from modelfold.cluster import inertia, kmeans, project
+
+
+def test_finds_exact_duplicates() -> None:
+    base = torch.randn(10, 7)
+    x = torch.cat([base, base, base])[torch.randperm(30)]
+    res = kmeans(x, 10, seed=1)
+    assert res.relative_error < 1e-6
+    for c in range(10):
+        members = x[res.labels == c]
+        assert len(members) == 3 and torch.allclose(members, members[0].expand_as(members))
+
+
+def test_no_empty_clusters_and_deterministic() -> None:
+    x = torch.randn(200, 5)
+    x[:150] = 0.0  # many identical points make empty clusters likely in Lloyd steps
+    a, b = kmeans(x, 60, seed=3), kmeans(x, 60, seed=3)
+    assert torch.equal(a.labels, b.labels)
+    assert torch.bincount(a.labels, minlength=60).min() >= 1
+
+
+def test_restarts_do_not_increase_inertia() -> None:
+    x = torch.randn(300, 6)
+    one = kmeans(x, 20, seed=0, n_init=1)
+    many = kmeans(x, 20, seed=0, n_init=5)
+    assert many.inertia <= one.inertia + 1e-6
+    assert abs(inertia(x, many.labels, 20) - many.inertia) < 1e-3 * many.inertia
+
+
+def test_edge_k_values() -> None:
+    x = torch.randn(9, 3)
+    assert torch.equal(kmeans(x, 9).labels, torch.arange(9))
+    assert kmeans(x, 1).labels.unique().tolist() == [0]
+    with pytest.raises(ValueError):
+        kmeans(x, 0)
+    with pytest.raises(ValueError):
+        kmeans(torch.full((4, 2), float("nan")), 2)
+
+
+def test_projection_keeps_duplicates_and_top_components() -> None:
+    torch.manual_seed(0)
+    low = torch.randn(64, 5) @ torch.randn(5, 400)  # rank 5
+    x = torch.cat([low, low[:8]])
+    p = project(x, 16)
+    assert p.shape == (72, 16)
+    assert torch.allclose(p[64:], p[:8], atol=1e-4)
+    xc = x - x.mean(0)
+    d_full, d_proj = torch.cdist(xc, xc), torch.cdist(p, p)
+    assert (d_full - d_proj).abs().max() < 1e-2 * d_full.max()

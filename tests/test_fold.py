@@ -1,0 +1,142 @@
+"""Folding oracles: duplicated channels fold back exactly; nothing to fold is identity."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from nets import MLP, CatNet, ResNetish, VGGish, double, double_catnet, randomize_bn
+
+import modelfold
+
+CASES = {
+    "mlp": (lambda w: MLP(w), 8, (4, 12)),
+    "vgg": (lambda w: VGGish(w), 4, (2, 3, 16, 16)),
+    "resnet": (lambda w: ResNetish(w), 4, (2, 3, 16, 16)),
+}
+
+
+def _pair(name: str, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    make, w, shape = CASES[name]
+    torch.manual_seed(seed)
+    small = randomize_bn(make(w), seed).eval()
+    big = double(small, make(2 * w)).eval()
+    return small, big, torch.randn(*shape)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_duplicated_channels_fold_back_exactly(name: str) -> None:
+    small, big, x = _pair(name)
+    with torch.no_grad():
+        assert (big(x) - small(x)).abs().max() < 1e-5  # the doubling itself is exact
+        folded, report = modelfold.fold(big, x, ratio=0.5, return_report=True)
+        err = (folded(x) - small(x)).abs().max().item()
+    assert err <= 1e-5, err
+    assert report.params_after == sum(p.numel() for p in small.parameters())
+    assert all(g.rel_error is None or g.rel_error < 1e-6 for g in report.groups)
+
+
+def test_concatenation_folds_back_exactly() -> None:
+    torch.manual_seed(1)
+    small = randomize_bn(CatNet(3)).eval()
+    big = double_catnet(small, randomize_bn(CatNet(6))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert (big(x) - small(x)).abs().max() < 1e-5
+        folded = modelfold.fold(big, x, ratio=0.5)
+        assert (folded(x) - small(x)).abs().max() <= 1e-5
+    assert folded.bn.num_features == 9 and folded.conv.in_channels == 9
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ratio_zero_is_identity(name: str) -> None:
+    _, big, x = _pair(name, seed=3)
+    folded = modelfold.fold(big, x, ratio=0.0)
+    with torch.no_grad():
+        assert torch.equal(folded(x), big(x))
+    assert sum(p.numel() for p in folded.parameters()) == sum(p.numel() for p in big.parameters())
+
+
+def test_random_net_folds_smaller_and_consistent() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = copy.deepcopy(model.state_dict())
+    folded, report = modelfold.fold(model, x, ratio=0.5, return_report=True)
+    # the user's model is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        y = folded(x)
+    assert y.shape == (2, 5) and y.dtype == torch.float32
+    assert report.params_after < report.params_before
+    assert report.macs_after < report.macs_before
+    assert report.params_after == sum(p.numel() for p in folded.parameters())
+    # module attributes agree with tensor shapes
+    for m in folded.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+        if isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features)
+    assert folded.stem[0].out_channels == 4  # 8 channels, ratio 0.5
+    assert folded.fc.out_features == 5  # the output is never folded
+
+
+def test_deterministic_given_seed() -> None:
+    _, big, x = _pair("vgg")
+    torch.manual_seed(0)
+    big = randomize_bn(VGGish(8), 5).eval()
+    a = modelfold.fold(big, x, ratio=0.4, seed=7)
+    b = modelfold.fold(big, x, ratio=0.4, seed=7)
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), ka
+
+
+def test_save_load_and_export(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    folded = modelfold.fold(model, x, ratio=0.5)
+    path = modelfold.io.save_model(folded, tmp_path / "folded.pt")
+    again = torch.load(path, weights_only=False)
+    exported = torch.export.export(folded, (x,))
+    with torch.no_grad():
+        y = folded(x)
+        assert torch.equal(again(x), y)
+        assert (exported.module()(x) - y).abs().max() < 1e-6
+
+
+def test_ignore_keeps_layers_intact() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(VGGish(8)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    folded, report = modelfold.fold(model, x, ratio=0.5, ignore=["features.4"], return_report=True)
+    # features.4 keeps its input and output channels, so the groups around it stay intact
+    assert (folded.features[4].in_channels, folded.features[4].out_channels) == (8, 16)
+    assert folded.features[0].out_channels == 8
+    assert folded.classifier[1].out_features == 16  # 32 -> 16, not touched by the ignore
+    assert any(g.status == "kept" and g.reason == "ignored by the user" for g in report.groups)
+
+
+def test_prune_keeps_largest_rows() -> None:
+    torch.manual_seed(0)
+    model = MLP(8).eval()
+    with torch.no_grad():
+        model.net[0].weight[3] *= 100  # obviously important neuron
+    x = torch.randn(3, 12)
+    pruned = modelfold.prune(model, x, ratio=0.875, norm=2)  # keep 1 of 8 in the first layer
+    assert pruned.net[0].out_features == 1
+    assert torch.equal(pruned.net[0].weight[0], model.net[0].weight[3])
+
+
+def test_sparsity_target_is_met() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(VGGish(8)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    _, report = modelfold.fold(model, x, sparsity=0.5, return_report=True)
+    assert abs(report.param_sparsity - 0.5) < 0.08
+    assert 0 < report.ratio < 1
