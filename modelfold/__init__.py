@@ -6,6 +6,6 @@ from .cluster import kmeans
 from .groups import ChannelGroup, Slice
 from .report import FoldReport, GroupReport
 
-__all__ = ["REPAIRS", "ChannelGroup", "FoldReport", "GroupReport", "Slice", "channel_groups", "errors",
+__all__ = ["REPAIRS", "ChannelGroup", "FoldReport", "GroupReport", "Slice", "channel_groups", "errors", "io",
            "fold", "kmeans", "prune"]
 __version__ = "0.1.0"
