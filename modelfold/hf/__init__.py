@@ -1,10 +1,28 @@
-"""Hugging Face transformers support (adapters per model family)."""
+"""Hugging Face transformers support: fold/prune MLP neurons and attention heads, save and reload.
+
+Families: Llama, Mistral, Qwen2 (decoders with GQA) and BERT/MiniLM encoders. Structure comes from
+the config and module names (one small adapter per family), not from tracing.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .adapters import find_adapter
+from .attention import fold_attention, prune_attention
+from .core import HF_REPAIRS, fold_model, prune_model
+from .io import is_hf_dir, load_any, load_pretrained, load_tokenizer, save
+from .plan import InvalidPlanError, make_plan
+
 
 def is_supported(model: Any) -> bool:
     """True if ``model`` is a transformers model of a family modelfold knows."""
-    return False
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers not installed
+        return False
+    return isinstance(model, PreTrainedModel) and find_adapter(model) is not None
+
+
+__all__ = ["HF_REPAIRS", "InvalidPlanError", "fold_attention", "fold_model", "is_hf_dir", "is_supported",
+           "load_any", "load_pretrained", "load_tokenizer", "make_plan", "prune_attention", "prune_model", "save"]

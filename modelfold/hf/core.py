@@ -1,0 +1,142 @@
+"""fold_model / prune_model: run a per-layer plan through a family adapter."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..checks import check_weights
+from ..errors import UnsupportedModelError
+from ..report import FoldReport, GroupReport, count_params
+from .adapters import Adapter, find_adapter
+from .attention import fold_attention, prune_attention
+from .mlp import fold_mlp, prune_mlp
+from .plan import make_plan
+
+HF_REPAIRS = ("none", "ar")
+
+
+def _adapter(model: Any) -> Adapter:
+    a = find_adapter(model)
+    if a is None:
+        mtype = getattr(getattr(model, "config", None), "model_type", None)
+        raise UnsupportedModelError(
+            f"no transformers adapter for model_type={mtype!r} ({type(model).__name__}); supported: "
+            "llama, mistral, qwen2, bert. For other models pass example_inputs= to use the traced engine.")
+    return a
+
+
+def record_sizes(model: nn.Module, adapter: Adapter) -> None:
+    """Write the per-layer sizes into ``model.config`` (uniform -> family fields, else modelfold_layers)."""
+    config = model.config
+    sizes = [adapter.sizes(model, i) for i in range(len(adapter.layers(model)))]
+    orig = getattr(config, "modelfold_original", None) or {
+        "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads)}
+    uniform = all(s == sizes[0] for s in sizes)
+    heads_changed = any(s["num_attention_heads"] != orig["num_attention_heads"] for s in sizes)
+    if uniform and (adapter.vanilla_heads or not heads_changed):
+        adapter.set_uniform_config(config, sizes[0])
+        if hasattr(config, "modelfold_layers"):
+            del config.modelfold_layers
+    else:
+        # Keep the family fields at the original sizes (vanilla from_pretrained then fails loudly with
+        # a size mismatch instead of loading garbage) and record the real ones for load_pretrained.
+        config.modelfold_original = orig
+        config.modelfold_layers = sizes
+
+
+def _run(model: nn.Module, ratio: float | Mapping, method: str, *, targets: str | Iterable[str],
+         skip_first: int, skip_last: int, progress: bool, repair: str, layer_fn) -> tuple[nn.Module, FoldReport]:
+    t0 = time.perf_counter()
+    adapter = _adapter(model)
+    check_weights(model)
+    n_layers = len(adapter.layers(model))
+    plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
+    work = copy.deepcopy(model)
+    params0 = count_params(work)
+    groups: list[GroupReport] = []
+    with torch.no_grad():
+        for i in range(n_layers):
+            t1 = time.perf_counter()
+            groups.extend(layer_fn(work, adapter, i, plan.get(i, {})))
+            if progress:
+                print(f"modelfold: layer {i + 1}/{n_layers} {time.perf_counter() - t1:.2f}s", file=sys.stderr)
+    record_sizes(work, adapter)
+    work.eval()
+    rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
+    report = FoldReport(method, rmax, params0, count_params(work), None, None, time.perf_counter() - t0,
+                        groups, repair)
+    return work, report
+
+
+def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair: str = "none", seed: int = 0,
+               return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
+               skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
+               ) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
+
+    ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
+    targets: "mlp", "attention" or "all". skip_first/skip_last: layers left intact (float ratio only).
+    repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md).
+    attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
+    """
+    if repair not in HF_REPAIRS:
+        raise ValueError(f"repair={repair!r} is not available for transformers models; use one of {HF_REPAIRS}")
+
+    def layer(work: nn.Module, adapter: Adapter, i: int, p: dict[str, float]) -> list[GroupReport]:
+        out = []
+        if "attention" in p:
+            spec = adapter.attention(work, i)
+            before, after, err = fold_attention(spec, p["attention"], adapter, mode=attention_mode, seed=seed,
+                                                n_init=n_init)
+            done = after < before
+            out.append(GroupReport(spec.name, spec.names, before, after, "folded" if done else "kept",
+                                   "" if done else "ratio too small to remove a head", err if done else None))
+        if "mlp" in p:
+            spec = adapter.mlp(work, i)
+            n = spec.width
+            k = max(1, round(n * (1.0 - p["mlp"])))
+            err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair) if k < n else None
+            out.append(GroupReport(spec.name, spec.member_names(), n, k if k < n else n,
+                                   "folded" if k < n else "kept", "" if k < n else "ratio 0", err))
+        return out
+
+    work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
+                        progress=progress, repair=repair, layer_fn=layer)
+    return (work, report) if return_report else work
+
+
+def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, norm: int = 2,
+                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
+                skip_last: int = 0, progress: bool = False, attention_mode: str = "auto", seed: int = 0,
+                n_init: int = 3) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm)."""
+    if norm not in (1, 2):
+        raise ValueError(f"norm must be 1 or 2, got {norm!r}")
+
+    def layer(work: nn.Module, adapter: Adapter, i: int, p: dict[str, float]) -> list[GroupReport]:
+        out = []
+        if "attention" in p and p["attention"] > 0:
+            spec = adapter.attention(work, i)
+            before, after = prune_attention(spec, p["attention"], adapter, mode=attention_mode, norm=norm)
+            out.append(GroupReport(spec.name, spec.names, before, after,
+                                   "pruned" if after < before else "kept"))
+        if "mlp" in p:
+            spec = adapter.mlp(work, i)
+            n = spec.width
+            k = max(1, round(n * (1.0 - p["mlp"])))
+            if k < n:
+                prune_mlp(spec, k, norm=norm)
+            out.append(GroupReport(spec.name, spec.member_names(), n, k, "pruned" if k < n else "kept"))
+        return out
+
+    work, report = _run(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
+                        skip_last=skip_last, progress=progress, repair="none", layer_fn=layer)
+    return (work, report) if return_report else work

@@ -1,0 +1,161 @@
+"""Saving and loading folded transformers models (uniform and per-layer sizes), and GGUF files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError
+from .adapters import find_adapter
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a directory holding a transformers ``config.json``."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """``save_pretrained`` into a temporary sibling directory, then rename it into place.
+
+    An existing ``out_dir`` is replaced only after the new copy was written completely; on any
+    failure it is left as it was and the temporary directory is removed.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose another --out path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old: Path | None = None
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except Exception as e:
+        if old is not None and not out.exists():
+            os.rename(old, out)
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save the model to {out}: {type(e).__name__}: {e}. "
+                              "Any previous content there is unchanged; check disk space and permissions.") from e
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+        if arch.endswith("ForCausalLM"):
+            return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path} has no model.safetensors; save the model with modelfold.hf.save()")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(path / f)))
+    return sd
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a (folded) transformers directory, including per-layer sizes recorded by modelfold.
+
+    Uniformly folded models are plain checkpoints (vanilla ``from_pretrained``). Non-uniform ones carry
+    ``config.modelfold_layers``: the model is built from the config, each layer's projections are
+    resized to the recorded sizes, then the saved weights are loaded strictly.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not is_hf_dir(path):
+        raise CheckpointError(f"{path} is not a transformers model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    cls = _model_class(config)
+    layers = getattr(config, "modelfold_layers", None)
+    if not layers:
+        return cls.from_pretrained(path, **kwargs).eval()
+    dtype = kwargs.pop("dtype", None) or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if not hasattr(cls, "config_class") or cls.__name__.startswith("Auto"):
+        model = cls.from_config(config)
+    else:
+        model = cls(config)
+    model = model.to(dtype)
+    adapter = find_adapter(model)
+    if adapter is None or len(adapter.layers(model)) != len(layers):
+        raise CheckpointError(f"{path}: config.modelfold_layers does not match a supported model layout")
+    for i, sizes in enumerate(layers):
+        adapter.resize(model, i, sizes)
+    sd = _state_dict(path)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the recorded layer sizes (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}); the directory may be corrupt")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+def _gguf(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a transformers directory (via ``load_pretrained``) or a ``.gguf`` file (dequantized)."""
+    path = Path(path)
+    if is_hf_dir(path):
+        return load_pretrained(path)
+    g = _gguf(path)
+    if g is None:
+        raise CheckpointError(f"{path} is neither a transformers directory (config.json) nor a .gguf file "
+                              "(or a directory holding exactly one)")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=dtype).eval()
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer stored with a transformers directory or a ``.gguf`` file."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if is_hf_dir(path):
+        return AutoTokenizer.from_pretrained(path)
+    g = _gguf(path)
+    if g is None:
+        raise CheckpointError(f"no tokenizer found at {path}")
+    return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)

@@ -1,0 +1,81 @@
+"""Fold or prune the intermediate neurons of one transformer MLP."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cluster import kmeans
+from ..merge import merge_tensor, representatives
+from .adapters.base import MLPSpec, get, linear_like, put
+
+
+def mlp_features(spec: MLPSpec) -> torch.Tensor:
+    """Per-neuron vectors (n, d): [producer rows (+bias) of each producer ‖ consumer column]."""
+    parts = []
+    for ref in spec.producers:
+        lin = get(ref)
+        parts.append(lin.weight.detach().float())
+        if lin.bias is not None:
+            parts.append(lin.bias.detach().float()[:, None])
+    parts.append(get(spec.consumer).weight.detach().float().T)
+    return torch.cat(parts, 1)
+
+
+def ar_scale(rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Approximate-REPAIR factor per cluster, sqrt(n_c / (1 + (n_c - 1) * rho)).
+
+    rho is the mean pairwise cosine of the members' rows (clamped to [0, 1]); the factor undoes the
+    norm shrinkage of averaging n_c equal-norm rows whose mean cosine is rho.
+    """
+    u = rows.double() / rows.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    s = torch.zeros(k, u.shape[1], dtype=u.dtype).index_add_(0, labels, u)
+    n = torch.bincount(labels, minlength=k).double()
+    pair = (s.pow(2).sum(1) - n) / (n * (n - 1)).clamp_min(1.0)
+    rho = torch.where(n > 1, pair.clamp(0.0, 1.0), torch.ones_like(n))
+    return torch.sqrt(n / (1.0 + (n - 1.0) * rho))
+
+
+def fold_mlp_with_labels(spec: MLPSpec, labels: torch.Tensor, k: int, repair: str = "none") -> None:
+    """Merge neurons by ``labels``: producer rows/biases averaged, consumer columns summed (in place)."""
+    n = spec.width
+    table = torch.arange(n)[:, None]
+    keep = torch.sort(representatives(labels, k)).values
+    for ref in spec.producers:
+        lin = get(ref)
+        scale = ar_scale(lin.weight.detach(), labels, k) if repair == "ar" else None
+        w = merge_tensor(lin.weight.detach(), 0, table, labels, k, "mean", scale=scale)
+        b = None if lin.bias is None else merge_tensor(lin.bias.detach(), 0, table, labels, k, "mean")
+        put(ref, linear_like(w[keep], None if b is None else b[keep]))
+    cons = get(spec.consumer)
+    w = merge_tensor(cons.weight.detach(), 1, table, labels, k, "sum")
+    put(spec.consumer, linear_like(w[:, keep], None if cons.bias is None else cons.bias.detach()))
+    _set_width(spec, k)
+
+
+def prune_mlp_keep(spec: MLPSpec, keep: torch.Tensor) -> None:
+    """Keep only neurons ``keep`` (sorted indices), in place."""
+    for ref in spec.producers:
+        lin = get(ref)
+        put(ref, linear_like(lin.weight.detach()[keep], None if lin.bias is None else lin.bias.detach()[keep]))
+    cons = get(spec.consumer)
+    put(spec.consumer, linear_like(cons.weight.detach()[:, keep], None if cons.bias is None else cons.bias.detach()))
+    _set_width(spec, int(keep.numel()))
+
+
+def _set_width(spec: MLPSpec, k: int) -> None:
+    if spec.owner is not None and hasattr(spec.owner, "intermediate_size"):
+        spec.owner.intermediate_size = k
+
+
+def fold_mlp(spec: MLPSpec, k: int, *, seed: int = 0, n_init: int = 3, repair: str = "none") -> float:
+    """Cluster the MLP's neurons into ``k`` and merge; returns the k-means relative error."""
+    res = kmeans(mlp_features(spec), k, seed=seed, n_init=n_init)
+    fold_mlp_with_labels(spec, res.labels, k, repair)
+    return res.relative_error
+
+
+def prune_mlp(spec: MLPSpec, k: int, *, norm: int = 2) -> None:
+    """Keep the ``k`` neurons whose concatenated slices have the largest Lp norm."""
+    score = mlp_features(spec).norm(p=norm, dim=1)
+    keep = torch.sort(torch.topk(score, k).indices).values
+    prune_mlp_keep(spec, keep)
