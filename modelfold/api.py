@@ -105,12 +105,16 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
          sparsity: float | None = None, repair: str = "none", data: Any = None,
          ignore: Iterable[nn.Module | str] = (), strict: bool = False, seed: int = 0,
          n_init: int = 3, verify: bool = True, progress: bool = False,
-         return_report: bool = False, **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
+         return_report: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
+         dir_lr: float | None = None, repair_kwargs: dict | None = None,
+         **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold ``model``: cluster similar channels with k-means and merge each cluster.
 
     ratio: fraction of channels removed in every foldable group (k = max(1, round(n(1-ratio)))).
     sparsity: alternatively, the fraction of parameters to remove (the ratio is solved for).
     repair: "none" (Fold-Naive), "ar" (Fold-AR), "dir" (Fold-DIR) or "data" (Fold-R, needs data=).
+    dir_batch/dir_iters/dir_lr: DeepInversion budget of Fold-DIR; repair_kwargs: further repair
+    options (see docs/repair.md).
     Returns a new, physically smaller module; ``model`` is not modified.
     """
     if example_inputs is None:
@@ -123,10 +127,13 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
     if repair not in REPAIRS:
-        raise ValueError(f"repair must be one of {REPAIRS}, got {repair!r}")
+        from .repair import RepairError
+
+        raise RepairError(f"repair must be one of {REPAIRS}, got {repair!r}")
     out, report = _run(model, example_inputs, ratio, sparsity, kmeans_planner(seed, n_init), "fold",
                        ignore=ignore, strict=strict, verify=verify, seed=seed, progress=progress,
-                       repair=repair, repair_kwargs={"data": data})
+                       repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
+                                                     "dir_lr": dir_lr, **(repair_kwargs or {})})
     return (out, report) if return_report else out
 
 

@@ -1,4 +1,14 @@
-"""Repairs of the activation statistics after merging (paper §5)."""
+"""Repairs of the activation statistics after merging (paper §5).
+
+A repair transforms the model around the fold: ``before`` (on the working copy, before
+features are read), ``wrap`` (around the planner, e.g. to set per-cluster scales) and
+``after`` (on the folded model). See ``docs/repair.md``.
+
+- ``"none"``: Fold-Naive.
+- ``"ar"``: Fold-AR, data-free approximate REPAIR (:class:`~modelfold.repair.ar.FoldAR`).
+- ``"dir"``: Fold-DIR, DeepInversion REPAIR (:class:`~modelfold.repair.dir.FoldDIR`).
+- ``"data"``: Fold-R, REPAIR on user data (:class:`~modelfold.repair.data.FoldR`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,11 @@ from typing import Any
 import torch.nn as nn
 
 from ..engine import Planner
+from ..errors import ModelFoldError
+
+
+class RepairError(ModelFoldError, ValueError):
+    """A repair was asked for with missing or invalid settings (e.g. repair="data" without data)."""
 
 
 class Repair:
@@ -24,8 +39,37 @@ class Repair:
         return model
 
 
+REPAIR_NAMES = ("none", "ar", "dir", "data")
+
+
 def make_repair(name: str, **kwargs: Any) -> Repair:
-    """Build the repair named ``name`` ("none", "ar", "dir", "data")."""
+    """Build the repair named ``name`` ("none", "ar", "dir", "data").
+
+    kwargs: ``model`` (the original model), ``example_inputs``, ``seed``, ``progress``,
+    ``data`` (for "data") and the repair's own options (e.g. ``dir_batch``/``dir_iters``
+    for "dir", ``rho`` for "ar"). Options a repair does not use are rejected.
+    """
     if name == "none":
+        extra = {k for k, v in kwargs.items()
+                 if k not in ("model", "example_inputs", "seed", "progress", "data") and v is not None}
+        if extra:
+            raise RepairError(f"repair='none' takes no options, got {sorted(extra)}")
         return Repair()
-    raise NotImplementedError(f"repair={name!r} is not available yet")
+    if name == "ar":
+        from .ar import FoldAR
+
+        return FoldAR.from_kwargs(**kwargs)
+    if name == "dir":
+        from .dir import FoldDIR
+
+        return FoldDIR.from_kwargs(**kwargs)
+    if name == "data":
+        from .data import FoldR
+
+        return FoldR.from_kwargs(**kwargs)
+    raise RepairError(f"unknown repair {name!r}; choose one of {REPAIR_NAMES}: 'none' (Fold-Naive), "
+                         "'ar' (data-free approximate REPAIR), 'dir' (DeepInversion REPAIR, data-free) or "
+                         "'data' (Fold-R, needs data=)")
+
+
+__all__ = ["REPAIR_NAMES", "Repair", "RepairError", "make_repair"]

@@ -1,0 +1,167 @@
+"""Fold-AR: data-free approximate REPAIR (paper §5).
+
+``before`` absorbs each BatchNorm's running statistics into the conv/linear that feeds it,
+so every such channel is standardized (mean 0, variance 1) and the BN keeps only γ, β.
+``wrap`` then scales each merged cluster's γ by sqrt(n_c / (1 + (n_c - 1) ρ̄_c)), where ρ̄_c
+is the mean pairwise cosine similarity of the members' weight vectors (a data-free proxy
+for the correlation of their activations). ``after`` moves the bias that absorption had
+to create back into BN's β, so the folded model has the original layer structure.
+
+Groups without an absorbed BatchNorm (no BN, a BN not directly behind a conv/linear, a
+BN without affine weight, or a LayerNorm) cannot be corrected this way: they are folded
+without correction (as Fold-Naive) and listed in ``FoldAR.uncorrected`` with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..engine import Plan, Planner, _close, _outputs
+from ..groups import CONSUMER, PRODUCER, ChannelGroup
+from . import Repair, RepairError
+from .stats import BN_TYPES, _safe_resolve, conv_bn_pairs
+
+RHO_MODES = ("producer", "all")
+
+
+def cluster_rho(blocks: list[torch.Tensor], labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean pairwise cosine similarity ρ̄_c of each cluster's members, averaged over ``blocks``.
+
+    Each block is (n, d): one weight vector per channel. For unit rows u_i,
+    Σ_{i≠j∈c} cos(u_i, u_j) = ‖Σ_{i∈c} u_i‖² − n_c. Singletons get ρ̄ = 1 (no correction).
+    """
+    size = torch.bincount(labels, minlength=k).double()
+    pairs = (size * (size - 1)).clamp_min(1.0)
+    rho = torch.zeros(k, dtype=torch.float64)
+    for b in blocks:
+        u = b.double()
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        s = torch.zeros(k, u.shape[1], dtype=torch.float64).index_add_(0, labels, u)
+        rho += ((s * s).sum(1) - size) / pairs
+    rho = rho / max(len(blocks), 1)
+    return torch.where(size > 1, rho, torch.ones_like(rho))
+
+
+def ar_scale(rho: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """γ factor sqrt(n_c / (1 + (n_c − 1) ρ̄_c)) with ρ̄ clamped to [0, 1] (factor in [1, √n_c])."""
+    size = torch.bincount(labels, minlength=k).double()
+    rho = rho.clamp(0.0, 1.0)
+    return (size / (1.0 + (size - 1.0) * rho)).sqrt().float()
+
+
+def rho_blocks(feats: dict[str, torch.Tensor], mode: str) -> list[torch.Tensor]:
+    """Weight blocks entering ρ̄: producer rows ("producer") or every weight slice ("all").
+
+    Biases never enter: after absorption a bias only carries the channel's mean, not the
+    direction that decides how two channels co-vary.
+    """
+    kinds = (PRODUCER,) if mode == "producer" else (PRODUCER, CONSUMER, "channel")
+    return [v for key, v in feats.items() if key.split(":")[-2] in kinds and key.endswith(":weight")]
+
+
+class FoldAR(Repair):
+    """Fold-AR (see module docstring). ``rho``: which slices enter ρ̄ ("producer" or "all")."""
+
+    name = "ar"
+
+    def __init__(self, example_inputs: Any, rho: str = "producer") -> None:
+        if rho not in RHO_MODES:
+            raise RepairError(f"ar_rho must be one of {RHO_MODES}, got {rho!r}")
+        self.example_inputs = example_inputs
+        self.rho = rho
+        self.absorbed: dict[str, str] = {}  # BN name -> conv name
+        self.created_bias: set[str] = set()
+        self.uncorrected: list[tuple[str, str]] = []  # (group root, reason)
+        self._model: nn.Module | None = None
+
+    @classmethod
+    def from_kwargs(cls, model: nn.Module | None = None, example_inputs: Any = None, ar_rho: str | None = None,
+                    **kwargs: Any) -> FoldAR:
+        from .data import _reject
+
+        _reject(kwargs, "ar")
+        return cls(example_inputs, ar_rho or "producer")
+
+    def before(self, model: nn.Module) -> nn.Module:
+        ref = _outputs(model, self.example_inputs)
+        for conv_name, bn_name in conv_bn_pairs(model, self.example_inputs):
+            conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+            if bn.running_mean is None or bn.weight is None or conv.weight.shape[0] != bn.num_features:
+                continue
+            saved = {k: v.clone() for k, v in list(conv.state_dict().items()) + list(bn.state_dict().items())}
+            had_bias = conv.bias is not None
+            _absorb(conv, bn)
+            if _close(ref, _outputs(model, self.example_inputs)):
+                self.absorbed[bn_name] = conv_name
+                if not had_bias:
+                    self.created_bias.add(conv_name)
+            else:  # the conv output is also used elsewhere: undo
+                if not had_bias:
+                    conv.bias = None
+                conv.load_state_dict({k: v for k, v in saved.items() if k in conv.state_dict()})
+                bn.load_state_dict({k: v for k, v in saved.items() if k in bn.state_dict()})
+        self._model = model
+        return model
+
+    def _reason(self, cg: ChannelGroup) -> str:
+        assert self._model is not None
+        mods = {s.module: _safe_resolve(self._model, s.module) for s in cg.slices}
+        if any(isinstance(m, nn.LayerNorm) for m in mods.values()):
+            return "LayerNorm in the group"
+        bns = [n for n, m in mods.items() if isinstance(m, BN_TYPES)]
+        if not bns:
+            return "no BatchNorm in the group"
+        missing = [n for n in bns if n not in self.absorbed]
+        if missing:
+            return f"BatchNorm {missing[0]} not directly behind a conv/linear (statistics not absorbed)"
+        return ""
+
+    def wrap(self, planner: Planner) -> Planner:
+        def plan(cg: ChannelGroup, feats: dict[str, torch.Tensor], k: int) -> Plan:
+            p = planner(cg, feats, k)
+            if p.labels is None:
+                return p
+            reason = self._reason(cg)
+            if reason:
+                self.uncorrected.append((cg.root, reason))
+                warnings.warn(f"Fold-AR: group {cg.root} folded without correction ({reason})", stacklevel=2)
+                return p
+            rho = cluster_rho(rho_blocks(feats, self.rho), p.labels, k)
+            p.channel_scale = ar_scale(rho, p.labels, k)
+            return p
+
+        return plan
+
+    def after(self, model: nn.Module) -> nn.Module:
+        """Move created conv biases into BN's β (BN is the identity normalization after absorption)."""
+        with torch.no_grad():
+            for bn_name, conv_name in self.absorbed.items():
+                if conv_name not in self.created_bias:
+                    continue
+                conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+                inv = (bn.running_var + bn.eps).rsqrt()
+                bn.bias.add_(bn.weight * inv * (conv.bias - bn.running_mean))
+                bn.running_mean.zero_()
+                conv.bias = None
+        return model
+
+
+def _absorb(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """conv <- (conv - μ) / sqrt(var + eps); BN running_mean 0, running_var 1 - eps."""
+    with torch.no_grad():
+        s = (bn.running_var.double() + bn.eps).sqrt()
+        w = conv.weight
+        view = [-1] + [1] * (w.ndim - 1)
+        w.copy_((w.double() / s.view(view)).to(w.dtype))
+        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(s)
+        new_b = ((b - bn.running_mean.double()) / s).to(w.dtype)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_b)
+        else:
+            conv.bias.copy_(new_b)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
