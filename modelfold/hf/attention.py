@@ -106,6 +106,16 @@ def _apply(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: t
 def fold_attention_with_labels(spec: AttnSpec, mode: str, labels: torch.Tensor, adapter) -> None:
     """Merge units by global ``labels`` (query mode: group g's clusters are g*k .. g*k+k-1)."""
     kk = int(labels.max()) + 1
+    if mode == "query":
+        r, g = spec.n_rep, spec.num_kv_heads
+        per = kk // g
+        group_of_cluster = labels // max(per, 1)
+        if kk % g or per < 1:
+            raise ValueError(f"query-mode labels must give every KV group the same number of clusters; "
+                             f"got {kk} clusters for {g} groups")
+        if not torch.equal(group_of_cluster, torch.arange(spec.num_heads) // r):
+            raise ValueError("query-mode labels must not merge query heads of different KV groups "
+                             "(group g's clusters are g*k .. g*k+k-1)")
     keep = torch.sort(representatives(labels, kk)).values
     _apply(spec, mode, labels, keep, kk, adapter)
 

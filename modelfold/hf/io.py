@@ -99,28 +99,29 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     layers = getattr(config, "modelfold_layers", None)
     if not layers:
         return cls.from_pretrained(path, **kwargs).eval()
-    dtype = kwargs.pop("dtype", None) or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if not hasattr(cls, "config_class") or cls.__name__.startswith("Auto"):
-        model = cls.from_config(config)
-    else:
-        model = cls(config)
-    model = model.to(dtype)
+    # Build exactly as vanilla from_pretrained does (same heads, tying, dtype); the layers whose sizes
+    # differ from the config are re-created at their recorded sizes and filled from the checkpoint.
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = cls.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     adapter = find_adapter(model)
     if adapter is None or len(adapter.layers(model)) != len(layers):
         raise CheckpointError(f"{path}: config.modelfold_layers does not match a supported model layout")
     for i, sizes in enumerate(layers):
         adapter.resize(model, i, sizes)
+    resized = {id(p) for i in range(len(layers)) for p in adapter.layers(model)[i].parameters()}
     sd = _state_dict(path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [k for k in missing if k in params and id(params[k]) in resized]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the recorded layer sizes (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}); the directory may be corrupt")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
     return model.eval()
 
 

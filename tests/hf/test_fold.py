@@ -1,0 +1,140 @@
+"""Folding transformers: identity, exact oracles, shapes, plans, errors, the input model untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, inputs, make_model, out
+
+import modelfold
+import modelfold.hf as mh
+from modelfold.errors import InvalidRatioError, UnsupportedModelError
+from modelfold.hf.adapters import find_adapter
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_zero_is_identity(family):
+    m = make_model(family)
+    x = inputs()
+    f, rep = modelfold.fold(m, ratio=0.0, targets="all", return_report=True)
+    assert torch.equal(out(f, x), out(m, x))
+    assert rep.params_after == rep.params_before
+
+
+def _duplicate_mlp_neurons(model, family):
+    """Make neuron j+n/2 an exact copy of neuron j (rows and halved consumer columns) in every MLP."""
+    a = find_adapter(model)
+    with torch.no_grad():
+        for i in range(len(a.layers(model))):
+            spec = a.mlp(model, i)
+            h = spec.width // 2
+            for parent, name in spec.producers:
+                lin = getattr(parent, name)
+                lin.weight[h:] = lin.weight[:h]
+                if lin.bias is not None:
+                    lin.bias[h:] = lin.bias[:h]
+            cons = getattr(*spec.consumer)
+            cons.weight[:, :h] *= 0.5  # split each column over the two copies: function unchanged
+            cons.weight[:, h:] = cons.weight[:, :h]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_duplicated_neurons_fold_exactly(family):
+    m = make_model(family)
+    _duplicate_mlp_neurons(m, family)
+    x = inputs()
+    f = modelfold.fold(m, ratio=0.5, targets="mlp")
+    a = find_adapter(f)
+    assert all(a.mlp(f, i).width == 24 for i in range(3))
+    assert torch.allclose(out(f, x), out(m, x), atol=1e-5, rtol=0)
+    assert f.config.intermediate_size == 24
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fold_shapes_and_original_untouched(family):
+    m = make_model(family)
+    before = copy.deepcopy(m.state_dict())
+    x = inputs()
+    y0 = out(m, x)
+    f, rep = modelfold.fold(m, ratio=0.5, targets="all", return_report=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(out(m, x), y0)
+    a = find_adapter(f)
+    for i in range(3):
+        mlp, att = a.mlp(f, i), a.attention(f, i)
+        for ref in mlp.producers:
+            assert getattr(*ref).out_features == 24
+        assert getattr(*mlp.consumer).in_features == 24
+        assert getattr(*att.q).out_features == att.num_heads * att.head_dim
+        assert getattr(*att.o).in_features == att.num_heads * att.head_dim
+        assert att.num_heads == 2  # 4 -> 2 (decoders: 1 query head per KV group; bert: 2 heads)
+    assert rep.params_after < rep.params_before
+    y = out(f, x)
+    assert y.shape == y0.shape and torch.isfinite(y).all()
+    assert not torch.allclose(y, y0, atol=1e-4)  # random weights: folding is lossy here
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_prune_keeps_largest_norm(family):
+    m = make_model(family)
+    a = find_adapter(m)
+    spec = a.mlp(m, 0)
+    feats = torch.cat([getattr(*r).weight for r in spec.producers]
+                      + ([getattr(*spec.producers[0]).bias[:, None]] if family == "bert" else [])
+                      + [getattr(*spec.consumer).weight.T], 1)
+    keep = torch.sort(torch.topk(feats.norm(dim=1), 36).indices).values
+    p = modelfold.prune(m, ratio=0.25, targets="mlp", norm=2)
+    got = getattr(*find_adapter(p).mlp(p, 0).consumer).weight
+    assert torch.equal(got, getattr(*spec.consumer).weight[:, keep])
+
+
+def test_plan_and_skip():
+    m = make_model("llama", layers=4)
+    a = find_adapter(m)
+    f = modelfold.fold(m, ratio=0.5, skip_first=1, skip_last=2)
+    assert [a.mlp(f, i).width for i in range(4)] == [48, 24, 48, 48]
+    f = modelfold.fold(m, ratio={0: 0.25, 3: {"attention": 0.5, "mlp": 0.5}})
+    assert [a.mlp(f, i).width for i in range(4)] == [36, 48, 48, 24]
+    assert [a.attention(f, i).num_heads for i in range(4)] == [4, 4, 4, 2]
+
+
+def test_deterministic():
+    m = make_model("qwen2")
+    x = inputs()
+    assert torch.equal(out(modelfold.fold(m, ratio=0.4, targets="all", seed=3), x),
+                       out(modelfold.fold(m, ratio=0.4, targets="all", seed=3), x))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), "0.3"])
+def test_bad_ratio(bad):
+    with pytest.raises(InvalidRatioError):
+        modelfold.fold(make_model("llama"), ratio=bad)
+
+
+def test_bad_targets_and_plans():
+    m = make_model("llama")
+    with pytest.raises(mh.InvalidPlanError, match="unknown target"):
+        modelfold.fold(m, ratio=0.3, targets="conv")
+    with pytest.raises(mh.InvalidPlanError, match="does not exist"):
+        modelfold.fold(m, ratio={3: 0.3})
+    with pytest.raises(mh.InvalidPlanError, match="does not exist"):
+        modelfold.fold(m, ratio={-1: 0.3})
+    with pytest.raises(InvalidRatioError):
+        modelfold.fold(m, ratio={1: 1.5})
+    with pytest.raises(mh.InvalidPlanError, match="leaves none"):
+        modelfold.fold(m, ratio=0.3, skip_first=2, skip_last=1)
+    with pytest.raises(ValueError, match="repair"):
+        modelfold.fold(m, ratio=0.3, repair="dir")
+    with pytest.raises(InvalidRatioError, match="ratio= is required"):
+        modelfold.fold(m, sparsity=0.3)
+
+
+def test_unsupported_model():
+    cfg = pytest.importorskip("transformers").GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11)
+    m = pytest.importorskip("transformers").GPT2LMHeadModel(cfg).eval()
+    assert not mh.is_supported(m)
+    with pytest.raises(UnsupportedModelError):
+        mh.fold_model(m, ratio=0.3)
