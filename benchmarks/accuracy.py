@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""Accuracy vs parameter sparsity of folding (naive/AR/DIR/R) and the data-free baselines.
+
+    python benchmarks/accuracy.py                       # full sweep, both models
+    python benchmarks/accuracy.py --models vgg11_bn_fmnist --ratios 0.3 0.5 --test-limit 2000
+
+For each model x method x channel ratio: measured parameter sparsity, MACs, accuracy on the
+full Fashion-MNIST test set, wall time of the compression. Fold-R sees 1024 training images,
+Fold-DIR none (its DeepInversion batch is synthesized once per model and cached; the
+synthesis time is recorded separately as ``synthesis_seconds``). ``tp-magnitude`` is
+Torch-Pruning's own MagnitudePruner at the same number of channels removed per group (a
+cross-check of SP-L2). Results are appended incrementally to ``--out`` (JSON), so an
+interrupted run resumes; ``--plot-only`` rebuilds the PNG and markdown from the JSON.
+Extra studies: ``--dir-budgets`` (Fold-DIR accuracy vs synthesis budget) and ``--rho-study``
+(which slices enter Fold-AR's ρ̄), written to ``accuracy.dir_budget.json`` / ``accuracy.rho.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import modelfold  # noqa: E402
+from modelfold.baselines import ifm  # noqa: E402
+from modelfold.repair.dir import DIRSettings, model_hash, synthetic_batch  # noqa: E402
+from modelfold.report import count_macs, count_params  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+METHODS = ("fold-naive", "fold-ar", "fold-dir", "fold-r", "sp-l1", "sp-l2", "ifm", "tp-magnitude")
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MODELS = ("resnet18_fmnist", "vgg11_bn_fmnist")
+EXAMPLE = torch.zeros(1, 1, 32, 32)
+
+
+def load_model(name: str, source: str) -> tuple[nn.Module, str]:
+    """The zoo checkpoint (``final``) or the training script's latest resume state (``resume``)."""
+    from modelfold import zoo
+
+    if source == "final" or (source == "auto" and zoo.checkpoint_path(name).is_file()):
+        return zoo.load_pretrained(name), "final"
+    path = REPO / "cache" / "train" / name.removesuffix("_fmnist") / "resume.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = zoo.PRETRAINED[name]()
+    model.load_state_dict(state["model"])
+    return model.eval(), f"resume epoch {state['epoch']} step {state['step']}"
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), 1000):
+            correct += int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum())
+    return correct / len(x)
+
+
+def tp_magnitude(model: nn.Module, ratio: float, p: int = 2, rows_only: bool = True) -> nn.Module:
+    """Torch-Pruning MagnitudePruner removing n - round(n(1-ratio)) channels per group, like SP.
+
+    rows_only: score channels by the norm of their producer rows only (what SP-L2 does);
+    otherwise TP's default group importance (mean over all coupled slices, mean-normalized).
+    """
+    import copy
+
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    ratios = {}
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d | nn.Linear):
+            n = mod.weight.shape[0]
+            k = max(1, round(n * (1 - ratio)))
+            ratios[mod] = max(0.0, 1 - (k + 0.5) / n)  # TP keeps int(n (1 - r)) = k
+    imp = _RowNorm(p) if rows_only else tp.importance.MagnitudeImportance(p=p)
+    last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+    with torch.enable_grad():
+        pruner = tp.pruner.MagnitudePruner(m, EXAMPLE, importance=imp, pruning_ratio=ratio,
+                                           pruning_ratio_dict=ratios, ignored_layers=[last])
+        pruner.step()
+    return m.eval()
+
+
+class _RowNorm:
+    """TP importance: p-norm over the producer rows (weight and bias) of every out-channel slice."""
+
+    def __init__(self, p: int) -> None:
+        self.p = p
+
+    def __call__(self, group: Any) -> torch.Tensor:
+        import torch_pruning as tp
+
+        total = None
+        for dep, idxs in group:
+            mod = dep.target.module
+            if dep.handler not in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
+                continue
+            parts = [mod.weight.detach()[idxs].flatten(1).abs().pow(self.p).sum(1)]
+            if mod.bias is not None:
+                parts.append(mod.bias.detach()[idxs].abs().pow(self.p))
+            s = sum(parts)
+            total = s if total is None else total + s
+        return total.pow(1.0 / self.p)
+
+
+def compress(method: str, model: nn.Module, ratio: float, ctx: dict) -> nn.Module:
+    if method.startswith("fold-"):
+        repair = {"fold-naive": "none", "fold-ar": "ar", "fold-dir": "dir", "fold-r": "data"}[method]
+        kw: dict[str, Any] = {}
+        if repair == "data":
+            kw["data"] = ctx["fold_r_data"]
+        if repair == "dir":
+            kw.update(dir_batch=ctx["dir"].batch, dir_iters=ctx["dir"].iters, dir_lr=ctx["dir"].lr)
+        if repair == "ar":
+            kw["repair_kwargs"] = {"ar_rho": ctx.get("ar_rho", "producer")}
+        return modelfold.fold(model, EXAMPLE, ratio=ratio, repair=repair, seed=ctx["seed"], **kw)
+    if method in ("sp-l1", "sp-l2"):
+        return modelfold.prune(model, EXAMPLE, ratio=ratio, norm=int(method[-1]))
+    if method == "ifm":
+        return ifm(model, EXAMPLE, ratio=ratio)
+    if method == "tp-magnitude":
+        return tp_magnitude(model, ratio)
+    raise ValueError(method)
+
+
+def measure(name: str, method: str, model: nn.Module, ratio: float, ctx: dict) -> dict:
+    import warnings
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compress(method, model, ratio, ctx) if method != "original" else model
+    seconds = time.perf_counter() - t0
+    params = count_params(out)
+    rec = {"model": name, "method": method, "ratio": ratio,
+           "param_sparsity": 1 - params / ctx["params0"], "params": params,
+           "macs": count_macs(out, EXAMPLE), "accuracy": evaluate(out, *ctx["test"]),
+           "seconds": seconds, "checkpoint": ctx["checkpoint"], "test_size": len(ctx["test"][0])}
+    if method == "fold-dir":
+        rec.update(synthesis_seconds=ctx["synthesis_seconds"], dir_batch=ctx["dir"].batch,
+                   dir_iters=ctx["dir"].iters)
+    if method == "tp-magnitude":
+        rec["accuracy_tp_default_importance"] = evaluate(tp_magnitude(model, ratio, rows_only=False),
+                                                         *ctx["test"])
+    return rec
+
+
+def save(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    tmp.replace(path)
+
+
+def context(name: str, args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    from modelfold.datasets import fashion_mnist
+
+    model, tag = load_model(name, args.source)
+    xt, yt = fashion_mnist("test")
+    if args.test_limit:
+        xt, yt = xt[:args.test_limit], yt[:args.test_limit]
+    xtr, _ = fashion_mnist("train")
+    pick = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(args.seed))[:args.fold_r_samples]
+    ctx = {"seed": args.seed, "test": (xt, yt), "fold_r_data": xtr[pick], "params0": count_params(model),
+           "checkpoint": f"{tag} sha256:{model_hash(model)[:12]}",
+           "dir": DIRSettings(batch=args.dir_batch, iters=args.dir_iters, seed=args.seed)}
+    return model, ctx
+
+
+def ensure_dir_batch(model: nn.Module, ctx: dict, progress: bool = True) -> None:
+    t0 = time.perf_counter()
+    synthetic_batch(model, tuple(EXAMPLE.shape[1:]), ctx["dir"], progress=progress)
+    ctx["synthesis_seconds"] = time.perf_counter() - t0
+    print(f"  DeepInversion batch {ctx['dir'].batch}x{ctx['dir'].iters}: {ctx['synthesis_seconds']:.0f}s "
+          "(0 if cached)", flush=True)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.is_file() else []
+    for name in args.models:
+        model, ctx = context(name, args)
+        key = lambda r: (r["model"], r["method"], r["ratio"], r["checkpoint"])  # noqa: E731
+        done = {key(r) for r in records}
+        records = [r for r in records if r["model"] != name or r["checkpoint"] == ctx["checkpoint"]]
+        todo = [("original", 0.0)] + [(m, r) for r in args.ratios for m in args.methods]
+        for method, ratio in todo:
+            if (name, method, ratio, ctx["checkpoint"]) in done:
+                continue
+            if method == "fold-dir" and "synthesis_seconds" not in ctx:
+                ensure_dir_batch(model, ctx)
+            rec = measure(name, method, model, ratio, ctx)
+            records.append(rec)
+            save(records, out)
+            print(f"{name:16s} {method:12s} r={ratio:.2f} sparsity={rec['param_sparsity']:.3f} "
+                  f"acc={rec['accuracy']:.4f} {rec['seconds']:.1f}s", flush=True)
+    report(records, out)
+
+
+def report(records: list[dict], out: Path) -> None:
+    """Markdown table and accuracy-vs-sparsity plot from the records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in records))
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    lines = ["# Accuracy vs parameter sparsity (Fashion-MNIST test set)", "",
+             "Generated by `benchmarks/accuracy.py`; accuracy in %, sparsity = fraction of parameters "
+             "removed. Fold-R: 1024 training images; Fold-DIR: DeepInversion batch, no data.", ""]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], models, strict=True):
+        rs = [r for r in records if r["model"] == name]
+        orig = next((r for r in rs if r["method"] == "original"), None)
+        ckpt = rs[0]["checkpoint"]
+        lines += [f"## {name}", "", f"checkpoint: {ckpt}; original accuracy "
+                  f"{100 * orig['accuracy']:.2f}%" if orig else "", "",
+                  "| ratio | sparsity | " + " | ".join(methods) + " |",
+                  "|---|---|" + "---|" * len(methods)]
+        for ratio in sorted({r["ratio"] for r in rs if r["method"] != "original"}):
+            row = {r["method"]: r for r in rs if r["ratio"] == ratio}
+            sp = next(iter(row.values()))["param_sparsity"]
+            cells = [f"{100 * row[m]['accuracy']:.2f}" if m in row else "" for m in methods]
+            lines.append(f"| {ratio:.2f} | {100 * sp:.1f}% | " + " | ".join(cells) + " |")
+        lines.append("")
+        for m in methods:
+            pts = sorted((r["param_sparsity"], r["accuracy"]) for r in rs if r["method"] == m)
+            ax.plot([100 * p for p, _ in pts], [100 * a for _, a in pts], marker="o", ms=3, label=m,
+                    ls="--" if m.startswith("tp") else "-")
+        if orig:
+            ax.axhline(100 * orig["accuracy"], color="k", lw=0.8, ls=":", label="original")
+        ax.set(title=f"{name} ({ckpt.split(' sha')[0]})", xlabel="parameter sparsity (%)",
+               ylabel="test accuracy (%)", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def dir_budgets(args: argparse.Namespace) -> None:
+    """Fold-DIR accuracy at one ratio for several DeepInversion budgets (batch x iterations)."""
+    import dataclasses
+
+    rows = []
+    for name in args.models:
+        model, ctx = context(name, args)
+        for budget in args.budgets:
+            b, it = (int(v) for v in budget.split("x"))
+            ctx["dir"] = dataclasses.replace(ctx["dir"], batch=b, iters=it)
+            ensure_dir_batch(model, ctx)
+            for ratio in args.ratios:
+                rec = measure(name, "fold-dir", model, ratio, ctx)
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+                save(rows, RESULTS / "accuracy.dir_budget.json")
+
+
+def rho_study(args: argparse.Namespace) -> None:
+    """Fold-AR with ρ̄ from producer rows only vs all group slices."""
+    rows = []
+    for name in args.models:
+        model, ctx = context(name, args)
+        for mode in ("producer", "all"):
+            ctx["ar_rho"] = mode
+            for ratio in args.ratios:
+                rec = measure(name, "fold-ar", model, ratio, ctx) | {"ar_rho": mode}
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+                save(rows, RESULTS / "accuracy.rho.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    p.add_argument("--source", choices=("auto", "final", "resume"), default="auto",
+                   help="zoo checkpoint, or the training script's resume state (auto: final if present)")
+    p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (dev only)")
+    p.add_argument("--fold-r-samples", type=int, default=1024)
+    p.add_argument("--dir-batch", type=int, default=DIRSettings.batch)
+    p.add_argument("--dir-iters", type=int, default=DIRSettings.iters)
+    p.add_argument("--dir-budgets", action="store_true", help="run the Fold-DIR budget study instead")
+    p.add_argument("--budgets", nargs="+", default=["64x50", "128x200", "256x400"])
+    p.add_argument("--rho-study", action="store_true", help="run the Fold-AR ρ̄ study instead")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.plot_only:
+        report(json.loads(Path(args.out).read_text()), Path(args.out))
+    elif args.dir_budgets:
+        dir_budgets(args)
+    elif args.rho_study:
+        rho_study(args)
+    else:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()
