@@ -26,6 +26,8 @@ from . import Repair, RepairError
 from .stats import BN_TYPES, _safe_resolve, conv_bn_pairs
 
 RHO_MODES = ("producer", "all")
+NO_BN = "no BatchNorm in the group"
+NO_BN_MODES = ("naive", "rows")
 
 
 def cluster_rho(blocks: list[torch.Tensor], labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,9 +70,13 @@ class FoldAR(Repair):
 
     name = "ar"
 
-    def __init__(self, example_inputs: Any, rho: str = "producer") -> None:
+    def __init__(self, example_inputs: Any, rho: str = "producer", no_bn: str = "naive") -> None:
         if rho not in RHO_MODES:
             raise RepairError(f"ar_rho must be one of {RHO_MODES}, got {rho!r}")
+        if no_bn not in NO_BN_MODES:
+            raise RepairError(f"ar_no_bn must be one of {NO_BN_MODES}, got {no_bn!r}")
+        self.no_bn = no_bn
+        self.row_scaled: list[tuple[ChannelGroup, torch.Tensor, int, torch.Tensor]] = []
         self.example_inputs = example_inputs
         self.rho = rho
         self.absorbed: dict[str, str] = {}  # BN name -> conv name
@@ -80,11 +86,11 @@ class FoldAR(Repair):
 
     @classmethod
     def from_kwargs(cls, model: nn.Module | None = None, example_inputs: Any = None, ar_rho: str | None = None,
-                    **kwargs: Any) -> FoldAR:
+                    ar_no_bn: str | None = None, **kwargs: Any) -> FoldAR:
         from .data import _reject
 
         _reject(kwargs, "ar")
-        return cls(example_inputs, ar_rho or "producer")
+        return cls(example_inputs, ar_rho or "producer", ar_no_bn or "naive")
 
     def before(self, model: nn.Module) -> nn.Module:
         ref = _outputs(model, self.example_inputs)
@@ -114,7 +120,7 @@ class FoldAR(Repair):
             return "LayerNorm in the group"
         bns = [n for n, m in mods.items() if isinstance(m, BN_TYPES)]
         if not bns:
-            return "no BatchNorm in the group"
+            return NO_BN
         missing = [n for n in bns if n not in self.absorbed]
         if missing:
             return f"BatchNorm {missing[0]} not directly behind a conv/linear (statistics not absorbed)"
@@ -126,6 +132,10 @@ class FoldAR(Repair):
             if p.labels is None:
                 return p
             reason = self._reason(cg)
+            if reason == NO_BN and self.no_bn == "rows":
+                rho = cluster_rho(rho_blocks(feats, "producer"), p.labels, k)
+                self.row_scaled.append((cg, p.labels.clone(), k, ar_scale(rho, p.labels, k)))
+                return p
             if reason:
                 self.uncorrected.append((cg.root, reason))
                 warnings.warn(f"Fold-AR: group {cg.root} folded without correction ({reason})", stacklevel=2)
@@ -137,8 +147,17 @@ class FoldAR(Repair):
         return plan
 
     def after(self, model: nn.Module) -> nn.Module:
-        """Move created conv biases into BN's β (BN is the identity normalization after absorption)."""
+        """Move created conv biases into BN's β (BN is the identity normalization after absorption);
+        with ``no_bn="rows"`` scale the merged producer rows of BN-free groups (biases untouched)."""
+        from .stats import folded_cluster_ids
+
         with torch.no_grad():
+            for cg, labels, k, scale in self.row_scaled:
+                for sl in cg.slices:
+                    if sl.kind == PRODUCER:
+                        w = model.get_submodule(sl.module).weight
+                        ids = folded_cluster_ids(sl.table(cg.size)[:, 0], labels, k, w.shape[0])
+                        w.mul_(scale[ids].to(w).view([-1] + [1] * (w.ndim - 1)))
             for bn_name, conv_name in self.absorbed.items():
                 if conv_name not in self.created_bias:
                     continue

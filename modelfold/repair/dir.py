@@ -36,11 +36,11 @@ CACHE_VERSION = 1
 
 @dataclass(frozen=True)
 class DIRSettings:
-    """DeepInversion budget and loss weights (defaults: ~6 min for ResNet18 at 32x32 on 2 cores)."""
+    """DeepInversion budget and loss weights (default budget: see docs/repair.md for timings)."""
 
     batch: int = 128
-    iters: int = 200
-    lr: float = 0.1
+    iters: int = 100
+    lr: float = 0.25
     seed: int = 0
     bn_weight: float = 1.0
     first_bn_weight: float = 10.0  # the first BN sees raw image statistics (as in DeepInversion)

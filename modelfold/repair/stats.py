@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..engine import Plan, Planner, resolve
 from ..groups import PRODUCER, ChannelGroup
+from ..merge import representatives
 from . import RepairError
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -158,3 +159,14 @@ def _safe_resolve(model: nn.Module, name: str) -> nn.Module | torch.Tensor | Non
 
 def producers(cg: ChannelGroup) -> list[str]:
     return [s.module for s in cg.slices if s.kind == PRODUCER]
+
+
+def folded_cluster_ids(table: torch.Tensor, labels: torch.Tensor, k: int, n_left: int) -> torch.Tensor:
+    """Cluster label of each output row left in a folded producer whose rows ``table`` (n,) held
+    the group's channels (the rows of dropped cluster members are gone, order is preserved)."""
+    reps = representatives(labels, k)
+    kept_rows = table[reps]
+    order = torch.argsort(kept_rows)
+    if n_left != k:
+        raise RepairError(f"producer has {n_left} rows left, expected {k}")
+    return torch.arange(k)[order]

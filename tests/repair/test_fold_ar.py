@@ -119,3 +119,20 @@ def test_fold_ar_bn_not_behind_conv_falls_back():
     assert torch.allclose(work(x), model(x), atol=1e-5)
     with pytest.warns(UserWarning, match="not directly behind a conv"):
         modelfold.fold(model, x[:1], ratio=0.5, repair="ar")
+
+
+def test_fold_ar_rows_option_for_bn_free_groups():
+    """ar_no_bn="rows" scales merged producer rows of BN-free groups; exact on duplicates (ρ̄ = 1)."""
+    small = MLP(6).eval()
+    big = double(small, MLP(12)).eval()
+    x = torch.randn(4, 12)
+    out = modelfold.fold(big, x[:1], ratio=0.5, repair="ar", repair_kwargs={"ar_no_bn": "rows"})
+    assert torch.allclose(out(x), small(x), atol=1e-4)
+    model = MLP(16).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "without correction" warning in rows mode
+        rows = modelfold.fold(model, x[:1], ratio=0.5, repair="ar", repair_kwargs={"ar_no_bn": "rows"})
+    naive = modelfold.fold(model, x[:1], ratio=0.5, seed=0)
+    w_rows, w_naive = rows.net[0].weight.norm(dim=1), naive.net[0].weight.norm(dim=1)
+    assert torch.all(w_rows >= w_naive - 1e-6) and torch.any(w_rows > w_naive * 1.05)
+    assert torch.equal(rows.net[0].bias, naive.net[0].bias)
