@@ -27,15 +27,16 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Mo
     """
     work = checks.prepare(model, example_inputs)
     names = checks.ignore_names(work, model, ignore)
-    from .engine import verify_coupling
+    from .engine import _outputs, verify_coupling
 
     dg = build_graph(work, example_inputs)
     ignored = [m for n, m in work.named_modules() if n in names]
     out = []
+    ref = _outputs(work, example_inputs)
     for i, (_, cg) in enumerate(iter_groups(dg, ignored)):
         if cg.foldable and any(s.module in names for s in cg.slices):
             cg.foldable, cg.reason = False, "ignored by the user"
-        if cg.foldable and verify and not verify_coupling(work, cg, example_inputs, i):
+        if cg.foldable and verify and not verify_coupling(work, cg, example_inputs, i, ref):
             cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
         out.append(cg)
     return out

@@ -48,7 +48,9 @@ def _kmeans_pp(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
             rest = torch.nonzero(~chosen).squeeze(1)[: k - len(idx)].tolist()
             idx.extend(rest)
             break
-        nxt = int(torch.multinomial(mind.cpu(), 1, generator=gen))
+        u = float(torch.rand((), generator=gen)) * total
+        cum = torch.cumsum(mind.double(), 0)
+        nxt = min(int(torch.searchsorted(cum, torch.tensor([u], dtype=cum.dtype, device=cum.device))), n - 1)
         idx.append(nxt)
         mind = torch.minimum(mind, _sq_dists(x, x_sq, x[nxt : nxt + 1]).squeeze(1))
     return torch.tensor(idx, device=x.device, dtype=torch.long)

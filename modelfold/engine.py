@@ -118,13 +118,14 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return True
 
 
-def verify_coupling(model: nn.Module, cg: ChannelGroup, inputs: object, seed: int) -> bool:
+def verify_coupling(model: nn.Module, cg: ChannelGroup, inputs: object, seed: int,
+                    ref: list[torch.Tensor] | None = None) -> bool:
     """Check a group's coupling: permuting its channels must leave the function unchanged.
 
     A missed consumer or a channel-mixing op the tracer took for element-wise (e.g. a
     channel shuffle) breaks the equality. The model is restored exactly afterwards.
     """
-    ref = _outputs(model, inputs)
+    ref = _outputs(model, inputs) if ref is None else ref
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(cg.size, generator=gen)
     permute(model, cg, perm)
@@ -157,10 +158,11 @@ def compress(
     # Pass 1: describe and verify every group on the unmodified copy.
     accepted: dict[str, ChannelGroup] = {}
     described = [cg for _, cg in iter_groups(dg, ignored_mods)]
+    ref = _outputs(model, example_inputs) if verify else None  # restored bit-exactly after each check
     for i, cg in enumerate(described):
         if cg.foldable and any(s.module in ignore_set for s in cg.slices):
             cg.foldable, cg.reason = False, "ignored by the user"
-        if cg.foldable and verify and not verify_coupling(model, cg, example_inputs, seed + i):
+        if cg.foldable and verify and not verify_coupling(model, cg, example_inputs, seed + i, ref):
             cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
         if cg.foldable:
             accepted[cg.root] = cg

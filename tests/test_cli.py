@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from nets import ResNetish, randomize_bn
+
+from modelfold.cli import main
+
+
+def test_help_documents_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "modelfold.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for word in ("fold", "prune", "inspect", "MODEL", "package.module:factory"):
+        assert word in out.stdout
+
+
+def test_fold_saved_model_roundtrip(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(8)).eval()
+    src = tmp_path / "model.pt"
+    torch.save(model, src)
+    out = tmp_path / "folded.pt"
+    code = main(["fold", str(src), "--ratio", "0.5", "--input-shape", "1,3,16,16", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "parameters" in text and "MACs" in text and "saved to" in text
+    folded = torch.load(out, weights_only=False)
+    assert folded.stem[0].out_channels == 4
+    assert folded(torch.randn(1, 3, 16, 16)).shape == (1, 5)
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys) -> None:
+    out = tmp_path / "x.pt"
+    assert main(["fold", "no_such_model", "--ratio", "0.5", "--out", str(out)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["fold", "resnet18", "--ratio", "1.5", "--out", str(out)]) == 2
+    assert "outside [0, 1)" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["fold", "resnet18", "--out", str(out)])  # neither --ratio nor --sparsity
+
+
+def test_existing_output_survives_failure(tmp_path) -> None:
+    out = tmp_path / "keep.pt"
+    out.write_bytes(b"precious")
+    from modelfold.io import atomic_write
+
+    def boom(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(out, boom)
+    assert out.read_bytes() == b"precious"
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_inspect_lists_groups(capsys) -> None:
+    assert main(["inspect", "resnet18", "--input-shape", "1,3,32,32"]) == 0
+    text = capsys.readouterr().out
+    assert "layer1.0.conv1" in text and "groups foldable" in text
