@@ -40,16 +40,17 @@ RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("fold-naive", "fold-ar", "fold-dir", "fold-r", "sp-l1", "sp-l2", "ifm", "tp-magnitude")
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MODELS = ("resnet18_fmnist", "vgg11_bn_fmnist")
+TP_DEFAULT_RATIOS = (0.3, 0.5)  # where TP's default importance is also evaluated (time)
 EXAMPLE = torch.zeros(1, 1, 32, 32)
 
 
-def load_model(name: str, source: str) -> tuple[nn.Module, str]:
+def load_model(name: str, source: str, resume_dir: Path) -> tuple[nn.Module, str]:
     """The zoo checkpoint (``final``) or the training script's latest resume state (``resume``)."""
     from modelfold import zoo
 
     if source == "final" or (source == "auto" and zoo.checkpoint_path(name).is_file()):
         return zoo.load_pretrained(name), "final"
-    path = REPO / "cache" / "train" / name.removesuffix("_fmnist") / "resume.pt"
+    path = resume_dir / name.removesuffix("_fmnist") / "resume.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     model = zoo.PRETRAINED[name]()
     model.load_state_dict(state["model"])
@@ -149,7 +150,7 @@ def measure(name: str, method: str, model: nn.Module, ratio: float, ctx: dict) -
     if method == "fold-dir":
         rec.update(synthesis_seconds=ctx["synthesis_seconds"], dir_batch=ctx["dir"].batch,
                    dir_iters=ctx["dir"].iters)
-    if method == "tp-magnitude":
+    if method == "tp-magnitude" and ratio in TP_DEFAULT_RATIOS:
         rec["accuracy_tp_default_importance"] = evaluate(tp_magnitude(model, ratio, rows_only=False),
                                                          *ctx["test"])
     return rec
@@ -165,7 +166,7 @@ def save(records: list[dict], path: Path) -> None:
 def context(name: str, args: argparse.Namespace) -> tuple[nn.Module, dict]:
     from modelfold.datasets import fashion_mnist
 
-    model, tag = load_model(name, args.source)
+    model, tag = load_model(name, args.source, Path(args.resume_dir))
     xt, yt = fashion_mnist("test")
     if args.test_limit:
         xt, yt = xt[:args.test_limit], yt[:args.test_limit]
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     p.add_argument("--source", choices=("auto", "final", "resume"), default="auto",
                    help="zoo checkpoint, or the training script's resume state (auto: final if present)")
+    p.add_argument("--resume-dir", default=str(REPO / "cache" / "train"),
+                   help="--out-dir of scripts/train_fmnist.py (for --source resume)")
     p.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
