@@ -9,3 +9,11 @@ from .report import FoldReport, GroupReport
 __all__ = ["REPAIRS", "ChannelGroup", "FoldReport", "GroupReport", "Slice", "channel_groups", "errors", "io",
            "fold", "kmeans", "prune"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: importing transformers is slow and optional
+    if name == "load_pretrained":
+        from .hf import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'modelfold' has no attribute {name!r}")
