@@ -132,3 +132,22 @@ def double_catnet(small: CatNet, big: CatNet) -> CatNet:
     overrides = {f"bn.{p}": cat_vec for p in ("weight", "bias", "running_mean", "running_var")}
     overrides["conv.weight"] = cat_cols
     return double(small, big, overrides)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2-style: 1x1 expand, depthwise 3x3, 1x1 linear projection, residual add."""
+
+    def __init__(self, w: int = 4, classes: int = 5):
+        super().__init__()
+        h = 3 * w
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU6())
+        self.block = nn.Sequential(
+            nn.Conv2d(w, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+            nn.Conv2d(h, w, 1, bias=False), nn.BatchNorm2d(w))
+        self.fc = nn.Linear(w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block(x)
+        return self.fc(x.mean((2, 3)))

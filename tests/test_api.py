@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from nets import MLP, CatNet, ResNetish, VGGish, double, double_catnet, randomize_bn
+from nets import MLP, CatNet, InvertedResidual, ResNetish, VGGish, double, double_catnet, randomize_bn
 
 import modelfold
 
@@ -15,6 +15,7 @@ CASES = {
     "mlp": (lambda w: MLP(w), 8, (4, 12)),
     "vgg": (lambda w: VGGish(w), 4, (2, 3, 16, 16)),
     "resnet": (lambda w: ResNetish(w), 4, (2, 3, 16, 16)),
+    "depthwise": (lambda w: InvertedResidual(w), 4, (2, 3, 8, 8)),
 }
 
 
