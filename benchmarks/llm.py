@@ -226,7 +226,7 @@ def plot(records: list) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     rows = [r for r in records if "perplexity" in r]
     base = next((r["perplexity"] for r in rows if r["method"] == "original"), None)
     if base:
@@ -241,16 +241,16 @@ def plot(records: list) -> None:
                         label=f"{method} MLP, {'middle layers' if mid else 'all layers'}")
         for r in rows:
             if r["method"] == method and r.get("recipe"):
-                ax.plot(r["param_sparsity"], r["perplexity"], st[:2], ms=12, mfc="none", mew=2,
-                        label=f"{method} paper recipe")
+                ax.plot(r["param_sparsity"], r["perplexity"], st[:3], ms=14, mfc="none", mew=2,
+                        label=f"{method} paper recipe (~18%)")
             if r["method"] == method and r["targets"] == "attention":
-                ax.plot(r["param_sparsity"], r["perplexity"], st[:2].replace("o", "D").replace("s", "D"), ms=8,
-                        label=f"{method} attention heads")
+                ax.plot(r["param_sparsity"], r["perplexity"], st[:2] + "D", ms=8,
+                        label=f"{method} attention heads (9->6)")
     ax.set_yscale("log")
     ax.set_xlabel("fraction of all parameters removed")
     ax.set_ylabel("perplexity (Wikipedia, ctx 512)")
-    ax.set_title("SmolLM2-135M-Instruct: folding vs magnitude pruning (no data, no fine-tuning)")
-    ax.legend(fontsize=7)
+    ax.set_title("SmolLM2-135M-Instruct: fold vs magnitude (no data, no fine-tuning)", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(OUT / "llm.png", dpi=120)
 
@@ -266,7 +266,13 @@ def main() -> None:
     p.add_argument("--no-minilm", action="store_true")
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--out", type=Path, default=OUT / "llm.json")
+    p.add_argument("--replot", action="store_true", help="only rewrite llm.md / llm.png from --out")
     args = p.parse_args()
+    if args.replot:
+        records = json.loads(args.out.read_text())
+        write_md(records)
+        plot(records)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -86,11 +87,13 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair
 
     ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
     targets: "mlp", "attention" or "all". skip_first/skip_last: layers left intact (float ratio only).
-    repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md).
+    repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md). "ar" helped the
+        GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
     attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
     """
     if repair not in HF_REPAIRS:
         raise ValueError(f"repair={repair!r} is not available for transformers models; use one of {HF_REPAIRS}")
+    warned = []
 
     def layer(work: nn.Module, adapter: Adapter, i: int, p: dict[str, float]) -> list[GroupReport]:
         out = []
@@ -103,6 +106,10 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair
                                    "" if done else "ratio too small to remove a head", err if done else None))
         if "mlp" in p:
             spec = adapter.mlp(work, i)
+            if repair == "ar" and len(spec.producers) > 1 and not warned:
+                warned.append(True)
+                warnings.warn("repair='ar' on a gated (SwiGLU) MLP: in our SmolLM2 benchmark it raised perplexity "
+                              "by orders of magnitude; prefer repair='none' (see docs/transformers.md)", stacklevel=3)
             n = spec.width
             k = max(1, round(n * (1.0 - p["mlp"])))
             err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair) if k < n else None

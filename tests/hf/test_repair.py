@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_model
 
@@ -24,7 +25,8 @@ def test_ar_scale_formula():
 def test_ar_restores_row_norm_and_leaves_exact_duplicates():
     m = make_model("llama")
     f0 = modelfold.fold(m, ratio=0.5, seed=1)
-    f1 = modelfold.fold(m, ratio=0.5, seed=1, repair="ar")
+    with pytest.warns(UserWarning, match="SwiGLU"):
+        f1 = modelfold.fold(m, ratio=0.5, seed=1, repair="ar")
     a = find_adapter(m)
     g_orig = a.mlp(m, 0).producers[0]
     n_orig = getattr(*g_orig).weight.norm(dim=1).mean()
