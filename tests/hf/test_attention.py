@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from hf_models import make_model
 
 from modelfold.hf.adapters import find_adapter
 from modelfold.hf.attention import fold_attention, fold_attention_with_labels

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, inputs, make_model, out
+from hf_models import FAMILIES, inputs, make_model, out
 
 import modelfold
 import modelfold.hf as mh

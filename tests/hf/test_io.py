@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, inputs, make_model, out
+from hf_models import FAMILIES, inputs, make_model, out
 
 import modelfold
 import modelfold.hf as mh

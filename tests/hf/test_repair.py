@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from hf_models import make_model
 
 import modelfold
 from modelfold.hf.adapters import find_adapter
