@@ -102,6 +102,7 @@ def export(model: nn.Module, log_path: Path, name: str) -> Path:
     dst = CHECKPOINT_DIR / f"{name}.safetensors"
     tmp = dst.with_name(dst.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float16"})
+    os.chmod(tmp, 0o644)  # safetensors creates the file owner-only
     os.replace(tmp, dst)
     log_dst = CHECKPOINT_DIR / f"{name}.log"
     tmp_log = log_dst.with_name(log_dst.name + ".tmp")
