@@ -122,7 +122,9 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
         from . import hf
 
         if hf.is_supported(model):
-            return hf.fold_model(model, ratio=ratio, repair=repair, seed=seed,
+            if sparsity is not None:
+                raise InvalidRatioError("sparsity= is not supported for transformers models yet; pass ratio=")
+            return hf.fold_model(model, ratio=ratio, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
     if kwargs:
@@ -147,7 +149,10 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
         from . import hf
 
         if hf.is_supported(model):
-            return hf.prune_model(model, ratio=ratio, norm=norm, return_report=return_report, **kwargs)
+            if sparsity is not None:
+                raise InvalidRatioError("sparsity= is not supported for transformers models yet; pass ratio=")
+            return hf.prune_model(model, ratio=ratio, norm=norm, seed=seed, progress=progress,
+                                  return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")

@@ -93,10 +93,18 @@ def _run_hf(args: argparse.Namespace) -> int:
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
     else:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
-    hf.save(out, args.out)
+    hf.save(out, args.out, tokenizer=_tokenizer(hf, args.model))
     print(report)
     print(f"saved to {args.out}")
     return 0
+
+
+def _tokenizer(hf: object, path: str) -> object:
+    """The model's tokenizer if one can be loaded, so the output folder is complete."""
+    try:
+        return hf.load_tokenizer(path)
+    except Exception:  # noqa: BLE001 - a model without a tokenizer still folds
+        return None
 
 
 def _run(args: argparse.Namespace) -> int:
