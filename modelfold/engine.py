@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .errors import UnsupportedModelError
 from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad_enabled, iter_groups
 from .merge import gather_features, merge_tensor, representatives
 from .report import GroupReport
@@ -194,7 +195,12 @@ def compress(
                 status = "pruned"
             drop = sorted(set(range(n)) - {int(i) for i in keep})
             if drop:
-                group.prune(idxs=drop)
+                try:
+                    group.prune(idxs=drop)
+                except Exception as e:  # noqa: BLE001 - failures inside the dependency tracer
+                    raise UnsupportedModelError(
+                        f"removing channels of group '{cg.root}' failed inside the dependency tracer "
+                        f"({type(e).__name__}: {e}); pass ignore=['{cg.root}'] to keep it intact") from e
             reports.append(GroupReport(cg.root, cg.members, n, n - len(drop), status, "", plan.rel_error))
     bar.close()
     return reports

@@ -223,7 +223,18 @@ def iter_groups(
     """
     names = module_names(dg)
     ignored = list(ignore) + output_layers(dg)
-    with grad_enabled():
-        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Conv1d,
-                                                                                nn.Conv3d, nn.Linear]):
-            yield group, describe(group, dg, names)
+    roots = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear]
+    with grad_enabled(), warnings.catch_warnings():
+        # Torch-Pruning warns, then keeps expanding index maps until memory runs out, when it cannot
+        # infer channel counts through reshapes (e.g. Swin's window partition): stop at the warning.
+        warnings.filterwarnings("error", message="Maximum recursive depth")
+        try:
+            for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
+                yield group, describe(group, dg, names)
+        except UnsupportedModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - failures inside the dependency tracer
+            raise UnsupportedModelError(
+                f"the dependency tracer failed while grouping channels ({type(e).__name__}: {e}). "
+                "Usually a reshape/permute the tracer cannot follow (window attention, channel "
+                "shuffle); fold a sub-module that avoids it, or pass its modules with ignore=...") from e
