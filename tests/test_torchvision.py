@@ -29,3 +29,19 @@ def test_zoo_model_folds_or_is_refused(name: str) -> None:
         assert torch.equal(same(x), y)
         assert folded(x).shape == y.shape
     assert report.params_after < report.params_before
+
+
+def test_paper_cifar_resnet18_and_vgg11_fold_to_half_width() -> None:
+    from modelfold.zoo import resnet18_cifar, vgg11_bn_cifar
+
+    for make in (resnet18_cifar, vgg11_bn_cifar):
+        torch.manual_seed(0)
+        model = make().eval()
+        x = torch.randn(1, 1, 32, 32)
+        folded, report = modelfold.fold(model, x, ratio=0.5, return_report=True)
+        widths = [m.out_channels for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+        full = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert widths == [w // 2 for w in full]
+        assert not report.kept_groups
+        with torch.no_grad():
+            assert folded(x).shape == (1, 10)
