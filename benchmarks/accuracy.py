@@ -225,8 +225,11 @@ def report(records: list[dict], out: Path) -> None:
         rs = [r for r in records if r["model"] == name]
         orig = next((r for r in rs if r["method"] == "original"), None)
         ckpt = rs[0]["checkpoint"]
+        dirs = {f"{r['dir_batch']}x{r['dir_iters']}" for r in rs if r["method"] == "fold-dir"}
         lines += [f"## {name}", "", f"checkpoint: {ckpt}; original accuracy "
-                  f"{100 * orig['accuracy']:.2f}%" if orig else "", "",
+                  f"{100 * orig['accuracy']:.2f}%" if orig else "",
+                  f"test images: {rs[0]['test_size']}; DeepInversion budget (batch x steps): "
+                  f"{', '.join(sorted(dirs)) or '-'}", "",
                   "| ratio | sparsity | " + " | ".join(methods) + " |",
                   "|---|---|" + "---|" * len(methods)]
         for ratio in sorted({r["ratio"] for r in rs if r["method"] != "original"}):
