@@ -123,7 +123,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
 
         if hf.is_supported(model):
             if sparsity is not None:
-                raise InvalidRatioError("sparsity= is not supported for transformers models yet; pass ratio=")
+                raise InvalidRatioError("sparsity= is not supported for transformers models yet: ratio= is required")
             return hf.fold_model(model, ratio=ratio, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
@@ -150,7 +150,7 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
 
         if hf.is_supported(model):
             if sparsity is not None:
-                raise InvalidRatioError("sparsity= is not supported for transformers models yet; pass ratio=")
+                raise InvalidRatioError("sparsity= is not supported for transformers models yet: ratio= is required")
             return hf.prune_model(model, ratio=ratio, norm=norm, seed=seed, progress=progress,
                                   return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
