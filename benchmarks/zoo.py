@@ -58,7 +58,7 @@ FIXED_224 = ("vit", "swin", "maxvit")
 
 
 def run_one(name: str, timeout: float) -> dict:
-    size = SIZES.get(name, 224 if name.startswith(FIXED_224) else 128)
+    size = SIZES.get(name, 224 if name.startswith(FIXED_224) else 64)
     t = time.perf_counter()
     try:
         out = subprocess.run([sys.executable, "-c", CHILD, name, str(size)], capture_output=True, text=True,
