@@ -46,15 +46,20 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """One no-grad forward pass on a tensor, a tuple of positional inputs or a dict of keywords."""
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, tuple):
+            return model(*inputs)
+        return model(inputs)
+
+
 def run(model: nn.Module, example_inputs: Any) -> Any:
     """One forward pass; wrong inputs become an InputShapeError."""
     try:
-        with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                return model(**example_inputs)
-            if isinstance(example_inputs, tuple):
-                return model(*example_inputs)
-            return model(example_inputs)
+        return forward(model, example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward
         raise InputShapeError(
             f"the model cannot run on example_inputs {_describe(example_inputs)}: {type(e).__name__}: {e}. "

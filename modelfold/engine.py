@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .checks import forward
 from .errors import UnsupportedModelError
 from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad_enabled, iter_groups
 from .merge import gather_features, merge_tensor, representatives
@@ -98,9 +99,7 @@ def permute(model: nn.Module, cg: ChannelGroup, perm: torch.Tensor) -> None:
 
 
 def _outputs(model: nn.Module, inputs: object) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(*inputs) \
-            if isinstance(inputs, tuple) else model(inputs)
+    out = forward(model, inputs)
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):

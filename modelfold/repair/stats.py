@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..checks import forward as _forward
 from ..engine import Plan, Planner, resolve
 from ..groups import PRODUCER, ChannelGroup
 from ..merge import representatives
@@ -87,13 +88,6 @@ def conv_bn_pairs(model: nn.Module, example_inputs: Any) -> list[tuple[str, str]
     return [(c, b) for c, b in pairs if calls.get(c) == 1 and calls.get(b) == 1]
 
 
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    with torch.no_grad():
-        if isinstance(inputs, dict):
-            return model(**inputs)
-        if isinstance(inputs, tuple):
-            return model(*inputs)
-        return model(inputs)
 
 
 def reset_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
