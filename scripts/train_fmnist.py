@@ -9,6 +9,8 @@ random-crop (32, padding 4) + horizontal-flip augmentation done on tensors. A fu
 after every epoch (and every ``--save-every`` steps); rerunning the same command resumes from it.
 After every epoch the test accuracy is appended to ``<out-dir>/<model>/log.tsv``. At the end the
 fp16 weights go to ``modelfold/checkpoints/<model>_fmnist.safetensors`` and the log next to them.
+``--init-from W.safetensors`` continues from trained weights with a fresh (shorter) schedule; the
+log then starts with the history of ``W`` (from ``W.log``) as comment lines.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save-every", type=int, default=100, help="also save the resume state every N steps")
     p.add_argument("--restart", action="store_true", help="ignore an existing resume state")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from these weights (a .safetensors of the same model) with a fresh schedule; "
+                   "their training log, if next to them, heads the new log")
     p.add_argument("--no-export", action="store_true", help="do not write modelfold/checkpoints/ at the end")
     return p.parse_args(argv)
 
@@ -126,13 +131,34 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(args).items()
         if k in ("model", "epochs", "batch_size", "lr", "pct_start", "weight_decay", "crop_pad", "no_flip", "seed")
     }
+    if args.init_from is not None:
+        src = args.init_from.resolve()
+        config["init_from"] = str(src.relative_to(REPO)) if src.is_relative_to(REPO) else str(src)
 
     x_train, y_train = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
     n = len(x_train)
     steps_per_epoch = math.ceil(n / args.batch_size)
 
-    model = MODELS[args.model]().to(memory_format=torch.channels_last)
+    model = MODELS[args.model]()
+    init_note = ""
+    if args.init_from is not None:
+        import hashlib
+
+        from safetensors.torch import load_file
+
+        if not args.init_from.is_file():
+            raise SystemExit(f"--init-from {args.init_from}: no such file")
+        digest = hashlib.sha256(args.init_from.read_bytes()).hexdigest()[:12]
+        model.load_state_dict({k: v.float() for k, v in load_file(str(args.init_from)).items()})
+        prior = args.init_from.with_suffix(".log")
+        init_note = f"# initialized from {args.init_from.name} (sha256:{digest})"
+        if prior.is_file():
+            init_note += ", whose log follows\n" + "".join(
+                f"# {line}" for line in prior.read_text().splitlines(keepends=True)
+            )
+        init_note = init_note.rstrip("\n") + "\n" + f"# then {args.epochs} epochs: {config}\n"
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
     )
@@ -158,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         loss_sum, epoch_seconds = state["loss_sum"], state["epoch_seconds"]
         print(f"resumed from {resume_path}: epoch {start_epoch}, step {start_step}", flush=True)
     elif args.restart or not log_path.exists():
-        log_path.write_text(LOG_HEADER)
+        log_path.write_text(init_note + LOG_HEADER)
     if not log_path.exists():
-        log_path.write_text(LOG_HEADER)
+        log_path.write_text(init_note + LOG_HEADER)
 
     def save(epoch: int, step: int) -> None:
         atomic_save(
