@@ -276,7 +276,7 @@ def rho_study(args: argparse.Namespace) -> None:
     rows = []
     for name in args.models:
         model, ctx = context(name, args)
-        for mode in ("producer", "all"):
+        for mode in args.rho_modes:
             ctx["ar_rho"] = mode
             for ratio in args.ratios:
                 rec = measure(name, "fold-ar", model, ratio, ctx) | {"ar_rho": mode}
@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir-budgets", action="store_true", help="run the Fold-DIR budget study instead")
     p.add_argument("--budgets", nargs="+", default=["64x50", "128x200", "256x400"])
     p.add_argument("--rho-study", action="store_true", help="run the Fold-AR ρ̄ study instead")
+    p.add_argument("--rho-modes", nargs="+", default=["producer", "all", "bn"])
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -30,6 +30,7 @@ class Plan:
     keep: torch.Tensor | None = None
     rel_error: float | None = None
     channel_scale: torch.Tensor | None = None  # (k,) factor on merged norm scales (repairs)
+    module_scale: dict[str, torch.Tensor] | None = None  # per-norm-module (k,) factor, overrides channel_scale
 
 
 Planner = Callable[[ChannelGroup, dict[str, torch.Tensor], int], Plan]
@@ -81,7 +82,9 @@ def apply_labels(model: nn.Module, cg: ChannelGroup, plan: Plan) -> None:
                 t = _tensor(owner, attr)
                 if t is None:
                     continue
-                scale = plan.channel_scale if (is_norm and attr == "weight") else None
+                scale = None
+                if is_norm and attr == "weight":
+                    scale = (plan.module_scale or {}).get(sl.module, plan.channel_scale)
                 t.data.copy_(merge_tensor(t.data, dim, table, plan.labels, plan.k, mode, scale))
 
 

@@ -25,7 +25,7 @@ from ..groups import CONSUMER, PRODUCER, ChannelGroup
 from . import Repair, RepairError
 from .stats import BN_TYPES, _safe_resolve, conv_bn_pairs
 
-RHO_MODES = ("producer", "all")
+RHO_MODES = ("producer", "all", "bn")
 NO_BN = "no BatchNorm in the group"
 NO_BN_MODES = ("naive", "rows")
 
@@ -61,12 +61,15 @@ def rho_blocks(feats: dict[str, torch.Tensor], mode: str) -> list[torch.Tensor]:
     Biases never enter: after absorption a bias only carries the channel's mean, not the
     direction that decides how two channels co-vary.
     """
-    kinds = (PRODUCER,) if mode == "producer" else (PRODUCER, CONSUMER, "channel")
+    kinds = (PRODUCER, CONSUMER, "channel") if mode == "all" else (PRODUCER,)
     return [v for key, v in feats.items() if key.split(":")[-2] in kinds and key.endswith(":weight")]
 
 
 class FoldAR(Repair):
-    """Fold-AR (see module docstring). ``rho``: which slices enter ρ̄ ("producer" or "all")."""
+    """Fold-AR (see module docstring). ``rho``: which slices enter ρ̄ — "producer" (all producer
+    rows of the group, one γ factor per cluster), "all" (every weight slice) or "bn" (each
+    BatchNorm's γ gets the factor of the conv/linear absorbed into it; differs from
+    "producer" only in groups with several producers, e.g. residual streams)."""
 
     name = "ar"
 
@@ -142,6 +145,13 @@ class FoldAR(Repair):
                 return p
             rho = cluster_rho(rho_blocks(feats, self.rho), p.labels, k)
             p.channel_scale = ar_scale(rho, p.labels, k)
+            if self.rho == "bn":
+                p.module_scale = {}
+                for sl in cg.slices:
+                    key = f"{self.absorbed.get(sl.module)}:{PRODUCER}:weight"
+                    if key in feats:
+                        own = cluster_rho([feats[key]], p.labels, k)
+                        p.module_scale[sl.module] = ar_scale(own, p.labels, k)
             return p
 
         return plan

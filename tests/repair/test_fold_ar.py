@@ -136,3 +136,38 @@ def test_fold_ar_rows_option_for_bn_free_groups():
     w_rows, w_naive = rows.net[0].weight.norm(dim=1), naive.net[0].weight.norm(dim=1)
     assert torch.all(w_rows >= w_naive - 1e-6) and torch.any(w_rows > w_naive * 1.05)
     assert torch.equal(rows.net[0].bias, naive.net[0].bias)
+
+
+def _ar_fold(model, calib, rho):
+    fixer = make_repair("ar", model=model, example_inputs=calib[:1], ar_rho=rho)
+    log = PlanLog()
+    work = fixer.before(copy.deepcopy(model))
+    compress(work, calib[:1], 0.5, fixer.wrap(log.wrap(kmeans_planner(0))))
+    return fixer.after(work).eval(), log
+
+
+def test_fold_ar_bn_mode_gives_each_producer_its_own_factor():
+    """In a residual group (stem + blocks' last convs) ar_rho="bn" scales each BN by its own conv's
+    ρ̄. The stem sees iid inputs, where filter cosine = activation correlation, so its merged
+    channels must get the members' std back better than with the group-averaged factor."""
+    torch.manual_seed(0)
+    model = ResNetish(16).eval()
+    calib = torch.randn(256, 3, 16, 16)
+    reset_bn_stats(model, [calib])
+    by_bn, log = _ar_fold(model, calib, "bn")
+    grouped, _ = _ar_fold(model, calib, "producer")
+    res = next(g for g in log.groups if any(s.module == "stem.1" for s in g.cg.slices))
+    assert any(s.module == "layers.0.bn2" for s in res.cg.slices)  # really a residual group
+    x = torch.randn(256, 3, 16, 16)
+    std_o = _bn_out_std(model, "stem.1", x)
+    target = torch.stack([std_o[res.labels == c].mean() for c in range(res.k)])
+    order = torch.argsort(representatives(res.labels, res.k))
+    err_bn = (_bn_out_std(by_bn, "stem.1", x) - target[order]).abs().mean()
+    err_grouped = (_bn_out_std(grouped, "stem.1", x) - target[order]).abs().mean()
+    assert err_bn < err_grouped, (err_bn, err_grouped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = randomize_bn(ResNetish(4), 1).eval()
+        big = double(small, ResNetish(8)).eval()
+        out = modelfold.fold(big, x[:1], ratio=0.5, repair="ar", repair_kwargs={"ar_rho": "bn"})
+    assert torch.allclose(out(x[:5]), small(x[:5]), atol=1e-4)
