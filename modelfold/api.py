@@ -10,7 +10,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import checks
-from .engine import Planner, compress
+from .engine import IGNORED, KEPT_OUTPUTS, USER_REASONS, Planner, compress
 from .errors import InvalidRatioError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, iter_groups
 from .policies import first_k_planner, kmeans_planner, magnitude_planner
@@ -20,13 +20,14 @@ REPAIRS = ("none", "ar", "dir", "data")
 
 
 def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Module | str] = (),
-                   verify: bool = True) -> list[ChannelGroup]:
+                   verify: bool = True, keep_outputs: Iterable[nn.Module | str] = ()) -> list[ChannelGroup]:
     """Every conv/linear output channel space of ``model`` and how it is coupled.
 
     Groups that cannot be folded safely carry ``foldable=False`` and a reason.
     """
     work = checks.prepare(model, example_inputs)
     names = checks.ignore_names(work, model, ignore)
+    kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
     from .engine import _outputs, verify_coupling
 
     dg = build_graph(work, example_inputs)
@@ -35,7 +36,9 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Mo
     ref = _outputs(work, example_inputs)
     for i, (_, cg) in enumerate(iter_groups(dg, ignored)):
         if cg.foldable and any(s.module in names for s in cg.slices):
-            cg.foldable, cg.reason = False, "ignored by the user"
+            cg.foldable, cg.reason = False, IGNORED
+        if cg.foldable and any(s.kind == "producer" and s.module in kept for s in cg.slices):
+            cg.foldable, cg.reason = False, KEPT_OUTPUTS
         if cg.foldable and verify and not verify_coupling(work, cg, example_inputs, i, ref):
             cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
         out.append(cg)
@@ -43,13 +46,13 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Mo
 
 
 def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
-                        ignore: set[str]) -> float:
+                        ignore: set[str], keep_outputs: set[str]) -> float:
     """Bisect the channel ratio whose pruned/folded model removes ``sparsity`` of the params."""
     total = count_params(work)
 
     def removed(r: float) -> float:
         m = copy.deepcopy(work)
-        compress(m, example_inputs, r, first_k_planner, ignore=ignore, verify=False)
+        compress(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False)
         return 1.0 - count_params(m) / total
 
     hi_s = removed(0.95)
@@ -71,13 +74,15 @@ def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
 def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: float | None,
          planner: Planner, method: str, *, ignore: Iterable[nn.Module | str], strict: bool,
          verify: bool, seed: int, progress: bool, repair: str = "none",
-         repair_kwargs: dict | None = None) -> tuple[nn.Module, FoldReport]:
+         repair_kwargs: dict | None = None,
+         keep_outputs: Iterable[nn.Module | str] = ()) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     ratio = checks.ratio_or_sparsity(ratio, sparsity)
     work = checks.prepare(model, example_inputs)
     names = checks.ignore_names(work, model, ignore)
+    kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
     if sparsity is not None:
-        ratio = _ratio_for_sparsity(work, example_inputs, sparsity, names)
+        ratio = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept)
     params0, macs0 = count_params(work), count_macs(work, example_inputs)
 
     from .repair import make_repair
@@ -87,13 +92,13 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
     work = fixer.before(work)
 
     def on_kept(cg: ChannelGroup) -> None:
-        if strict and cg.reason != "ignored by the user":
+        if strict and cg.reason not in USER_REASONS:
             raise UnsupportedModelError(
                 f"group rooted at '{cg.root}' cannot be folded safely: {cg.reason}. "
                 f"Pass ignore=[...] with the modules named there to keep them intact, or strict=False "
                 "to leave such groups unfolded and listed in the report.")
 
-    groups = compress(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, verify=verify,
+    groups = compress(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
                       seed=seed, progress=progress, on_kept=on_kept)
     work = fixer.after(work)
     work.eval()
@@ -104,8 +109,8 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
 
 def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
          sparsity: float | None = None, repair: str = "none", data: Any = None,
-         ignore: Iterable[nn.Module | str] = (), strict: bool = False, seed: int = 0,
-         n_init: int = 3, verify: bool = True, progress: bool = False,
+         ignore: Iterable[nn.Module | str] = (), keep_outputs: Iterable[nn.Module | str] = (),
+         strict: bool = False, seed: int = 0, n_init: int = 3, verify: bool = True, progress: bool = False,
          return_report: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
          dir_lr: float | None = None, repair_kwargs: dict | None = None,
          **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
@@ -114,6 +119,8 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     ratio: fraction of channels removed in every foldable group (k = max(1, round(n(1-ratio)))).
     sparsity: alternatively, the fraction of parameters to remove (the ratio is solved for).
     repair: "none" (Fold-Naive), "ar" (Fold-AR), "dir" (Fold-DIR) or "data" (Fold-R, needs data=).
+    ignore: modules kept intact (input and output channels); keep_outputs: modules whose output
+    channels (and every group coupled to them, e.g. a residual stream) are kept, inputs may fold.
     dir_batch/dir_iters/dir_lr: DeepInversion budget of Fold-DIR; repair_kwargs: further repair
     options (see docs/repair.md).
     Returns a new, physically smaller module; ``model`` is not modified.
@@ -134,15 +141,15 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
 
         raise RepairError(f"repair must be one of {REPAIRS}, got {repair!r}")
     out, report = _run(model, example_inputs, ratio, sparsity, kmeans_planner(seed, n_init), "fold",
-                       ignore=ignore, strict=strict, verify=verify, seed=seed, progress=progress,
-                       repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
+                       ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
+                       progress=progress, repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
                                                      "dir_lr": dir_lr, **(repair_kwargs or {})})
     return (out, report) if return_report else out
 
 
 def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
           sparsity: float | None = None, norm: int = 2, ignore: Iterable[nn.Module | str] = (),
-          strict: bool = False, seed: int = 0, verify: bool = True, progress: bool = False,
+          keep_outputs: Iterable[nn.Module | str] = (), strict: bool = False, seed: int = 0, verify: bool = True, progress: bool = False,
           return_report: bool = False, **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold``."""
     if example_inputs is None:
@@ -157,7 +164,8 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")
     out, report = _run(model, example_inputs, ratio, sparsity, magnitude_planner(norm), f"sp-l{norm}",
-                       ignore=ignore, strict=strict, verify=verify, seed=seed, progress=progress)
+                       ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
+                       progress=progress)
     return (out, report) if return_report else out
 
 

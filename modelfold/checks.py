@@ -80,7 +80,8 @@ def prepare(model: nn.Module, example_inputs: Any) -> nn.Module:
     return work
 
 
-def ignore_names(work: nn.Module, original: nn.Module, ignore: Iterable[nn.Module | str]) -> set[str]:
+def ignore_names(work: nn.Module, original: nn.Module, ignore: Iterable[nn.Module | str],
+                 option: str = "ignore") -> set[str]:
     """Qualified names of ignored modules (given as names or as modules of the original model)."""
     by_id = {id(m): n for n, m in original.named_modules()}
     valid = {n for n, _ in work.named_modules()}
@@ -90,7 +91,7 @@ def ignore_names(work: nn.Module, original: nn.Module, ignore: Iterable[nn.Modul
     for item in ignore:
         name = by_id.get(id(item)) if isinstance(item, nn.Module) else item
         if name is None or name not in valid:
-            raise ValueError(f"ignore entry {item!r} is not a module of this model; use names from "
+            raise ValueError(f"{option} entry {item!r} is not a module of this model; use names from "
                              "model.named_modules() or the module objects themselves")
         names.add(name)
         names.update(f"{name}.{sub}" for sub, _ in work.get_submodule(name).named_modules() if sub)

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: 1,3,224,224 for torchvision, 1,1,32,32 for the zoo)")
         sp.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",
                         help="module names (from model.named_modules()) to keep intact")
+        sp.add_argument("--keep-outputs", nargs="*", default=[], metavar="MODULE",
+                        help="module names whose output channels (and the groups coupled to them, e.g. a "
+                        "residual stream) are kept; their input channels may still fold")
 
     for name, helptext in (("fold", "fold a model (Fold-Naive/AR/DIR/R)"),
                            ("prune", "structured magnitude pruning baseline (SP-L1/SP-L2)")):
@@ -116,13 +119,14 @@ def _run(args: argparse.Namespace) -> int:
         raise ModelFoldError(f"cannot guess an input shape for {args.model}; pass --input-shape, e.g. 1,3,224,224")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     if args.command == "inspect":
-        groups = api.channel_groups(model, x, ignore=args.ignore)
+        groups = api.channel_groups(model, x, ignore=args.ignore, keep_outputs=args.keep_outputs)
         for g in groups:
             print(g if args.verbose else f"{g.root:<40} {g.size:>5} ch  {len(g.slices):>3} slices  "
                   f"{'foldable' if g.foldable else 'kept: ' + g.reason}")
         print(f"{sum(g.foldable for g in groups)} of {len(groups)} groups foldable")
         return 0
-    common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore, "strict": args.strict,
+    common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
+              "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True}
     if args.command == "fold":
         out, report = api.fold(model, x, repair=args.repair, **common)

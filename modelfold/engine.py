@@ -21,6 +21,11 @@ from .merge import gather_features, merge_tensor, representatives
 from .report import GroupReport
 
 
+IGNORED = "ignored by the user"
+KEPT_OUTPUTS = "output channels kept by the user (keep_outputs)"
+USER_REASONS = (IGNORED, KEPT_OUTPUTS)
+
+
 @dataclass
 class Plan:
     """How to reduce one group: ``labels`` (fold, k clusters) or ``keep`` (prune)."""
@@ -144,6 +149,7 @@ def compress(
     planner: Planner,
     *,
     ignore: Sequence[str] = (),
+    keep_outputs: Sequence[str] = (),
     verify: bool = True,
     seed: int = 0,
     progress: bool = False,
@@ -151,7 +157,8 @@ def compress(
 ) -> list[GroupReport]:
     """Compress ``model`` in place; returns one report per group.
 
-    ``ignore`` are qualified module names whose slices must stay intact.
+    ``ignore`` are qualified module names whose slices must stay intact; ``keep_outputs`` names
+    modules whose output channels must stay intact (their input channels may still fold).
     """
     dg = build_graph(model, example_inputs)
     ignore_set = set(ignore)
@@ -164,7 +171,9 @@ def compress(
     ref = _outputs(model, example_inputs) if verify else None  # restored bit-exactly after each check
     for i, cg in enumerate(described):
         if cg.foldable and any(s.module in ignore_set for s in cg.slices):
-            cg.foldable, cg.reason = False, "ignored by the user"
+            cg.foldable, cg.reason = False, IGNORED
+        if cg.foldable and any(s.kind == PRODUCER and s.module in keep_outputs for s in cg.slices):
+            cg.foldable, cg.reason = False, KEPT_OUTPUTS
         if cg.foldable and verify and not verify_coupling(model, cg, example_inputs, seed + i, ref):
             cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
         if cg.foldable:

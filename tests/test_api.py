@@ -123,6 +123,24 @@ def test_ignore_keeps_layers_intact() -> None:
     assert any(g.status == "kept" and g.reason == "ignored by the user" for g in report.groups)
 
 
+def test_keep_outputs_keeps_a_residual_stream_and_folds_the_rest() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    for compress in (modelfold.fold, modelfold.prune):
+        out, report = compress(model, x[:1], ratio=0.5, keep_outputs=["stem.0"], strict=True, return_report=True)
+        # the stem writes the first residual stream: every producer of it keeps its width ...
+        assert out.stem[0].out_channels == 8 and out.layers[1].conv2.out_channels == 8
+        # ... while the convs inside the blocks and the second stream still fold
+        assert out.layers[0].conv1.out_channels == 4 and out.layers[2].conv2.out_channels == 8
+        assert out.stem[0].in_channels == 3 and out.layers[0].conv1.in_channels == 8
+        kept = [g for g in report.groups if g.status == "kept"]
+        assert len(kept) == 1 and kept[0].reason.startswith("output channels kept")
+        assert out(x).shape == model(x).shape
+    with pytest.raises(ValueError, match="keep_outputs entry 'nope'"):
+        modelfold.fold(model, x[:1], ratio=0.5, keep_outputs=["nope"])
+
+
 def test_prune_keeps_largest_rows() -> None:
     torch.manual_seed(0)
     model = MLP(8).eval()

@@ -61,3 +61,11 @@ def test_inspect_lists_groups(capsys) -> None:
     assert main(["inspect", "resnet18", "--input-shape", "1,3,32,32"]) == 0
     text = capsys.readouterr().out
     assert "layer1.0.conv1" in text and "groups foldable" in text
+
+
+def test_inspect_keep_outputs(capsys) -> None:
+    assert main(["inspect", "resnet18", "--input-shape", "1,3,32,32", "--keep-outputs", "conv1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stem = next(line for line in lines if line.startswith("conv1 "))
+    assert "kept: output channels kept" in stem
+    assert "foldable" in next(line for line in lines if line.startswith("layer1.0.conv1 "))
