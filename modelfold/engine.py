@@ -20,7 +20,6 @@ from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad
 from .merge import gather_features, merge_tensor, representatives
 from .report import GroupReport
 
-
 IGNORED = "ignored by the user"
 KEPT_OUTPUTS = "output channels kept by the user (keep_outputs)"
 USER_REASONS = (IGNORED, KEPT_OUTPUTS)
