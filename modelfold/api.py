@@ -10,7 +10,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import checks
-from .engine import IGNORED, KEPT_OUTPUTS, USER_REASONS, Planner, compress
+from .engine import USER_REASONS, Planner, compress, mark_user_kept
 from .errors import InvalidRatioError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, iter_groups
 from .policies import first_k_planner, kmeans_planner, magnitude_planner
@@ -35,10 +35,7 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Mo
     out = []
     ref = _outputs(work, example_inputs)
     for i, (_, cg) in enumerate(iter_groups(dg, ignored)):
-        if cg.foldable and any(s.module in names for s in cg.slices):
-            cg.foldable, cg.reason = False, IGNORED
-        if cg.foldable and any(s.kind == "producer" and s.module in kept for s in cg.slices):
-            cg.foldable, cg.reason = False, KEPT_OUTPUTS
+        mark_user_kept(cg, names, kept)
         if cg.foldable and verify and not verify_coupling(work, cg, example_inputs, i, ref):
             cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
         out.append(cg)

@@ -7,7 +7,7 @@ Torch-Pruning physically removing the non-kept channels from every coupled tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,14 @@ from .report import GroupReport
 IGNORED = "ignored by the user"
 KEPT_OUTPUTS = "output channels kept by the user (keep_outputs)"
 USER_REASONS = (IGNORED, KEPT_OUTPUTS)
+
+
+def mark_user_kept(cg: ChannelGroup, ignore: Container[str], keep_outputs: Container[str]) -> None:
+    """Mark ``cg`` kept if it touches an ignored module or is produced by a keep_outputs module."""
+    if cg.foldable and any(s.module in ignore for s in cg.slices):
+        cg.foldable, cg.reason = False, IGNORED
+    if cg.foldable and any(s.kind == PRODUCER and s.module in keep_outputs for s in cg.slices):
+        cg.foldable, cg.reason = False, KEPT_OUTPUTS
 
 
 @dataclass
@@ -169,10 +177,7 @@ def compress(
     described = [cg for _, cg in iter_groups(dg, ignored_mods)]
     ref = _outputs(model, example_inputs) if verify else None  # restored bit-exactly after each check
     for i, cg in enumerate(described):
-        if cg.foldable and any(s.module in ignore_set for s in cg.slices):
-            cg.foldable, cg.reason = False, IGNORED
-        if cg.foldable and any(s.kind == PRODUCER and s.module in keep_outputs for s in cg.slices):
-            cg.foldable, cg.reason = False, KEPT_OUTPUTS
+        mark_user_kept(cg, ignore_set, keep_outputs)
         if cg.foldable and verify and not verify_coupling(model, cg, example_inputs, seed + i, ref):
             cg.foldable, cg.reason = False, "coupling not verified: an op mixes channels in a way the tracer missed"
         if cg.foldable:
