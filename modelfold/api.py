@@ -42,6 +42,14 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Mo
     return out
 
 
+def _reject_cnn_only(**options: Iterable) -> None:
+    """Transformers adapters plan per layer (``targets=``); module-level options would be ignored."""
+    given = sorted(k for k, v in options.items() if list(v))
+    if given:
+        raise TypeError(f"{', '.join(given)} is not supported for transformers models; choose what folds "
+                        "with targets= (e.g. 'mlp', 'attention' or {layer: ratio}) instead")
+
+
 def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
                         ignore: set[str], keep_outputs: set[str]) -> float:
     """Bisect the channel ratio whose pruned/folded model removes ``sparsity`` of the params."""
@@ -126,6 +134,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
         from . import hf
 
         if hf.is_supported(model):
+            _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
             if sparsity is not None:
                 raise InvalidRatioError("sparsity= is not supported for transformers models yet: ratio= is required")
             return hf.fold_model(model, ratio=ratio, repair=repair, seed=seed, n_init=n_init, progress=progress,
@@ -153,6 +162,7 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
         from . import hf
 
         if hf.is_supported(model):
+            _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
             if sparsity is not None:
                 raise InvalidRatioError("sparsity= is not supported for transformers models yet: ratio= is required")
             return hf.prune_model(model, ratio=ratio, norm=norm, seed=seed, progress=progress,

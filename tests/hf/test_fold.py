@@ -138,3 +138,11 @@ def test_unsupported_model():
     assert not mh.is_supported(m)
     with pytest.raises(UnsupportedModelError):
         mh.fold_model(m, ratio=0.3)
+
+
+def test_cnn_only_options_are_refused_for_transformers() -> None:
+    model = make_model("llama")
+    with pytest.raises(TypeError, match="keep_outputs is not supported for transformers"):
+        modelfold.fold(model, ratio=0.3, keep_outputs=["model.layers.0.mlp.up_proj"])
+    with pytest.raises(TypeError, match="ignore is not supported for transformers"):
+        modelfold.prune(model, ratio=0.3, ignore=["model.layers.0"])
