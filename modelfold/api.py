@@ -108,7 +108,8 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
     work = fixer.after(work)
     work.eval()
     report = FoldReport(method, ratio, params0, count_params(work), macs0,
-                        count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair)
+                        count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair,
+                        dict(fixer.summary))
     return work, report
 
 

@@ -44,6 +44,10 @@ def _row(name: str, *cells: object) -> str:
     return f"  {name:<28}" + "".join(f" {c!s:>14}" for c in cells)
 
 
+def _cached(rep: modelfold.FoldReport) -> str:
+    return " (DeepInversion batch from cache)" if rep.repair_info.get("dir_batch") == "cache" else ""
+
+
 LABEL = {"none": "Fold-Naive", "ar": "Fold-AR", "dir": "Fold-DIR"}
 
 
@@ -65,7 +69,7 @@ def fmnist_demo(ratio: float, repairs: list[str]) -> None:
         results.append(modelfold.fold(model, example, ratio=ratio, repair=repair, progress=True, return_report=True))
     first = results[0][1]
     print(f"\n== {name}: ratio {ratio}, no data used; compression took "
-          + ", ".join(f"{LABEL[r]} {rep.seconds:.1f}s" for r, (_, rep) in zip(repairs, results, strict=True)))
+          + ", ".join(f"{LABEL[r]} {rep.seconds:.1f}s{_cached(rep)}" for r, (_, rep) in zip(repairs, results, strict=True)))
     print(_row("", "original", *(LABEL[r] for r in repairs)))
     print(_row("parameters", f"{first.params_before / 1e6:.2f}M", *(f"{rep.params_after / 1e6:.2f}M" for _, rep in results)))
     print(_row("MACs per image", f"{first.macs_before / 8e6:.1f}M", *(f"{rep.macs_after / 8e6:.1f}M" for _, rep in results)))

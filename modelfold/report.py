@@ -35,6 +35,7 @@ class FoldReport:
     seconds: float
     groups: list[GroupReport] = field(default_factory=list)
     repair: str = "none"
+    repair_info: dict = field(default_factory=dict)  # e.g. {"bn_reset": 17, "dir_batch": "cache"}
 
     @property
     def param_sparsity(self) -> float:
@@ -62,6 +63,9 @@ class FoldReport:
             f"  MACs:       {m(self.macs_before)} -> {m(self.macs_after)}",
             f"  groups: {len(done)} compressed, {len(self.kept_groups)} kept intact",
         ]
+        if self.repair_info:
+            lines.insert(3, "  repair: " + ", ".join(f"{k}={v if not isinstance(v, list) else len(v)}"
+                                                       for k, v in self.repair_info.items()))
         for g in self.groups:
             err = "" if g.rel_error is None else f"  err={g.rel_error:.3f}"
             why = f"  ({g.reason})" if g.reason else ""

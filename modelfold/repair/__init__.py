@@ -28,6 +28,7 @@ class Repair:
     """No repair (Fold-Naive). Subclasses transform the model around the fold."""
 
     name = "none"
+    summary: dict[str, Any] = {}  # what the repair did; subclasses set their own after after()
 
     def before(self, model: nn.Module) -> nn.Module:
         return model

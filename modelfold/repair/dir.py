@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,14 +157,22 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def synthetic_batch(model: nn.Module, input_shape: tuple[int, ...], settings: DIRSettings,
-                    progress: bool = False, use_cache: bool = True) -> torch.Tensor:
-    """:func:`synthesize`, cached on disk per (model hash, input shape, settings)."""
+                    progress: bool = False, use_cache: bool = True, info: dict[str, Any] | None = None
+                    ) -> torch.Tensor:
+    """:func:`synthesize`, cached on disk per (model hash, input shape, settings).
+
+    ``info`` (if given) receives ``source`` ("cache" or "synthesized") and ``seconds``.
+    """
+    info = {} if info is None else info
+    t0 = time.perf_counter()
     meta = {"v": CACHE_VERSION, "shape": list(input_shape), **dataclasses.asdict(settings)}
     key = hashlib.sha256((model_hash(model) + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.pt"
     if use_cache and path.is_file():
         try:
-            return torch.load(path, weights_only=True)["x"]
+            x = torch.load(path, weights_only=True)["x"]
+            info.update(source="cache", seconds=time.perf_counter() - t0)
+            return x
         except Exception:  # noqa: BLE001 - a corrupt cache entry is regenerated
             pass
     x, history = synthesize(model, input_shape, settings, progress)
@@ -172,6 +181,7 @@ def synthetic_batch(model: nn.Module, input_shape: tuple[int, ...], settings: DI
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"x": x, "bn_loss": torch.tensor(history), "meta": json.dumps(meta)}, tmp)
         tmp.replace(path)
+    info.update(source="synthesized", seconds=time.perf_counter() - t0)
     return x
 
 
@@ -216,6 +226,8 @@ class FoldDIR(Repair):
     def after(self, model: nn.Module) -> nn.Module:
         from .data import restore_statistics
 
-        x = synthetic_batch(self.original, self.input_shape, self.settings, self.progress, self.use_cache)
-        self.summary = restore_statistics(model, self.original, self.log, list(x.split(256)))
+        info: dict[str, Any] = {}
+        x = synthetic_batch(self.original, self.input_shape, self.settings, self.progress, self.use_cache, info)
+        self.summary = {"dir_batch": info["source"], "dir_seconds": round(info["seconds"], 2),
+                        **restore_statistics(model, self.original, self.log, list(x.split(256)))}
         return model

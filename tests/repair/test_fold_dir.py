@@ -64,14 +64,17 @@ def test_deepinversion_matches_bn_statistics(trained, cache):
 def test_synthetic_batch_is_cached_per_model_and_settings(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path))
     s = DIRSettings(batch=8, iters=3)
-    a = synthetic_batch(trained, (1, 8, 8), s)
+    info: dict = {}
+    a = synthetic_batch(trained, (1, 8, 8), s, info=info)
+    assert info["source"] == "synthesized"
     assert len(list((tmp_path / "dir").glob("*.pt"))) == 1
 
     def boom(*args, **kwargs):
         raise AssertionError("cache miss")
 
     monkeypatch.setattr(dir_mod, "synthesize", boom)
-    assert torch.equal(synthetic_batch(trained, (1, 8, 8), s), a)
+    assert torch.equal(synthetic_batch(trained, (1, 8, 8), s, info=info), a)
+    assert info["source"] == "cache"
     with pytest.raises(AssertionError, match="cache miss"):  # other settings -> other entry
         synthetic_batch(trained, (1, 8, 8), DIRSettings(batch=8, iters=4))
     other = TinyCNN(16).eval()
@@ -86,6 +89,8 @@ def test_fold_dir_restores_bn_statistics(trained, cache, monkeypatch):
                                  dir_iters=SETTINGS.iters, dir_lr=SETTINGS.lr, return_report=True)
     naive = modelfold.fold(trained, x[:1], ratio=0.5, repair="none")
     assert rep.repair == "dir"
+    assert rep.repair_info["dir_batch"] == "cache" and rep.repair_info["bn_reset"] > 0
+    assert "dir_batch=cache" in str(rep)
     # the folded model's BN statistics changed from the merged averages (they were re-estimated)
     bn_d = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     bn_n = [m for m in naive.modules() if isinstance(m, torch.nn.BatchNorm2d)]
