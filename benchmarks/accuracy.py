@@ -12,7 +12,8 @@ Torch-Pruning's own MagnitudePruner at the same number of channels removed per g
 cross-check of SP-L2). Results are appended incrementally to ``--out`` (JSON), so an
 interrupted run resumes; ``--plot-only`` rebuilds the PNG and markdown from the JSON.
 Extra studies: ``--dir-budgets`` (Fold-DIR accuracy vs synthesis budget) and ``--rho-study``
-(which slices enter Fold-AR's ρ̄), written to ``accuracy.dir_budget.json`` / ``accuracy.rho.json``.
+(which slices enter Fold-AR's ρ̄), added to ``accuracy.dir_budget.json`` / ``accuracy.rho.json``
+(earlier records of other models, checkpoints or settings are kept).
 """
 
 from __future__ import annotations
@@ -163,6 +164,17 @@ def save(records: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def save_study(rows: list[dict], path: Path, fields: tuple[str, ...]) -> None:
+    """Write a study's rows, keeping earlier records (other models/checkpoints/settings) in ``path``."""
+    key = lambda r: tuple(r.get(f) for f in fields)  # noqa: E731
+    new = {key(r) for r in rows}
+    old = json.loads(path.read_text()) if path.is_file() else []
+    save([r for r in old if key(r) not in new] + rows, path)
+
+
+STUDY_KEY = ("model", "checkpoint", "ratio", "test_size")
+
+
 def context(name: str, args: argparse.Namespace) -> tuple[nn.Module, dict]:
     from modelfold.datasets import fashion_mnist
 
@@ -268,7 +280,7 @@ def dir_budgets(args: argparse.Namespace) -> None:
                 rec = measure(name, "fold-dir", model, ratio, ctx)
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
-                save(rows, RESULTS / "accuracy.dir_budget.json")
+                save_study(rows, RESULTS / "accuracy.dir_budget.json", STUDY_KEY + ("dir_batch", "dir_iters"))
 
 
 def rho_study(args: argparse.Namespace) -> None:
@@ -282,7 +294,7 @@ def rho_study(args: argparse.Namespace) -> None:
                 rec = measure(name, "fold-ar", model, ratio, ctx) | {"ar_rho": mode}
                 rows.append(rec)
                 print(json.dumps(rec), flush=True)
-                save(rows, RESULTS / "accuracy.rho.json")
+                save_study(rows, RESULTS / "accuracy.rho.json", STUDY_KEY + ("ar_rho",))
 
 
 def main(argv: list[str] | None = None) -> None:
