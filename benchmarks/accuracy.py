@@ -67,29 +67,40 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
-def tp_magnitude(model: nn.Module, ratio: float, p: int = 2, rows_only: bool = True) -> nn.Module:
+def tp_magnitude(model: nn.Module, ratio: float, p: int = 2, rows_only: bool = True,
+                 per_group: bool = True) -> nn.Module:
     """Torch-Pruning MagnitudePruner removing n - round(n(1-ratio)) channels per group, like SP.
 
     rows_only: score channels by the norm of their producer rows only (what SP-L2 does);
     otherwise TP's default group importance (mean over all coupled slices, mean-normalized).
+    per_group: one pruner per group, visited in TP's order, so that each group is scored on the
+    weights left by the groups pruned before it (as SP-L2 does). A single pruner (``False``)
+    scores every group on the original weights before cutting anything.
     """
     import copy
 
     import torch_pruning as tp
 
     m = copy.deepcopy(model)
-    ratios = {}
-    for mod in m.modules():
-        if isinstance(mod, nn.Conv2d | nn.Linear):
-            n = mod.weight.shape[0]
-            k = max(1, round(n * (1 - ratio)))
-            ratios[mod] = max(0.0, 1 - (k + 0.5) / n)  # TP keeps int(n (1 - r)) = k
-    imp = _RowNorm(p) if rows_only else tp.importance.MagnitudeImportance(p=p)
     last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+    imp = _RowNorm(p) if rows_only else tp.importance.MagnitudeImportance(p=p)
+
+    def ratio_of(mod: nn.Module) -> float:
+        n = mod.weight.shape[0]
+        return max(0.0, 1 - (max(1, round(n * (1 - ratio))) + 0.5) / n)  # TP keeps int(n (1 - r)) = k
+
     with torch.enable_grad():
-        pruner = tp.pruner.MagnitudePruner(m, EXAMPLE, importance=imp, pruning_ratio=ratio,
-                                           pruning_ratio_dict=ratios, ignored_layers=[last])
-        pruner.step()
+        if not per_group:
+            ratios = {mod: ratio_of(mod) for mod in m.modules() if isinstance(mod, nn.Conv2d | nn.Linear)}
+            tp.pruner.MagnitudePruner(m, EXAMPLE, importance=imp, pruning_ratio=ratio,
+                                      pruning_ratio_dict=ratios, ignored_layers=[last]).step()
+            return m.eval()
+        dg = tp.DependencyGraph().build_dependency(m, example_inputs=EXAMPLE)
+        roots = [g[0].dep.target.module for g in dg.get_all_groups(
+            ignored_layers=[last], root_module_types=[nn.Conv2d, nn.Linear])]
+        for root in roots:
+            tp.pruner.MagnitudePruner(m, EXAMPLE, importance=imp, pruning_ratio=0.0,
+                                      pruning_ratio_dict={root: ratio_of(root)}, ignored_layers=[last]).step()
     return m.eval()
 
 
@@ -124,7 +135,7 @@ def compress(method: str, model: nn.Module, ratio: float, ctx: dict) -> nn.Modul
         if repair == "dir":
             kw.update(dir_batch=ctx["dir"].batch, dir_iters=ctx["dir"].iters, dir_lr=ctx["dir"].lr)
         if repair == "ar":
-            kw["repair_kwargs"] = {"ar_rho": ctx.get("ar_rho", "producer")}
+            kw["repair_kwargs"] = {"ar_rho": ctx.get("ar_rho", "pooled")}
         return modelfold.fold(model, EXAMPLE, ratio=ratio, repair=repair, seed=ctx["seed"], **kw)
     if method in ("sp-l1", "sp-l2"):
         return modelfold.prune(model, EXAMPLE, ratio=ratio, norm=int(method[-1]))
@@ -151,9 +162,11 @@ def measure(name: str, method: str, model: nn.Module, ratio: float, ctx: dict) -
     if method == "fold-dir":
         rec.update(synthesis_seconds=ctx["synthesis_seconds"], dir_batch=ctx["dir"].batch,
                    dir_iters=ctx["dir"].iters)
-    if method == "tp-magnitude" and ratio in TP_DEFAULT_RATIOS:
-        rec["accuracy_tp_default_importance"] = evaluate(tp_magnitude(model, ratio, rows_only=False),
-                                                         *ctx["test"])
+    if method == "tp-magnitude":
+        rec["accuracy_tp_one_pruner"] = evaluate(tp_magnitude(model, ratio, per_group=False), *ctx["test"])
+        if ratio in TP_DEFAULT_RATIOS:
+            rec["accuracy_tp_default_importance"] = evaluate(tp_magnitude(model, ratio, rows_only=False),
+                                                             *ctx["test"])
     return rec
 
 
@@ -284,7 +297,7 @@ def dir_budgets(args: argparse.Namespace) -> None:
 
 
 def rho_study(args: argparse.Namespace) -> None:
-    """Fold-AR with ρ̄ from producer rows only vs all group slices."""
+    """Fold-AR with ρ̄ from pooled producer rows, producer rows, all group slices, per-BN rows."""
     rows = []
     for name in args.models:
         model, ctx = context(name, args)
@@ -316,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir-budgets", action="store_true", help="run the Fold-DIR budget study instead")
     p.add_argument("--budgets", nargs="+", default=["64x50", "128x200", "256x400"])
     p.add_argument("--rho-study", action="store_true", help="run the Fold-AR ρ̄ study instead")
-    p.add_argument("--rho-modes", nargs="+", default=["producer", "all", "bn"])
+    p.add_argument("--rho-modes", nargs="+", default=["pooled", "producer", "all", "bn"])
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ def make_repair(name: str, **kwargs: Any) -> Repair:
 
     kwargs: ``model`` (the original model), ``example_inputs``, ``seed``, ``progress``,
     ``data`` (for "data") and the repair's own options (e.g. ``dir_batch``/``dir_iters``
-    for "dir", ``rho`` for "ar"). Options a repair does not use are rejected.
+    for "dir", ``ar_rho`` for "ar"). Options a repair does not use are rejected.
     """
     if name == "none":
         extra = {k for k, v in kwargs.items()

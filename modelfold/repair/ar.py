@@ -4,7 +4,9 @@
 so every such channel is standardized (mean 0, variance 1) and the BN keeps only γ, β.
 ``wrap`` then scales each merged cluster's γ by sqrt(n_c / (1 + (n_c - 1) ρ̄_c)), where ρ̄_c
 is the mean pairwise cosine similarity of the members' weight vectors (a data-free proxy
-for the correlation of their activations). ``after`` moves the bias that absorption had
+for the correlation of their activations). By default (``rho="pooled"``) a conv filter's
+spatial taps are summed per input channel first: real feature maps vary slowly across a
+kernel window, so two filters' outputs co-vary like their spatially summed filters. ``after`` moves the bias that absorption had
 to create back into BN's β, so the folded model has the original layer structure.
 
 Groups without an absorbed BatchNorm (no BN, a BN not directly behind a conv/linear, a
@@ -25,7 +27,7 @@ from ..groups import CONSUMER, PRODUCER, ChannelGroup
 from . import Repair, RepairError
 from .stats import BN_TYPES, _safe_resolve, conv_bn_pairs
 
-RHO_MODES = ("producer", "all", "bn")
+RHO_MODES = ("pooled", "producer", "all", "bn")
 NO_BN = "no BatchNorm in the group"
 NO_BN_MODES = ("naive", "rows")
 
@@ -55,25 +57,51 @@ def ar_scale(rho: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     return (size / (1.0 + (size - 1.0) * rho)).sqrt().float()
 
 
-def rho_blocks(feats: dict[str, torch.Tensor], mode: str) -> list[torch.Tensor]:
-    """Weight blocks entering ρ̄: producer rows ("producer") or every weight slice ("all").
+def spatial_taps(module: nn.Module | None) -> int:
+    """Number of spatial taps of a conv's filter per input channel (1 for linear layers)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.weight[0, 0].numel())
+    return 1
 
+
+def pool_spatial(block: torch.Tensor, taps: int) -> torch.Tensor:
+    """(n, c_in * taps) flattened filter rows -> (n, c_in): each input channel's taps summed."""
+    if taps <= 1 or block.shape[1] % taps:
+        return block
+    return block.view(block.shape[0], -1, taps).sum(-1)
+
+
+def rho_blocks(feats: dict[str, torch.Tensor], mode: str, model: nn.Module | None = None) -> list[torch.Tensor]:
+    """Weight blocks entering ρ̄.
+
+    "producer": the producer rows; "pooled" (default): the producer rows with each conv
+    filter's spatial taps summed per input channel (needs ``model`` to read kernel sizes);
+    "all": every weight slice (producer rows, consumer columns, channel-wise filters).
     Biases never enter: after absorption a bias only carries the channel's mean, not the
     direction that decides how two channels co-vary.
     """
     kinds = (PRODUCER, CONSUMER, "channel") if mode == "all" else (PRODUCER,)
-    return [v for key, v in feats.items() if key.split(":")[-2] in kinds and key.endswith(":weight")]
+    blocks = []
+    for key, v in feats.items():
+        module, kind, attr = key.rsplit(":", 2)
+        if kind not in kinds or attr != "weight":
+            continue
+        if mode == "pooled" and model is not None:
+            v = pool_spatial(v, spatial_taps(_safe_resolve(model, module)))
+        blocks.append(v)
+    return blocks
 
 
 class FoldAR(Repair):
-    """Fold-AR (see module docstring). ``rho``: which slices enter ρ̄ — "producer" (all producer
-    rows of the group, one γ factor per cluster), "all" (every weight slice) or "bn" (each
+    """Fold-AR (see module docstring). ``rho``: which slices enter ρ̄ — "pooled" (default: producer
+    rows with conv taps summed per input channel), "producer" (all producer rows of the group,
+    one γ factor per cluster), "all" (every weight slice) or "bn" (each
     BatchNorm's γ gets the factor of the conv/linear absorbed into it; differs from
     "producer" only in groups with several producers, e.g. residual streams)."""
 
     name = "ar"
 
-    def __init__(self, example_inputs: Any, rho: str = "producer", no_bn: str = "naive") -> None:
+    def __init__(self, example_inputs: Any, rho: str = "pooled", no_bn: str = "naive") -> None:
         if rho not in RHO_MODES:
             raise RepairError(f"ar_rho must be one of {RHO_MODES}, got {rho!r}")
         if no_bn not in NO_BN_MODES:
@@ -93,7 +121,7 @@ class FoldAR(Repair):
         from .data import _reject
 
         _reject(kwargs, "ar")
-        return cls(example_inputs, ar_rho or "producer", ar_no_bn or "naive")
+        return cls(example_inputs, ar_rho or "pooled", ar_no_bn or "naive")
 
     def before(self, model: nn.Module) -> nn.Module:
         ref = _outputs(model, self.example_inputs)
@@ -116,6 +144,10 @@ class FoldAR(Repair):
         self._model = model
         return model
 
+    @property
+    def _row_mode(self) -> str:
+        return "producer" if self.rho == "bn" else self.rho
+
     def _reason(self, cg: ChannelGroup) -> str:
         assert self._model is not None
         mods = {s.module: _safe_resolve(self._model, s.module) for s in cg.slices}
@@ -136,14 +168,14 @@ class FoldAR(Repair):
                 return p
             reason = self._reason(cg)
             if reason == NO_BN and self.no_bn == "rows":
-                rho = cluster_rho(rho_blocks(feats, "producer"), p.labels, k)
+                rho = cluster_rho(rho_blocks(feats, self._row_mode, self._model), p.labels, k)
                 self.row_scaled.append((cg, p.labels.clone(), k, ar_scale(rho, p.labels, k)))
                 return p
             if reason:
                 self.uncorrected.append((cg.root, reason))
                 warnings.warn(f"Fold-AR: group {cg.root} folded without correction ({reason})", stacklevel=2)
                 return p
-            rho = cluster_rho(rho_blocks(feats, self.rho), p.labels, k)
+            rho = cluster_rho(rho_blocks(feats, self._row_mode, self._model), p.labels, k)
             p.channel_scale = ar_scale(rho, p.labels, k)
             if self.rho == "bn":
                 p.module_scale = {}

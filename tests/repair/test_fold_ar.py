@@ -14,7 +14,7 @@ from modelfold.engine import Plan, compress
 from modelfold.merge import representatives
 from modelfold.policies import kmeans_planner
 from modelfold.repair import make_repair
-from modelfold.repair.ar import ar_scale, cluster_rho
+from modelfold.repair.ar import ar_scale, cluster_rho, pool_spatial, spatial_taps
 from modelfold.repair.stats import PlanLog, reset_bn_stats
 from modelfold.report import count_params
 
@@ -66,39 +66,86 @@ def test_fold_ar_exact_on_duplicated_network(make):
     assert torch.allclose(folded(x), small(x), atol=1e-4)
 
 
-def _bn_out_std(model, name, x):
+def _bn_out_std(model, name, x, crop=0):
     out = {}
     h = model.get_submodule(name).register_forward_hook(lambda m, i, o: out.setdefault("y", o))
     with torch.no_grad():
         model(x)
     h.remove()
-    return out["y"].transpose(0, 1).flatten(1).std(1)
+    y = out["y"]
+    if crop:
+        y = y[..., crop:-crop, crop:-crop]
+    return y.transpose(0, 1).flatten(1).std(1)
 
 
-def test_fold_ar_restores_variance_of_merged_channels():
-    """On iid inputs the stem's pre-activation correlation is the cosine of its filters, so AR's
-    merged channels must get (close to) the members' average std back; naive merging shrinks it."""
+def _stem_std_errors(make_inputs, modes, crop=0):
+    """Mean |std(merged stem channel) - mean std of its members| for each ρ̄ mode, and for naive."""
     torch.manual_seed(0)
     model = VGGish(16).eval()
-    calib = torch.randn(256, 3, 16, 16)
+    calib = make_inputs(256)
     reset_bn_stats(model, [calib])
-    fixer = make_repair("ar", model=model, example_inputs=calib[:1])
-    log = PlanLog()
-    work = fixer.before(copy.deepcopy(model))
-    compress(work, calib[:1], 0.5, fixer.wrap(log.wrap(kmeans_planner(0))))
-    ar = fixer.after(work).eval()
+    x = make_inputs(256)
+    std_o = _bn_out_std(model, "features.1", x, crop)
+    errs = {}
+    for mode in modes:
+        fixer = make_repair("ar", model=model, example_inputs=calib[:1], ar_rho=mode)
+        log = PlanLog()
+        work = fixer.before(copy.deepcopy(model))
+        compress(work, calib[:1], 0.5, fixer.wrap(log.wrap(kmeans_planner(0))))
+        ar = fixer.after(work).eval()
+        stem = next(g for g in log.groups if g.cg.root == "features.0")
+        assert stem.labels.unique().numel() < stem.labels.numel()
+        target = torch.stack([std_o[stem.labels == c].mean() for c in range(stem.k)])
+        order = torch.argsort(representatives(stem.labels, stem.k))  # folded channel order
+        errs[mode] = float((_bn_out_std(ar, "features.1", x, crop) - target[order]).abs().mean())
     labels = iter([g.labels for g in log.groups])
     naive = copy.deepcopy(model)
     compress(naive, calib[:1], 0.5, lambda cg, f, k: Plan(k, labels=next(labels)))
-    stem = next(g for g in log.groups if g.cg.root == "features.0")
-    x = torch.randn(256, 3, 16, 16)
-    assert stem.labels.unique().numel() < stem.labels.numel()
-    std_o = _bn_out_std(model, "features.1", x)
-    target = torch.stack([std_o[stem.labels == c].mean() for c in range(stem.k)])
-    order = torch.argsort(representatives(stem.labels, stem.k))  # folded channel order
-    err_ar = (_bn_out_std(ar, "features.1", x) - target[order]).abs().mean()
-    err_naive = (_bn_out_std(naive, "features.1", x) - target[order]).abs().mean()
-    assert err_ar < 0.5 * err_naive, (err_ar, err_naive)
+    errs["naive"] = float((_bn_out_std(naive, "features.1", x, crop) - target[order]).abs().mean())
+    return errs
+
+
+def test_fold_ar_restores_variance_of_merged_channels():
+    """On iid pixels the stem's pre-activation correlation is the cosine of its full filters, so
+    AR with ρ̄ from producer rows must give merged channels (close to) the members' average std
+    back; naive merging shrinks it, and pooling the taps (which assumes smooth inputs) over-estimates ρ̄."""
+    errs = _stem_std_errors(lambda n: torch.randn(n, 3, 16, 16), ("producer", "pooled"))
+    assert errs["producer"] < 0.5 * errs["naive"], errs
+    assert errs["producer"] < errs["pooled"], errs
+
+
+def test_fold_ar_pooled_rho_exact_for_spatially_smooth_inputs():
+    """If every input channel is constant across the kernel window, a channel's output is the
+    pooled (tap-summed) filter times the input, so ρ̄ from pooled rows restores the members' std
+    (interior pixels, away from the zero padding) far better than ρ̄ from the full rows. (Not
+    exactly: BN statistics also cover the border pixels.)"""
+    errs = _stem_std_errors(lambda n: torch.randn(n, 3, 1, 1).expand(n, 3, 16, 16).contiguous(),
+                            ("pooled", "producer"), crop=1)
+    assert errs["pooled"] < 0.5 * errs["naive"], errs
+    assert errs["pooled"] < 0.6 * errs["producer"], errs
+
+
+def test_pooled_rho_equals_output_correlation_for_smooth_inputs():
+    """Oracle for the "pooled" estimate: iid channels, constant across the window -> the mean
+    pairwise correlation of a cluster's outputs is the mean cosine of the tap-summed filters."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(6, 12, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(12, 6, 3, 3, generator=g) + 0.7)  # correlated filters
+    x = torch.randn(20000, 6, 1, 1, generator=g).expand(-1, -1, 3, 3)
+    with torch.no_grad():
+        y = conv(x).flatten(1).T  # (12, samples)
+    corr = torch.corrcoef(y.double())
+    labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
+    rows = conv.weight.detach().flatten(1)
+    pooled = cluster_rho([pool_spatial(rows, spatial_taps(conv))], labels, 3)
+    full = cluster_rho([rows], labels, 3)
+    for c in range(3):
+        idx = (labels == c).nonzero().flatten()
+        sub = corr[idx][:, idx]
+        data = float((sub.sum() - len(idx)) / (len(idx) * (len(idx) - 1)))
+        assert pooled[c].item() == pytest.approx(data, abs=0.02)
+        assert abs(full[c].item() - data) > 0.05  # the full rows' cosine is a different quantity
 
 
 def test_fold_ar_without_bn_is_naive_and_says_so():
