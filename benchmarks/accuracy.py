@@ -41,7 +41,7 @@ RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("fold-naive", "fold-ar", "fold-dir", "fold-r", "sp-l1", "sp-l2", "ifm", "tp-magnitude")
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MODELS = ("resnet18_fmnist", "vgg11_bn_fmnist")
-TP_DEFAULT_RATIOS = (0.3, 0.5)  # where TP's default importance is also evaluated (time)
+TP_DEFAULT_RATIOS = (0.3, 0.5)  # where TP with one pruner / its default importance is also evaluated (time)
 EXAMPLE = torch.zeros(1, 1, 32, 32)
 
 
@@ -162,11 +162,10 @@ def measure(name: str, method: str, model: nn.Module, ratio: float, ctx: dict) -
     if method == "fold-dir":
         rec.update(synthesis_seconds=ctx["synthesis_seconds"], dir_batch=ctx["dir"].batch,
                    dir_iters=ctx["dir"].iters)
-    if method == "tp-magnitude":
+    if method == "tp-magnitude" and ratio in TP_DEFAULT_RATIOS:
         rec["accuracy_tp_one_pruner"] = evaluate(tp_magnitude(model, ratio, per_group=False), *ctx["test"])
-        if ratio in TP_DEFAULT_RATIOS:
-            rec["accuracy_tp_default_importance"] = evaluate(tp_magnitude(model, ratio, rows_only=False),
-                                                             *ctx["test"])
+        rec["accuracy_tp_default_importance"] = evaluate(tp_magnitude(model, ratio, rows_only=False),
+                                                         *ctx["test"])
     return rec
 
 
