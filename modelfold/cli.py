@@ -10,6 +10,7 @@ import torch
 
 from . import api, io
 from .errors import ModelFoldError
+from .repair.ar import RHO_MODES
 
 EPILOG = """\
 MODEL is one of:
@@ -71,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--repair", default="none", choices=api.REPAIRS,
                             help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free); "
                                  "data needs training data and is not available from the CLI")
+            sp.add_argument("--ar-rho", choices=RHO_MODES, default=None,
+                            help="Fold-AR: weights that estimate each cluster's channel correlation "
+                                 "(default pooled; see docs/repair.md)")
+            sp.add_argument("--dir-batch", type=int, default=None,
+                            help="Fold-DIR: number of synthetic images (default 128)")
+            sp.add_argument("--dir-iters", type=int, default=None,
+                            help="Fold-DIR: DeepInversion optimization steps (default 100)")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
 
@@ -90,6 +98,8 @@ def _hf(spec: str) -> bool:
 def _run_hf(args: argparse.Namespace) -> int:
     from . import hf
 
+    if args.command == "fold" and _repair_options(args):
+        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters apply to CNNs, not Hugging Face models")
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True}
     if args.command == "fold":
@@ -129,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
               "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True}
     if args.command == "fold":
-        out, report = api.fold(model, x, repair=args.repair, **common)
+        out, report = api.fold(model, x, repair=args.repair, **common, **_repair_options(args))
     else:
         out, report = api.prune(model, x, norm=args.norm, **common)
     io.save_model(out, args.out)
@@ -137,6 +147,20 @@ def _run(args: argparse.Namespace) -> int:
     print(_stage_table(model, out))
     print(f"saved to {args.out} (reload with torch.load(path, weights_only=False))")
     return 0
+
+
+def _repair_options(args: argparse.Namespace) -> dict:
+    """fold() keywords for the repair options given on the command line; refuses mismatched ones."""
+    opts: dict = {}
+    if args.ar_rho is not None:
+        if args.repair != "ar":
+            raise ModelFoldError(f"--ar-rho applies to --repair ar, not --repair {args.repair}")
+        opts["repair_kwargs"] = {"ar_rho": args.ar_rho}
+    if args.dir_batch is not None or args.dir_iters is not None:
+        if args.repair != "dir":
+            raise ModelFoldError(f"--dir-batch/--dir-iters apply to --repair dir, not --repair {args.repair}")
+        opts.update(dir_batch=args.dir_batch, dir_iters=args.dir_iters)
+    return opts
 
 
 def _stage_table(before: torch.nn.Module, after: torch.nn.Module) -> str:

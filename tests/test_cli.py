@@ -69,3 +69,29 @@ def test_inspect_keep_outputs(capsys) -> None:
     stem = next(line for line in lines if line.startswith("conv1 "))
     assert "kept: output channels kept" in stem
     assert "foldable" in next(line for line in lines if line.startswith("layer1.0.conv1 "))
+
+
+def test_fold_repair_options(tmp_path, capsys, monkeypatch) -> None:
+    """--ar-rho / --dir-batch / --dir-iters reach the repair; a mismatched option is refused."""
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(8)).eval()
+    src = tmp_path / "model.pt"
+    torch.save(model, src)
+    base = ["fold", str(src), "--ratio", "0.5", "--input-shape", "1,3,16,16"]
+    x = torch.randn(2, 3, 16, 16)
+    outs = {}
+    for rho in ("pooled", "producer"):
+        out = tmp_path / f"{rho}.pt"
+        assert main(base + ["--repair", "ar", "--ar-rho", rho, "--out", str(out)]) == 0
+        outs[rho] = torch.load(out, weights_only=False)(x)
+    assert not torch.allclose(outs["pooled"], outs["producer"])  # the option changed the γ factors
+    out = tmp_path / "dir.pt"
+    assert main(base + ["--repair", "dir", "--dir-batch", "4", "--dir-iters", "2", "--out", str(out)]) == 0
+    assert list((tmp_path / "cache" / "dir").iterdir())  # a synthetic batch was made and cached
+    capsys.readouterr()
+    assert main(base + ["--repair", "none", "--ar-rho", "all", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--ar-rho applies to --repair ar" in capsys.readouterr().err
+    assert main(base + ["--repair", "ar", "--dir-iters", "3", "--out", str(tmp_path / "y.pt")]) == 2
+    assert "--repair dir" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
