@@ -54,14 +54,15 @@ def test_absorption_keeps_function_and_standardizes():
     assert torch.allclose(work(x), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("rho", ["pooled", "producer", "all", "bn"])
 @pytest.mark.parametrize("make", [ResNetish, VGGish])
-def test_fold_ar_exact_on_duplicated_network(make):
+def test_fold_ar_exact_on_duplicated_network(make, rho):
     small = randomize_bn(make(4), 1).eval()
     big = double(small, make(8)).eval()
     x = torch.randn(5, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # VGGish's classifier has no BN (documented fallback)
-        folded = modelfold.fold(big, x[:1], ratio=0.5, repair="ar", seed=0)
+        folded = modelfold.fold(big, x[:1], ratio=0.5, repair="ar", seed=0, repair_kwargs={"ar_rho": rho})
     assert count_params(folded) == count_params(small)  # created biases moved back into BN
     assert torch.allclose(folded(x), small(x), atol=1e-4)
 
