@@ -67,6 +67,7 @@ def test_load_pretrained_accuracy(name: str) -> None:
     model = zoo.load_pretrained(name)
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
-    with torch.no_grad():
-        acc = (model(x[:1000]).argmax(1) == y[:1000]).float().mean().item()
-    assert acc >= 0.9, f"{name}: {acc:.3f} on the first 1000 test images"
+    with torch.inference_mode():  # the whole test set: the shipped models must reach 93%
+        hits = sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
+    acc = hits / len(x)
+    assert acc >= 0.93, f"{name}: {acc:.4f} on the {len(x)} test images"
