@@ -6,8 +6,9 @@ so every such channel is standardized (mean 0, variance 1) and the BN keeps only
 is the mean pairwise cosine similarity of the members' weight vectors (a data-free proxy
 for the correlation of their activations). By default (``rho="pooled"``) a conv filter's
 spatial taps are summed per input channel first: real feature maps vary slowly across a
-kernel window, so two filters' outputs co-vary like their spatially summed filters. ``after`` moves the bias that absorption had
-to create back into BN's β, so the folded model has the original layer structure.
+kernel window, so two filters' outputs co-vary like their spatially summed filters.
+``after`` moves the bias that absorption had to create back into BN's β, so the folded
+model has the original layer structure.
 
 Groups without an absorbed BatchNorm (no BN, a BN not directly behind a conv/linear, a
 BN without affine weight, or a LayerNorm) cannot be corrected this way: they are folded
