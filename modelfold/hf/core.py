@@ -6,7 +6,7 @@ import copy
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -79,17 +79,15 @@ def _run(model: nn.Module, ratio: float | Mapping, method: str, *, targets: str 
     return work, report
 
 
-def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair: str = "none", seed: int = 0,
-               return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
-               skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
-               ) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
+LayerFn = Callable[[nn.Module, Adapter, int, dict], list[GroupReport]]
 
-    ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
-    targets: "mlp", "attention" or "all". skip_first/skip_last: layers left intact (float ratio only).
-    repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md). "ar" helped the
-        GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
-    attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
+
+def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
+                  attention_mode: str = "auto") -> LayerFn:
+    """The per-layer step of ``fold_model``: fold layer ``i`` of ``work`` in place by its plan entry.
+
+    A pure function of that layer's tensors and the plan, shared by the in-memory path and the
+    layer-by-layer checkpoint path (``modelfold.hf.stream``), so both give bit-identical weights.
     """
     if repair not in HF_REPAIRS:
         raise ValueError(f"repair={repair!r} is not available for transformers models; use one of {HF_REPAIRS}")
@@ -109,7 +107,7 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair
             if repair == "ar" and len(spec.producers) > 1 and not warned:
                 warned.append(True)
                 warnings.warn("repair='ar' on a gated (SwiGLU) MLP: in our SmolLM2 benchmark it raised perplexity "
-                              "by orders of magnitude; prefer repair='none' (see docs/transformers.md)", stacklevel=3)
+                              "by orders of magnitude; prefer repair='none' (see docs/transformers.md)", stacklevel=4)
             n = spec.width
             k = max(1, round(n * (1.0 - p["mlp"])))
             err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair) if k < n else None
@@ -117,16 +115,11 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair
                                    "folded" if k < n else "kept", "" if k < n else "ratio 0", err))
         return out
 
-    work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
-                        progress=progress, repair=repair, layer_fn=layer)
-    return (work, report) if return_report else work
+    return layer
 
 
-def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, norm: int = 2,
-                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
-                skip_last: int = 0, progress: bool = False, attention_mode: str = "auto", seed: int = 0,
-                n_init: int = 3) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm)."""
+def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
+    """The per-layer step of ``prune_model`` (keep the largest-norm neurons/heads of layer ``i``)."""
     if norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
 
@@ -146,6 +139,33 @@ def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, norm:
             out.append(GroupReport(spec.name, spec.member_names(), n, k, "pruned" if k < n else "kept"))
         return out
 
+    return layer
+
+
+def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair: str = "none", seed: int = 0,
+               return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
+               skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
+               ) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
+
+    ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
+    targets: "mlp", "attention" or "all". skip_first/skip_last: layers left intact (float ratio only).
+    repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md). "ar" helped the
+        GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
+    attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
+    """
+    layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)
+    work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
+                        progress=progress, repair=repair, layer_fn=layer)
+    return (work, report) if return_report else work
+
+
+def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, norm: int = 2,
+                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
+                skip_last: int = 0, progress: bool = False, attention_mode: str = "auto", seed: int = 0,
+                n_init: int = 3) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm)."""
+    layer = prune_layer_fn(norm=norm, attention_mode=attention_mode)
     work, report = _run(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
                         skip_last=skip_last, progress=progress, repair="none", layer_fn=layer)
     return (work, report) if return_report else work

@@ -6,13 +6,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ModelFoldError
 from .adapters import find_adapter
 
 
@@ -21,11 +23,12 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """``save_pretrained`` into a temporary sibling directory, then rename it into place.
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, what: str = "the model") -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out_dir`` in one rename.
 
     An existing ``out_dir`` is replaced only after the new copy was written completely; on any
-    failure it is left as it was and the temporary directory is removed.
+    failure it is left as it was, the temporary directory is removed and a CheckpointError is raised.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
@@ -34,24 +37,32 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rmdir(old)
             os.rename(out, old)
         os.rename(tmp, out)
-    except Exception as e:
+    except BaseException as e:
         if old is not None and not out.exists():
             os.rename(old, out)
             old = None
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save the model to {out}: {type(e).__name__}: {e}. "
+        if isinstance(e, ModelFoldError) or not isinstance(e, Exception):
+            raise
+        raise CheckpointError(f"could not save {what} to {out}: {type(e).__name__}: {e}. "
                               "Any previous content there is unchanged; check disk space and permissions.") from e
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return out
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """``save_pretrained`` into a temporary sibling directory, then rename it into place (``atomic_dir``)."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir).resolve()
 
 
 def _model_class(config: Any) -> Any:
