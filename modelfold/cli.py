@@ -26,6 +26,7 @@ examples:
   modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
   modelfold inspect densenet121
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
+  modelfold fold path/to/big_hf_model --ratio 0.3 --stream always --out folded_dir   (layer by layer)
 Reload a CNN result with torch.load(path, weights_only=False).
 """
 
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--strict", action="store_true", help="fail instead of keeping unsupported groups intact")
         sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         sp.add_argument("--targets", default="mlp", help="HF models only: mlp, attention or all (default mlp)")
+        sp.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
+                        help="HF directories only: fold layer by layer from the safetensors shards, so "
+                             "checkpoints larger than RAM fold (auto: when the weights exceed 40%% of the "
+                             "available memory; default auto)")
+        sp.add_argument("--max-shard-size", default="2GB",
+                        help="HF directories, layer by layer: output shard size limit (default 2GB)")
         if name == "fold":
             sp.add_argument("--repair", default="none", choices=api.REPAIRS,
                             help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free); "
@@ -100,6 +107,8 @@ def _run_hf(args: argparse.Namespace) -> int:
 
     if args.command == "fold" and _repair_options(args):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters apply to CNNs, not Hugging Face models")
+    if _use_stream(args):
+        return _run_stream(args)
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True}
     if args.command == "fold":
@@ -109,6 +118,54 @@ def _run_hf(args: argparse.Namespace) -> int:
     hf.save(out, args.out, tokenizer=_tokenizer(hf, args.model))
     print(report)
     print(f"saved to {args.out}")
+    return 0
+
+
+def _use_stream(args: argparse.Namespace) -> bool:
+    """Layer-by-layer folding: when asked, or (auto) when the weights would crowd the memory."""
+    from .hf import is_hf_dir
+    from .hf.stream import checkpoint_bytes
+
+    if args.stream == "never":
+        return False
+    if not is_hf_dir(args.model):
+        if args.stream == "always":
+            raise ModelFoldError(f"--stream always needs a transformers directory with safetensors weights; "
+                                 f"{args.model} is not one (convert it with save_pretrained, or use --stream never)")
+        return False
+    if args.stream == "always":
+        return True
+    size, avail = checkpoint_bytes(args.model), _available_memory()
+    if avail is not None and size > 0.4 * avail:
+        print(f"modelfold: the weights ({size / 2**30:.1f} GiB) exceed 40% of the available memory "
+              f"({avail / 2**30:.1f} GiB): folding layer by layer (--stream never to load it whole)",
+              file=sys.stderr)
+        return True
+    return False
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    from .hf.stream import fold_checkpoint, prune_checkpoint
+
+    kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True}
+    if args.command == "fold":
+        report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
+    else:
+        report = prune_checkpoint(args.model, args.out, ratio=args.ratio, norm=args.norm, **kw)
+    print(report)
+    print(f"saved to {args.out} (folded layer by layer; reload with modelfold.load_pretrained or, for "
+          "uniform folds, transformers' from_pretrained)")
     return 0
 
 
@@ -123,6 +180,9 @@ def _tokenizer(hf: object, path: str) -> object:
 def _run(args: argparse.Namespace) -> int:
     if args.command != "inspect" and _hf(args.model):
         return _run_hf(args)
+    if args.command != "inspect" and args.stream == "always":
+        raise ModelFoldError(f"--stream always needs a transformers directory with safetensors weights; "
+                             f"{args.model} is not one (it applies to Hugging Face checkpoints only)")
     model = io.load_model(args.model, args.weights)
     shape = args.input_shape or io.default_input_shape(args.model)
     if shape is None:

@@ -1,5 +1,6 @@
 """The CLI folds a Hugging Face model directory into a reloadable directory."""
 
+import torch
 from hf_models import inputs, make_model, out
 
 import modelfold
@@ -18,3 +19,38 @@ def test_cli_folds_hf_directory(tmp_path, capsys) -> None:
     x = inputs()
     assert folded.config.intermediate_size == expected.config.intermediate_size < model.config.intermediate_size
     assert (out(folded, x) - out(expected, x)).abs().max() <= 1e-5
+
+
+def test_cli_stream_always_matches_in_memory_and_auto_streams_when_memory_is_short(tmp_path, capsys,
+                                                                                   monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    import modelfold.cli as cli
+
+    src = tmp_path / "src"
+    make_model("qwen2").save_pretrained(src, max_shard_size="20KB")
+    args = ["fold", str(src), "--ratio", "0.5", "--targets", "all"]
+    assert main([*args, "--out", str(tmp_path / "mem"), "--stream", "never"]) == 0
+    assert main([*args, "--out", str(tmp_path / "st"), "--stream", "always", "--max-shard-size", "30KB"]) == 0
+    assert "layer by layer" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "_available_memory", lambda: 1000)  # "1 kB free": auto must stream
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert "exceed 40% of the available memory" in capsys.readouterr().err
+
+    def tensors(d):
+        sd = {}
+        for f in sorted(d.glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        return sd
+
+    mem = tensors(tmp_path / "mem")
+    for d in ("st", "auto"):
+        got = tensors(tmp_path / d)
+        assert set(got) == set(mem) and all(torch.equal(got[k], mem[k]) for k in mem)
+    assert len(list((tmp_path / "st").glob("*.safetensors"))) > 1
+
+
+def test_cli_stream_always_refuses_a_non_directory_model(tmp_path, capsys) -> None:
+    code = main(["fold", "resnet18", "--ratio", "0.5", "--stream", "always", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "--stream always needs a transformers directory" in capsys.readouterr().err
