@@ -4,8 +4,8 @@ The model is built on the ``meta`` device from ``config.json`` (no memory), so t
 can name every projection. Then, for each decoder/encoder layer, only that layer's tensors are
 read from the memory-mapped safetensors shards, folded by the very step ``fold_model`` uses
 (``core.fold_layer_fn``), written to the output shards and released. Embeddings, norms and the
-LM head are copied through tensor by tensor. Peak memory is about one layer plus one output
-shard (``max_shard_size``), whatever the size of the checkpoint.
+LM head are copied through tensor by tensor. Peak memory is about one layer's tensors, whatever the
+size of the checkpoint or of the output shards.
 """
 
 from __future__ import annotations
@@ -119,38 +119,65 @@ def _prod(shape: Iterable[int]) -> int:
     return n
 
 
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
 class ShardWriter:
-    """Collects tensors into safetensors shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (a larger tensor gets its own).
+
+    Each tensor goes to disk as soon as it is added (safetensors' own ``save_file`` needs a whole
+    shard in memory), so memory stays at one tensor whatever the shard size: the data is appended to
+    a body file and, when the shard is full, the header is written and the body appended to it.
+    The layout (8-byte little-endian header length, JSON header padded to 8 bytes, raw data) is the
+    safetensors format; the tests read every shard back with ``safetensors.torch.load_file``.
+    """
 
     def __init__(self, out: Path, max_bytes: int) -> None:
         self.out, self.max_bytes = out, max_bytes
-        self.buf: dict[str, torch.Tensor] = {}
-        self.buf_bytes = 0
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+        self.body = None
         self.files: list[tuple[str, list[str]]] = []
         self.total = 0
         self.numel = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
         nb = t.numel() * t.element_size()
-        if self.buf and self.buf_bytes + nb > self.max_bytes:
+        if self.entries and self.offset + nb > self.max_bytes:
             self._flush()
-        self.buf[name] = t
-        self.buf_bytes += nb
+        if self.body is None:
+            self.body = open(self.out / f".body-{len(self.files):05d}", "wb")  # noqa: SIM115 - closed in _flush
+        self.body.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if nb else b"")
+        self.entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.offset, self.offset + nb]}
+        self.offset += nb
         self.total += nb
         self.numel += t.numel()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.buf, str(self.out / name), metadata={"format": "pt"})
-        self.files.append((name, list(self.buf)))
-        self.buf, self.buf_bytes = {}, 0
+        body_path = self.out / f".body-{len(self.files):05d}"
+        if self.body is None:
+            self.body = open(body_path, "wb")  # noqa: SIM115
+        self.body.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.out / name, "wb") as f, open(body_path, "rb") as body:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            shutil.copyfileobj(body, f, 16 << 20)
+        body_path.unlink()
+        self.files.append((name, list(self.entries)))
+        self.entries, self.offset, self.body = {}, 0, None
 
     def close(self) -> None:
         """Write the last shard, give the shards their transformers names and write the index."""
-        if self.buf or not self.files:
+        if self.entries or not self.files:
             self._flush()
         n = len(self.files)
         if n == 1:
@@ -270,8 +297,8 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
     """Fold the transformers checkpoint directory ``src`` into ``dst`` one layer at a time.
 
     Same arguments and bit-identical result as ``fold_model`` + ``save``, but only one layer's tensors
-    (plus one output shard of at most ``max_shard_size``) are in memory at once, so checkpoints larger
-    than RAM fold. Reads safetensors (single file or sharded with an index); tensors keep their stored
+    are in memory at once, so checkpoints larger than RAM fold; output shards hold at most
+    ``max_shard_size`` bytes. Reads safetensors (single file or sharded with an index); tensors keep their stored
     dtype; tokenizer and other files are copied. ``dst`` is written atomically; ``src`` is never modified.
     """
     fn = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)

@@ -177,3 +177,19 @@ def test_shard_writer_single_shard_is_named_like_transformers(tmp_path):
     w.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     assert set(load_file(str(tmp_path / "model.safetensors"))) == {"a", "b"}
+
+
+def test_shard_writer_round_trips_dtypes_through_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ts = {"bf16": torch.randn(5, 3, generator=g).to(torch.bfloat16), "f16": torch.randn(7, generator=g).half(),
+          "f32": torch.randn(2, 2, 2, generator=g), "i64": torch.arange(5), "bool": torch.tensor([True, False]),
+          "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6, generator=g).T}
+    w = ShardWriter(tmp_path, 40)
+    for k, v in ts.items():
+        w.add(k, v)
+    w.close()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2 and not list(tmp_path.glob(".body-*"))
+    got = _tensors(tmp_path)
+    assert set(got) == set(ts)
+    for k, v in ts.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
