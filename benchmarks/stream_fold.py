@@ -1,0 +1,186 @@
+"""Memory benchmark: fold a transformers checkpoint layer by layer vs loading it whole.
+
+    .venv/bin/python benchmarks/stream_fold.py                 # TinyLlama-1.1B shape, bf16 (~2.2 GB), ~25 min
+    .venv/bin/python benchmarks/stream_fold.py --layers 2      # smoke run
+
+No 1B-parameter checkpoint ships in a package, so a checkpoint of TinyLlama-1.1B's shape (22 layers,
+hidden 2048, SwiGLU 5632, 32 query / 4 KV heads, vocab 32000) is written with seeded random bf16
+weights (memory and time do not depend on the values). Each mode runs in a fresh process that reports
+its own peak resident memory (ru_maxrss) and wall time:
+
+* ``stream``: ``modelfold.hf.fold_checkpoint`` (layer by layer from the safetensors shards);
+* ``memory``: ``load_pretrained`` + ``fold_model`` + ``save`` (the whole model in memory);
+* ``stream-capped`` / ``memory-capped``: the same in a memory cgroup whose RAM limit (``--cap-gib``)
+  is smaller than the checkpoint, i.e. a checkpoint larger than RAM (where cgroups cannot be created,
+  RLIMIT_DATA is used instead, which limits virtual private memory and so is stricter).
+
+Both unconstrained outputs are compared tensor by tensor. Writes benchmarks/results/stream_fold.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "results"
+
+
+def make_checkpoint(path: Path, a: argparse.Namespace) -> int:
+    """Write a random bf16 Llama checkpoint of the given shape, one tensor at a time; returns bytes."""
+    import transformers
+
+    from modelfold.hf.stream import ShardWriter, skeleton
+
+    cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
+                                   num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                                   num_key_value_heads=a.kv_heads, tie_word_embeddings=False, dtype="bfloat16",
+                                   architectures=["LlamaForCausalLM"])
+    path.mkdir(parents=True)
+    cfg.save_pretrained(path)
+    model = skeleton(path)  # meta device: names and shapes only
+    g = torch.Generator().manual_seed(0)
+    w = ShardWriter(path, 1 << 30)
+    for name, p in model.state_dict().items():
+        t = torch.ones(p.shape) if "norm" in name else torch.randn(p.shape, generator=g) * 0.02
+        w.add(name, t.to(torch.bfloat16))
+    w.close()
+    return w.total
+
+
+def child(mode: str, src: str, dst: str, ratio: float, targets: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    import modelfold.hf as mh
+    from modelfold.hf.stream import fold_checkpoint
+
+    t0 = time.perf_counter()
+    if mode == "stream":
+        fold_checkpoint(src, dst, ratio=ratio, targets=targets, progress=False)
+    else:
+        model = mh.load_pretrained(src, dtype=torch.bfloat16)
+        mh.save(mh.fold_model(model, ratio=ratio, targets=targets), dst)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": rss}))
+
+
+CGROUP = Path("/sys/fs/cgroup/memory")  # cgroup v1 memory controller, if this machine lets us use it
+
+
+def cgroup_for(cap: int) -> Path | None:
+    """A fresh memory cgroup limited to ``cap`` bytes of RAM (page cache included), or None."""
+    try:
+        cg = CGROUP / f"modelfold-bench-{os.getpid()}-{time.monotonic_ns()}"
+        cg.mkdir()
+        (cg / "memory.limit_in_bytes").write_text(str(cap))
+        return cg
+    except OSError:
+        return None
+
+
+def run(mode: str, src: Path, dst: Path, a: argparse.Namespace, cap: int | None) -> dict:
+    cg = cgroup_for(cap) if cap is not None else None
+
+    def limit() -> None:
+        if cg is not None:  # the child's RAM (RSS + page cache) is capped; the kernel OOM-kills beyond it
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+        elif cap is not None:  # fallback: cap private writable memory (virtual, so stricter than RSS)
+            resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+    cmd = [sys.executable, __file__, "--child", mode, str(src), str(dst), "--ratio", str(a.ratio),
+           "--targets", a.targets, "--threads", str(a.threads)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
+    limit_kind = None if cap is None else ("cgroup memory.limit_in_bytes" if cg is not None else "RLIMIT_DATA")
+    if cg is not None:
+        cg.rmdir()
+    rec = {"mode": mode + ("-capped" if cap else ""), "cap_bytes": cap, "limit": limit_kind,
+           "returncode": p.returncode}
+    if p.returncode == 0:
+        rec.update(json.loads(p.stdout.strip().splitlines()[-1]))
+    else:
+        last = (p.stderr.strip().splitlines() or [""])[-1][:160]
+        rec.update(seconds=time.perf_counter() - t0, peak_rss=None,
+                   error="killed: out of memory (SIGKILL)" if p.returncode == -9 else last or "no message")
+    rss = "-" if rec["peak_rss"] is None else f"{rec['peak_rss'] / 2**30:.2f} GiB"
+    err = f"  {rec['error']}" if p.returncode else ""
+    print(f"  {rec['mode']:<14} rc={p.returncode} {rec['seconds']:.1f}s peak RSS {rss}{err}", flush=True)
+    return rec
+
+
+def same_outputs(a: Path, b: Path) -> bool:
+    from modelfold.hf.stream import ShardReader
+
+    ra, rb = ShardReader(a), ShardReader(b)
+    if set(ra.keys()) != set(rb.keys()):
+        return False
+    return all(torch.equal(ra.get(k), rb.get(k)) for k in ra.keys())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--targets", default="mlp")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cap-gib", type=float, default=1.25, help="RAM limit of the capped runs (GiB)")
+    p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
+    p.add_argument("--out", default=str(OUT / "stream_fold"))
+    a = p.parse_args()
+    if a.child:
+        child(*a.child, a.ratio, a.targets, a.threads)
+        return
+    work = Path(tempfile.mkdtemp(prefix="stream_fold-", dir=a.workdir))
+    src = work / "src"
+    t0 = time.perf_counter()
+    size = make_checkpoint(src, a)
+    print(f"checkpoint: {a.layers} layers, {size / 2**30:.2f} GiB bf16, written in {time.perf_counter() - t0:.0f}s")
+    cap = int(a.cap_gib * 2**30)
+    recs = [run("stream", src, work / "stream", a, None), run("memory", src, work / "memory", a, None),
+            run("stream", src, work / "stream-capped", a, cap), run("memory", src, work / "memory-capped", a, cap)]
+    identical = recs[0]["returncode"] == 0 and recs[1]["returncode"] == 0 and same_outputs(work / "stream",
+                                                                                           work / "memory")
+    out_size = sum(f.stat().st_size for f in (work / "stream").glob("*.safetensors")) if recs[0]["returncode"] == 0 else None
+    shape = {k: getattr(a, k) for k in ("layers", "hidden", "inter", "heads", "kv_heads", "vocab", "ratio",
+                                          "targets", "threads")}
+    result = {"shape": shape, "checkpoint_bytes": size, "output_bytes": out_size,
+              "stream_equals_memory": identical, "runs": recs}
+    print(f"stream output == in-memory output, tensor by tensor: {identical}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    gib = lambda v: "-" if v is None else f"{v / 2**30:.2f}"  # noqa: E731
+    rows = ["| mode | RAM limit (GiB) | exit | peak RSS (GiB) | seconds | note |", "|---|---|---|---|---|---|"]
+    for r in recs:
+        cap_txt = gib(r["cap_bytes"]) + ("" if r["limit"] in (None, "cgroup memory.limit_in_bytes") else " (RLIMIT_DATA)")
+        rows.append(f"| {r['mode']} | {cap_txt} | {r['returncode']} | {gib(r['peak_rss'])} | "
+                    f"{r['seconds']:.0f} | {r.get('error', '')} |")
+    Path(a.out + ".md").write_text(
+        f"Checkpoint: Llama, {a.layers} layers, hidden {a.hidden}, SwiGLU {a.inter}, {a.heads}/{a.kv_heads} heads, "
+        f"vocab {a.vocab}, bf16, {gib(size)} GiB; fold ratio {a.ratio} ({a.targets}), output {gib(out_size)} GiB, "
+        f"{a.threads} threads. Layer-by-layer output identical to in-memory output: {identical}.\n\n"
+        + "\n".join(rows) + "\n")
+    print("\n".join(rows))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
