@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # lazy: importing transformers is slow and optional
-    if name == "load_pretrained":
-        from .hf import load_pretrained
+    if name in ("load_pretrained", "fold_checkpoint", "prune_checkpoint"):
+        from . import hf
 
-        return load_pretrained
+        return getattr(hf, name)
     raise AttributeError(f"module 'modelfold' has no attribute {name!r}")

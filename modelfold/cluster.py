@@ -80,17 +80,22 @@ def _means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
+_CHUNK = 1024  # rows per chunk: temporaries stay ~chunk x d instead of n x d (large LLM layers)
+
+
 def _sum_sq(x: torch.Tensor) -> float:
-    """Sum of squares: float32 per row, float64 across rows."""
-    return float((x * x).sum(1).double().sum())
+    """Sum of squares: float32 per row, float64 across rows (chunked over rows)."""
+    return float(sum(float((c * c).sum(1).double().sum()) for c in x.split(_CHUNK)))
 
 
 def inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Sum of squared distances of the rows of x to their cluster means."""
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x).double()
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
     counts = torch.bincount(labels, minlength=k).clamp_min(1).double()
     total = _sum_sq(x)
-    return max(0.0, total - float((sums.pow(2).sum(1) / counts).sum()))
+    between = sum(float((c.double().pow(2).sum(1) / n).sum()) for c, n in zip(sums.split(_CHUNK),
+                                                                              counts.split(_CHUNK), strict=True))
+    return max(0.0, total - between)
 
 
 def project(x: torch.Tensor, max_dim: int, seed: int = 0) -> torch.Tensor:

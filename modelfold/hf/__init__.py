@@ -1,7 +1,8 @@
 """Hugging Face transformers support: fold/prune MLP neurons and attention heads, save and reload.
 
 Families: Llama, Mistral, Qwen2 (decoders with GQA) and BERT/MiniLM encoders. Structure comes from
-the config and module names (one small adapter per family), not from tracing.
+the config and module names (one small adapter per family), not from tracing. ``fold_checkpoint``
+folds a checkpoint directory layer by layer, for models larger than RAM.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .attention import fold_attention, prune_attention
 from .core import HF_REPAIRS, fold_model, prune_model
 from .io import is_hf_dir, load_any, load_pretrained, load_tokenizer, save
 from .plan import InvalidPlanError, make_plan
+from .stream import fold_checkpoint, prune_checkpoint
 
 
 def is_supported(model: Any) -> bool:
@@ -24,5 +26,6 @@ def is_supported(model: Any) -> bool:
     return isinstance(model, PreTrainedModel) and find_adapter(model) is not None
 
 
-__all__ = ["HF_REPAIRS", "InvalidPlanError", "fold_attention", "fold_model", "is_hf_dir", "is_supported",
-           "load_any", "load_pretrained", "load_tokenizer", "make_plan", "prune_attention", "prune_model", "save"]
+__all__ = ["HF_REPAIRS", "InvalidPlanError", "fold_attention", "fold_checkpoint", "fold_model", "is_hf_dir",
+           "is_supported", "load_any", "load_pretrained", "load_tokenizer", "make_plan", "prune_attention",
+           "prune_checkpoint", "prune_model", "save"]

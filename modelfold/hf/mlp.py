@@ -14,11 +14,16 @@ def mlp_features(spec: MLPSpec) -> torch.Tensor:
     parts = []
     for ref in spec.producers:
         lin = get(ref)
-        parts.append(lin.weight.detach().float())
+        parts.append(lin.weight.detach())
         if lin.bias is not None:
-            parts.append(lin.bias.detach().float()[:, None])
-    parts.append(get(spec.consumer).weight.detach().float().T)
-    return torch.cat(parts, 1)
+            parts.append(lin.bias.detach()[:, None])
+    parts.append(get(spec.consumer).weight.detach().T)
+    out = torch.empty(spec.width, sum(p.shape[1] for p in parts), dtype=torch.float32, device=parts[0].device)
+    col = 0
+    for p in parts:  # filled part by part: no float copy of every part at once (large LLM layers)
+        out[:, col:col + p.shape[1]] = p
+        col += p.shape[1]
+    return out
 
 
 def ar_scale(rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -99,6 +99,10 @@ class ShardReader:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
+    def release(self) -> None:
+        """Close the memory maps: the pages read so far stop counting against this process."""
+        self._files.clear()
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._file(self.weight_map[key]).get_tensor(key)
@@ -270,6 +274,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
         writer = ShardWriter(tmp, max_bytes)
         for key in rest:
             writer.add(key, reader.get(key))
+            reader.release()
         bar = tqdm(range(len(layers)), desc=f"{method} layer by layer", disable=not progress, file=sys.stderr)
         with torch.no_grad():
             for i in bar:
@@ -281,6 +286,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
                     if prefix + k in reader.weight_map:
                         writer.add(prefix + k, v)
                 layer.to("meta")  # release this layer's tensors before the next one is read
+                reader.release()
         writer.close()
         record_sizes(model, adapter)
         model.config.save_pretrained(tmp)
