@@ -10,6 +10,8 @@ size of the checkpoint or of the output shards.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
@@ -218,6 +220,23 @@ def skeleton(path: Path) -> nn.Module:
     return model.eval()
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim  # noqa: B018 - glibc only
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise: RSS would creep per layer)."""
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
 def _layer_prefixes(model: nn.Module, layers: list[nn.Module]) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(layer)] + "." for layer in layers]
@@ -287,6 +306,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
                         writer.add(prefix + k, v)
                 layer.to("meta")  # release this layer's tensors before the next one is read
                 reader.release()
+                _trim_heap()
         writer.close()
         record_sizes(model, adapter)
         model.config.save_pretrained(tmp)
