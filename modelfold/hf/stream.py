@@ -268,7 +268,9 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     t0 = time.perf_counter()
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
     if not is_hf_dir(src_p):
-        raise CheckpointError(f"{src_p} is not a transformers model directory (no config.json)")
+        hint = (" GGUF files are dequantized and folded in memory: modelfold.hf.load_any + fold_model "
+                "(CLI: --stream never)") if src_p.suffix == ".gguf" else ""
+        raise CheckpointError(f"{src_p} is not a transformers model directory (no config.json).{hint}")
     if dst_p == src_p or src_p in dst_p.parents:
         raise CheckpointError(f"the output {dst_p} must be outside the input checkpoint {src_p}; "
                               "choose another output directory (the input is never overwritten)")
