@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidWeightsError
 from ..report import FoldReport, GroupReport
 from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes
 from .io import _model_class, atomic_dir, is_hf_dir
@@ -106,13 +106,19 @@ class ShardReader:
         self._files.clear()
 
     def get(self, key: str) -> torch.Tensor:
+        """One tensor; raises if it cannot be read or holds NaN/Inf (folding would spread them)."""
         try:
-            return self._file(self.weight_map[key]).get_tensor(key)
+            t = self._file(self.weight_map[key]).get_tensor(key)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{self.path / self.weight_map[key]}: cannot read tensor {key!r} "
                                   f"({type(e).__name__}: {e}); the checkpoint is corrupt") from None
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidWeightsError(f"tensor '{key}' in {self.path / self.weight_map[key]} contains NaN or Inf "
+                                      "values; folding would spread them into merged neurons. Repair or "
+                                      "re-export the checkpoint first.")
+        return t
 
     def numel(self) -> int:
         return sum(_prod(s) for s in self.shapes.values())

@@ -193,3 +193,29 @@ def test_shard_writer_round_trips_dtypes_through_safetensors(tmp_path):
     assert set(got) == set(ts)
     for k, v in ts.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("where", ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"])
+def test_stream_refuses_nan_weights_naming_the_tensor(tmp_path, where):
+    from safetensors.torch import save_file
+
+    src = _checkpoint(tmp_path, shard="10MB")
+    sd = load_file(str(src / "model.safetensors"))
+    sd[where][0, 0] = float("nan")
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    from modelfold.errors import InvalidWeightsError
+
+    with pytest.raises(InvalidWeightsError, match=f"'{where}'.*NaN"):
+        fold_checkpoint(src, tmp_path / "o", ratio=0.3, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_stream_fold_ar_matches_in_memory(tmp_path):
+    src = _checkpoint(tmp_path, "bert")
+    fold_checkpoint(src, tmp_path / "st", ratio=0.5, repair="ar", progress=False)
+    mh.save(mh.fold_model(mh.load_pretrained(src), ratio=0.5, repair="ar"), tmp_path / "ref")
+    plain = tmp_path / "plain"
+    fold_checkpoint(src, plain, ratio=0.5, progress=False)
+    _same_checkpoint(tmp_path / "st", tmp_path / "ref", subset=True)
+    ar, naive = _tensors(tmp_path / "st"), _tensors(plain)
+    assert any(not torch.equal(ar[k], naive[k]) for k in ar)  # the repair did act
