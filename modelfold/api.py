@@ -136,9 +136,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
-            if sparsity is not None:
-                raise InvalidRatioError("sparsity= is not supported for transformers models yet: ratio= is required")
-            return hf.fold_model(model, ratio=ratio, repair=repair, seed=seed, n_init=n_init, progress=progress,
+            return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
     if kwargs:
@@ -164,9 +162,7 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
-            if sparsity is not None:
-                raise InvalidRatioError("sparsity= is not supported for transformers models yet: ratio= is required")
-            return hf.prune_model(model, ratio=ratio, norm=norm, seed=seed, progress=progress,
+            return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
                                   return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
     if kwargs:

@@ -110,7 +110,7 @@ def _run_hf(args: argparse.Namespace) -> int:
     if _use_stream(args):
         return _run_stream(args)
     model = hf.load_any(args.model)
-    kw = {"targets": args.targets, "seed": args.seed, "return_report": True}
+    kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity}
     if args.command == "fold":
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
     else:
@@ -158,7 +158,8 @@ def _available_memory() -> int | None:
 def _run_stream(args: argparse.Namespace) -> int:
     from .hf.stream import fold_checkpoint, prune_checkpoint
 
-    kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True}
+    kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
+          "sparsity": args.sparsity}
     if args.command == "fold":
         report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
     else:

@@ -13,13 +13,14 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_weights
-from ..errors import UnsupportedModelError
+from ..errors import InvalidRatioError, UnsupportedModelError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
 from .attention import fold_attention, prune_attention
 from .io import drop_gguf_quantizer
 from .mlp import fold_mlp, prune_mlp
 from .plan import make_plan
+from .sizing import ratio_for_sparsity
 
 HF_REPAIRS = ("none", "ar")
 
@@ -54,12 +55,27 @@ def record_sizes(model: nn.Module, adapter: Adapter) -> None:
         config.modelfold_layers = sizes
 
 
-def _run(model: nn.Module, ratio: float | Mapping, method: str, *, targets: str | Iterable[str],
-         skip_first: int, skip_last: int, progress: bool, repair: str, layer_fn) -> tuple[nn.Module, FoldReport]:
+def resolve_ratio(model: nn.Module, adapter: Adapter, ratio: float | Mapping | None, sparsity: float | None, *,
+                  targets: str | Iterable[str], skip_first: int, skip_last: int, attention_mode: str,
+                  ) -> float | Mapping | None:
+    """``ratio`` as given, or the uniform ratio that removes ``sparsity`` of the parameters."""
+    if sparsity is None:
+        return ratio
+    if ratio is not None:
+        raise InvalidRatioError("give either ratio= or sparsity=, not both")
+    return ratio_for_sparsity(model, adapter, sparsity, targets=targets, skip_first=skip_first,
+                              skip_last=skip_last, attention_mode=attention_mode)
+
+
+def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, targets: str | Iterable[str],
+         skip_first: int, skip_last: int, progress: bool, repair: str, layer_fn,
+         sparsity: float | None = None, attention_mode: str = "auto") -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     adapter = _adapter(model)
     check_weights(model)
     n_layers = len(adapter.layers(model))
+    ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
+                          skip_last=skip_last, attention_mode=attention_mode)
     plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
     work = copy.deepcopy(model)
     drop_gguf_quantizer(work)  # GGUF weights are already dequantized; let the result be saved
@@ -142,13 +158,15 @@ def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
     return layer
 
 
-def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair: str = "none", seed: int = 0,
+def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsity: float | None = None,
+               repair: str = "none", seed: int = 0,
                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
                ) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
 
     ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
+    sparsity: alternatively, the fraction of all parameters to remove (a uniform ratio is solved for).
     targets: "mlp", "attention" or "all". skip_first/skip_last: layers left intact (float ratio only).
     repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md). "ar" helped the
         GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
@@ -156,16 +174,19 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, repair
     """
     layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)
     work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
-                        progress=progress, repair=repair, layer_fn=layer)
+                        progress=progress, repair=repair, layer_fn=layer, sparsity=sparsity,
+                        attention_mode=attention_mode)
     return (work, report) if return_report else work
 
 
-def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, norm: int = 2,
+def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsity: float | None = None,
+                norm: int = 2,
                 return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                 skip_last: int = 0, progress: bool = False, attention_mode: str = "auto", seed: int = 0,
                 n_init: int = 3) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm)."""
     layer = prune_layer_fn(norm=norm, attention_mode=attention_mode)
     work, report = _run(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
-                        skip_last=skip_last, progress=progress, repair="none", layer_fn=layer)
+                        skip_last=skip_last, progress=progress, repair="none", layer_fn=layer, sparsity=sparsity,
+                        attention_mode=attention_mode)
     return (work, report) if return_report else work

@@ -47,8 +47,8 @@ def make_plan(ratio: float | Mapping, n_layers: int, targets: str | Iterable[str
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise InvalidPlanError(f"{name}={v!r} must be a non-negative integer number of layers")
     if ratio is None:
-        raise InvalidRatioError("ratio= is required for transformers models (a float in [0, 1) or a "
-                                "{layer index: ratio} dict); sparsity= is not supported here")
+        raise InvalidRatioError("ratio= or sparsity= is required for transformers models: ratio is a float in "
+                                "[0, 1) or a {layer index: ratio} dict, sparsity the fraction of parameters removed")
     if isinstance(ratio, Mapping):
         if skip_first or skip_last:
             raise InvalidPlanError("skip_first/skip_last apply to a uniform float ratio; with a per-layer "

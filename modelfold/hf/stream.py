@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidWeightsError
 from ..report import FoldReport, GroupReport
-from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes
+from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes, resolve_ratio
 from .io import _model_class, atomic_dir, is_hf_dir
 from .plan import make_plan
 
@@ -268,9 +268,10 @@ def _copy_extras(src: Path, dst: Path) -> None:
             shutil.copytree(p, dst / p.name)
 
 
-def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping, method: str,
+def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None, method: str,
             layer_fn: LayerFn, *, targets: str | Iterable[str], skip_first: int, skip_last: int,
-            repair: str, max_shard_size: int | str, progress: bool) -> FoldReport:
+            repair: str, max_shard_size: int | str, progress: bool, sparsity: float | None,
+            attention_mode: str) -> FoldReport:
     t0 = time.perf_counter()
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
     if not is_hf_dir(src_p):
@@ -285,6 +286,8 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     model = skeleton(src_p)
     adapter = _adapter(model)
     layers = adapter.layers(model)
+    ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
+                          skip_last=skip_last, attention_mode=attention_mode)
     plan = make_plan(ratio, len(layers), targets, skip_first, skip_last)
     prefixes = _layer_prefixes(model, layers)
     per_layer: list[list[str]] = [[] for _ in layers]
@@ -325,7 +328,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
 
 
 def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
-                    targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
+                    sparsity: float | None = None, targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
                     repair: str = "none", seed: int = 0, n_init: int = 3, attention_mode: str = "auto",
                     max_shard_size: int | str = "2GB", progress: bool = True) -> FoldReport:
     """Fold the transformers checkpoint directory ``src`` into ``dst`` one layer at a time.
@@ -337,17 +340,19 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
     """
     fn = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)
     return _stream(src, dst, ratio, "fold", fn, targets=targets, skip_first=skip_first, skip_last=skip_last,
-                   repair=repair, max_shard_size=max_shard_size, progress=progress)
+                   repair=repair, max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
+                   attention_mode=attention_mode)
 
 
 def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
-                     norm: int = 2, targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
+                     sparsity: float | None = None, norm: int = 2, targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
                      attention_mode: str = "auto", max_shard_size: int | str = "2GB",
                      progress: bool = True) -> FoldReport:
     """Magnitude-prune (SP-L1/L2) a checkpoint directory layer by layer; see ``fold_checkpoint``."""
     fn = prune_layer_fn(norm=norm, attention_mode=attention_mode)
     return _stream(src, dst, ratio, f"sp-l{norm}", fn, targets=targets, skip_first=skip_first,
-                   skip_last=skip_last, repair="none", max_shard_size=max_shard_size, progress=progress)
+                   skip_last=skip_last, repair="none", max_shard_size=max_shard_size, progress=progress,
+                   sparsity=sparsity, attention_mode=attention_mode)
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:

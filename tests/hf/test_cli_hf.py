@@ -54,3 +54,18 @@ def test_cli_stream_always_refuses_a_non_directory_model(tmp_path, capsys) -> No
     code = main(["fold", "resnet18", "--ratio", "0.5", "--stream", "always", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "--stream always needs a transformers directory" in capsys.readouterr().err
+
+
+def test_cli_sparsity_on_a_hf_directory_in_memory_and_streamed(tmp_path, capsys) -> None:
+    src = tmp_path / "src"
+    make_model("llama").save_pretrained(src)
+    for mode in ("never", "always"):
+        code = main(["fold", str(src), "--sparsity", "0.2", "--targets", "all", "--stream", mode,
+                     "--out", str(tmp_path / mode)])
+        assert code == 0, capsys.readouterr().err
+        m = modelfold.hf.load_pretrained(tmp_path / mode)
+        orig = modelfold.hf.load_pretrained(src)
+        removed = 1 - sum(p.numel() for p in m.parameters()) / sum(p.numel() for p in orig.parameters())
+        assert removed >= 0.2
+    assert main(["prune", str(src), "--sparsity", "0.9", "--out", str(tmp_path / "x")]) == 2
+    assert "not reachable" in capsys.readouterr().err

@@ -128,8 +128,10 @@ def test_bad_targets_and_plans():
         modelfold.fold(m, ratio=0.3, skip_first=2, skip_last=1)
     with pytest.raises(ValueError, match="repair"):
         modelfold.fold(m, ratio=0.3, repair="dir")
-    with pytest.raises(InvalidRatioError, match="ratio= is required"):
-        modelfold.fold(m, sparsity=0.3)
+    with pytest.raises(InvalidRatioError, match="ratio= or sparsity= is required"):
+        modelfold.fold(m)
+    with pytest.raises(InvalidRatioError, match="not both"):
+        modelfold.fold(m, ratio=0.3, sparsity=0.3)
 
 
 def test_unsupported_model():

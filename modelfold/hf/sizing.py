@@ -1,0 +1,85 @@
+"""Parameters a plan removes, from shapes alone, and the ratio that removes a requested fraction.
+
+Works on a loaded model and on the meta-device skeleton of a checkpoint alike (no weights read),
+so ``sparsity=`` costs no folding. The counts mirror exactly what ``fold_mlp``/``fold_attention``
+and their pruning twins remove (tested against the folded models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+from ..errors import InvalidRatioError
+from ..report import count_params
+from .adapters.base import Adapter, AttnSpec, MLPSpec, get
+from .attention import resolve_mode, units_k
+from .plan import Plan, make_plan
+
+MAX_RATIO = 0.95  # as for CNNs: the largest per-layer ratio sparsity= may choose
+
+
+def _rows(ref) -> int:
+    """Parameters in one output row of a Linear (its input width, plus the bias entry)."""
+    lin = get(ref)
+    return lin.in_features + (lin.bias is not None)
+
+
+def mlp_removed(spec: MLPSpec, ratio: float) -> int:
+    n = spec.width
+    k = max(1, round(n * (1.0 - ratio)))
+    per_neuron = sum(_rows(r) for r in spec.producers) + get(spec.consumer).out_features
+    return (n - k) * per_neuron
+
+
+def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto") -> int:
+    mode = resolve_mode(spec, mode)
+    hd, o_out = spec.head_dim, get(spec.o).out_features
+    per_q_head = hd * (_rows(spec.q) + o_out)
+    k = units_k(spec, mode, ratio)
+    if mode == "query":
+        return (spec.n_rep - k) * spec.num_kv_heads * per_q_head
+    per_group = hd * (_rows(spec.k) + _rows(spec.v)) + spec.n_rep * per_q_head
+    return (spec.num_kv_heads - k) * per_group
+
+
+def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode: str = "auto") -> int:
+    """Parameters ``plan`` removes from ``model`` (fold and magnitude pruning remove the same)."""
+    total = 0
+    for i, p in plan.items():
+        if p.get("mlp", 0) > 0:
+            total += mlp_removed(adapter.mlp(model, i), p["mlp"])
+        if p.get("attention", 0) > 0:
+            total += attention_removed(adapter.attention(model, i), p["attention"], attention_mode)
+    return total
+
+
+def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
+                       targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
+                       attention_mode: str = "auto") -> float:
+    """The smallest uniform ratio whose plan removes at least ``sparsity`` of the parameters."""
+    if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise InvalidRatioError(f"sparsity={sparsity!r} is outside [0, 1): it is the fraction of parameters "
+                                "removed, e.g. 0.2 removes 20%")
+    n_layers = len(adapter.layers(model))
+    total = count_params(model)
+
+    def removed(r: float) -> float:
+        return plan_removed(model, adapter, make_plan(r, n_layers, targets, skip_first, skip_last),
+                            attention_mode) / total
+
+    most = removed(MAX_RATIO)
+    if sparsity > most + 1e-12:
+        raise InvalidRatioError(
+            f"sparsity={sparsity:.3f} is not reachable with targets={targets!r}: removing {MAX_RATIO:.0%} of "
+            f"every targeted layer's neurons/heads removes only {most:.1%} of the parameters (embeddings, "
+            "norms and the LM head never fold). Ask for less, or add targets (e.g. 'all').")
+    lo, hi = 0.0, MAX_RATIO
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if removed(mid) < sparsity:
+            lo = mid
+        else:
+            hi = mid
+    return hi
