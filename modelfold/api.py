@@ -123,7 +123,8 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     """Fold ``model``: cluster similar channels with k-means and merge each cluster.
 
     ratio: fraction of channels removed in every foldable group (k = max(1, round(n(1-ratio)))).
-    sparsity: alternatively, the fraction of parameters to remove (the ratio is solved for).
+    sparsity: alternatively, the fraction of parameters to remove (the ratio is solved for; also for
+        transformers models, see docs/transformers.md).
     repair: "none" (Fold-Naive), "ar" (Fold-AR), "dir" (Fold-DIR) or "data" (Fold-R, needs data=).
     ignore: modules kept intact (input and output channels); keep_outputs: modules whose output
     channels (and every group coupled to them, e.g. a residual stream) are kept, inputs may fold.
