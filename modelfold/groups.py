@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 
+from .bounds import BoundExceeded, bounded
 from .errors import UnsupportedModelError
 from .merge import position_table
 
@@ -176,12 +177,20 @@ def grad_enabled() -> Iterator[None]:
         yield
 
 
+BOUND_HINT = ("The dependency tracer cannot follow this model (typically window attention or a channel "
+              "shuffle); fold a sub-module that avoids it, or pass its modules with ignore=... "
+              "Limits: MODELFOLD_TRACE_TIMEOUT (seconds) and MODELFOLD_TRACE_MEMORY_GB (0 disables)")
+
+
 def build_graph(model: nn.Module, example_inputs: object) -> tp.DependencyGraph:
     """Trace ``model`` into a Torch-Pruning dependency graph, with modelfold errors."""
     with grad_enabled(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            with bounded("tracing the model's channel dependencies"):
+                return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        except BoundExceeded as e:
+            raise UnsupportedModelError(f"{e}. {BOUND_HINT}") from None
         except Exception as e:  # noqa: BLE001 - any failure inside the tracer
             raise UnsupportedModelError(
                 f"could not trace the model's channel dependencies ({type(e).__name__}: {e}). "
@@ -229,10 +238,18 @@ def iter_groups(
         # infer channel counts through reshapes (e.g. Swin's window partition): stop at the warning.
         warnings.filterwarnings("error", message="Maximum recursive depth")
         try:
-            for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=roots):
-                yield group, describe(group, dg, names)
+            groups = dg.get_all_groups(ignored_layers=ignored, root_module_types=roots)
+            while True:
+                with bounded("grouping the model's channels"):  # bounds the tracer, not the caller's work
+                    group = next(groups, None)
+                    desc = None if group is None else describe(group, dg, names)
+                if group is None:
+                    return
+                yield group, desc
         except UnsupportedModelError:
             raise
+        except BoundExceeded as e:
+            raise UnsupportedModelError(f"{e}. {BOUND_HINT}") from None
         except Exception as e:  # noqa: BLE001 - failures inside the dependency tracer
             raise UnsupportedModelError(
                 f"the dependency tracer failed while grouping channels ({type(e).__name__}: {e}). "
