@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -178,7 +179,25 @@ def _tokenizer(hf: object, path: str) -> object:
         return None
 
 
+def _inspect_hf(args: argparse.Namespace) -> int:
+    """Layers, widths, heads and reachable sparsity of a transformers directory (no weights read)."""
+    from .hf.core import _adapter
+    from .hf.sizing import summary
+    from .hf.stream import skeleton
+
+    if args.model.endswith(".gguf"):
+        from .hf import load_any
+
+        model = load_any(args.model)
+    else:
+        model = skeleton(Path(args.model))
+    print(summary(model, _adapter(model)))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect" and _hf(args.model):
+        return _inspect_hf(args)
     if args.command != "inspect" and _hf(args.model):
         return _run_hf(args)
     if args.command != "inspect" and args.stream == "always":

@@ -26,11 +26,14 @@ def _rows(ref) -> int:
     return lin.in_features + (lin.bias is not None)
 
 
+def _per_neuron(spec: MLPSpec) -> int:
+    return sum(_rows(r) for r in spec.producers) + get(spec.consumer).out_features
+
+
 def mlp_removed(spec: MLPSpec, ratio: float) -> int:
     n = spec.width
     k = max(1, round(n * (1.0 - ratio)))
-    per_neuron = sum(_rows(r) for r in spec.producers) + get(spec.consumer).out_features
-    return (n - k) * per_neuron
+    return (n - k) * _per_neuron(spec)
 
 
 def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto") -> int:
@@ -83,3 +86,23 @@ def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
         else:
             hi = mid
     return hi
+
+
+def summary(model: nn.Module, adapter: Adapter) -> str:
+    """Per-layer MLP width and heads, the parameter split, and the largest sparsity each target reaches."""
+    total = count_params(model)
+    n = len(adapter.layers(model))
+    lines = [f"{type(model).__name__}: {n} layers, {total / 1e6:,.2f}M parameters"]
+    mlp_p = attn_p = 0
+    for i in range(n):
+        m, a = adapter.mlp(model, i), adapter.attention(model, i)
+        mlp_p += m.width * _per_neuron(m)
+        attn_p += sum(count_params(get(r)) for r in (a.q, a.k, a.v, a.o))
+        lines.append(f"  {m.name.rsplit('.', 1)[0]:<24} MLP {m.width:>6} neurons   "
+                     f"heads {a.num_heads:>3} query / {a.num_kv_heads:>3} KV (head_dim {a.head_dim})")
+    lines.append(f"  MLPs {mlp_p / total:.1%}, attention {attn_p / total:.1%}, other (embeddings, norms, head) "
+                 f"{1 - (mlp_p + attn_p) / total:.1%} of the parameters")
+    for targets in ("mlp", "attention", "all"):
+        most = plan_removed(model, adapter, make_plan(MAX_RATIO, n, targets)) / total
+        lines.append(f"  targets={targets!r:<12} sparsity= reaches at most {most:.1%} (ratio {MAX_RATIO})")
+    return "\n".join(lines)

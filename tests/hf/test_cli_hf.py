@@ -69,3 +69,24 @@ def test_cli_sparsity_on_a_hf_directory_in_memory_and_streamed(tmp_path, capsys)
         assert removed >= 0.2
     assert main(["prune", str(src), "--sparsity", "0.9", "--out", str(tmp_path / "x")]) == 2
     assert "not reachable" in capsys.readouterr().err
+
+
+def test_cli_inspect_hf_directory_reports_what_sparsity_can_reach(tmp_path, capsys) -> None:
+    import re
+
+    import pytest
+
+    from modelfold.errors import InvalidRatioError
+
+    src = tmp_path / "src"
+    model = make_model("mistral")
+    model.save_pretrained(src)
+    assert main(["inspect", str(src)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("MLP     48 neurons") == 3 and "4 query /   2 KV" in text
+    shares = [float(v) for v in re.findall(r"(\d+\.\d)%", text.splitlines()[4])]
+    assert sum(shares) == pytest.approx(100, abs=0.2)
+    most = float(re.search(r"targets='mlp'\s+sparsity= reaches at most (\d+\.\d)%", text).group(1)) / 100
+    modelfold.fold(model, sparsity=most - 0.001, targets="mlp")  # reachable, as reported
+    with pytest.raises(InvalidRatioError, match="not reachable"):
+        modelfold.fold(model, sparsity=most + 0.002, targets="mlp")
