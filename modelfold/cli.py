@@ -23,6 +23,7 @@ MODEL is one of:
 
 examples:
   modelfold fold resnet18_fmnist --ratio 0.5 --repair ar --out folded.pt
+  modelfold fold resnet18_fmnist --ratio 0.3 --repair data --data fmnist --out folded_r.pt   (Fold-R)
   modelfold fold resnet50 --weights resnet50.pth --sparsity 0.5 --ignore layer4 --out r50.pt
   modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
   modelfold inspect densenet121
@@ -78,8 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
         if name == "fold":
             sp.add_argument("--repair", default="none", choices=api.REPAIRS,
-                            help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free); "
-                                 "data needs training data and is not available from the CLI")
+                            help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free), "
+                                 "data = Fold-R (needs --data)")
+            sp.add_argument("--data", metavar="FILE",
+                            help="Fold-R inputs: a .pt/.pth tensor (N, ...), a .npy array, or 'fmnist' (the "
+                                 "Fashion-MNIST training images, for the zoo models); the first 1024 are used")
             sp.add_argument("--ar-rho", choices=RHO_MODES, default=None,
                             help="Fold-AR: weights that estimate each cluster's channel correlation "
                                  "(default pooled; see docs/repair.md)")
@@ -106,8 +110,9 @@ def _hf(spec: str) -> bool:
 def _run_hf(args: argparse.Namespace) -> int:
     from . import hf
 
-    if args.command == "fold" and _repair_options(args):
-        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters apply to CNNs, not Hugging Face models")
+    cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else ()
+    if any(v is not None for v in cnn_only):
+        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
     if _use_stream(args):
         return _run_stream(args)
     model = hf.load_any(args.model)
@@ -215,11 +220,16 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'foldable' if g.foldable else 'kept: ' + g.reason}")
         print(f"{sum(g.foldable for g in groups)} of {len(groups)} groups foldable")
         return 0
+    repair_opts = _repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True}
     if args.command == "fold":
-        out, report = api.fold(model, x, repair=args.repair, **common, **_repair_options(args))
+        data = repair_opts.get("data")
+        if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):
+            raise ModelFoldError(f"--data inputs have shape {tuple(data.shape[1:])} per sample but the model's "
+                                 f"input is {tuple(x.shape[1:])}; pass matching inputs or --input-shape")
+        out, report = api.fold(model, x, repair=args.repair, **common, **repair_opts)
     else:
         out, report = api.prune(model, x, norm=args.norm, **common)
     io.save_model(out, args.out)
@@ -232,6 +242,13 @@ def _run(args: argparse.Namespace) -> int:
 def _repair_options(args: argparse.Namespace) -> dict:
     """fold() keywords for the repair options given on the command line; refuses mismatched ones."""
     opts: dict = {}
+    if args.repair == "data" and args.data is None:
+        raise ModelFoldError("--repair data (Fold-R) needs --data FILE: a .pt/.pth tensor of inputs, a .npy "
+                             "array, or 'fmnist'; or use a data-free repair (--repair ar or dir)")
+    if args.data is not None:
+        if args.repair != "data":
+            raise ModelFoldError(f"--data applies to --repair data, not --repair {args.repair}")
+        opts["data"] = io.load_inputs(args.data)
     if args.ar_rho is not None:
         if args.repair != "ar":
             raise ModelFoldError(f"--ar-rho applies to --repair ar, not --repair {args.repair}")

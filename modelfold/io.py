@@ -111,3 +111,38 @@ def default_input_shape(spec: str) -> tuple[int, ...] | None:
             return (1, 3, 299, 299)
         return (1, 3, 224, 224)
     return None
+
+
+def load_inputs(spec: str, limit: int = 1024) -> torch.Tensor:
+    """Input tensors for Fold-R from the command line (at most ``limit`` of them).
+
+    ``fmnist`` (the Fashion-MNIST training images, as the shipped models expect them), a
+    ``torch.save``d tensor (or (inputs, labels) pair, or a dict with "inputs") in ``.pt``/``.pth``,
+    or a NumPy ``.npy`` array.
+    """
+    if spec == "fmnist":
+        from .datasets import fashion_mnist
+
+        return fashion_mnist("train")[0][:limit]
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(f"data file {path} does not exist; pass a .pt/.pth tensor, a .npy array or 'fmnist'")
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            obj = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
+        raise CheckpointError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict):
+        obj = obj.get("inputs", obj.get("x"))
+    elif isinstance(obj, list | tuple) and obj:
+        obj = obj[0]
+    if not isinstance(obj, torch.Tensor) or not obj.is_floating_point() or obj.ndim < 2:
+        raise CheckpointError(f"{path} must hold a floating-point tensor of inputs (N, ...) — or an (inputs, "
+                              "labels) pair or a dict with 'inputs'")
+    if not bool(torch.isfinite(obj).all()):
+        raise CheckpointError(f"{path} holds NaN or Inf inputs")
+    return obj[:limit].float()

@@ -95,3 +95,38 @@ def test_fold_repair_options(tmp_path, capsys, monkeypatch) -> None:
     assert main(base + ["--repair", "ar", "--dir-iters", "3", "--out", str(tmp_path / "y.pt")]) == 2
     assert "--repair dir" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
+
+
+def test_fold_r_from_the_command_line_matches_the_api(tmp_path, capsys) -> None:
+    import numpy as np
+
+    import modelfold
+
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(8)).eval()
+    src = tmp_path / "model.pt"
+    torch.save(model, src)
+    data = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.save((data, torch.zeros(40, dtype=torch.long)), tmp_path / "data.pt")
+    np.save(tmp_path / "data.npy", data.numpy())
+    base = ["fold", str(src), "--ratio", "0.5", "--input-shape", "1,3,16,16", "--repair", "data"]
+    expected = modelfold.fold(model, torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                              ratio=0.5, repair="data", data=data)
+    x = torch.randn(4, 3, 16, 16)
+    for name in ("data.pt", "data.npy"):
+        out = tmp_path / f"{name}.folded.pt"
+        assert main([*base, "--data", str(tmp_path / name), "--out", str(out)]) == 0, capsys.readouterr().err
+        got = torch.load(out, weights_only=False)
+        assert torch.allclose(got(x), expected(x), atol=1e-6)
+    assert main([*base, "--out", str(tmp_path / "o.pt")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    torch.save(torch.randn(5, 3, 8, 8), tmp_path / "small.pt")
+    assert main([*base, "--data", str(tmp_path / "small.pt"), "--out", str(tmp_path / "o.pt")]) == 2
+    assert "(3, 8, 8) per sample" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"not a tensor file")
+    assert main([*base, "--data", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o.pt")]) == 2
+    assert "cannot read data file" in capsys.readouterr().err
+    assert main(["fold", str(src), "--ratio", "0.5", "--input-shape", "1,3,16,16", "--data", "fmnist",
+                 "--out", str(tmp_path / "o.pt")]) == 2
+    assert "--data applies to --repair data" in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
