@@ -66,14 +66,7 @@ def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
             f"sparsity={sparsity:.3f} is not reachable: removing 95% of every foldable group's "
             f"channels removes only {hi_s:.1%} of the parameters. Ask for at most {hi_s:.2f}, or "
             "check the report for groups kept intact.")
-    lo, hi = 0.0, 0.95
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        if removed(mid) < sparsity:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return checks.smallest_ratio(removed, sparsity, 0.95, steps=12)
 
 
 def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: float | None,

@@ -31,7 +31,8 @@ def _rss() -> int:
         return 0
 
 
-def _available() -> int | None:
+def available_memory() -> int | None:
+    """MemAvailable in bytes (Linux), or None."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -56,7 +57,7 @@ def _env_float(name: str, default: float | None) -> float | None:
 def default_limits() -> tuple[float | None, int | None]:
     """(seconds, bytes of RSS growth) from the environment or the defaults."""
     seconds = _env_float("MODELFOLD_TRACE_TIMEOUT", 300.0)
-    avail = _available()
+    avail = available_memory()
     default_gb = min(16.0, 0.6 * avail / 1e9) if avail else 16.0
     gb = _env_float("MODELFOLD_TRACE_MEMORY_GB", default_gb)
     return seconds, None if gb is None else int(gb * 1e9)

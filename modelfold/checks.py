@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -24,6 +24,18 @@ def ratio_or_sparsity(ratio: float | None, sparsity: float | None) -> float:
         raise InvalidRatioError(f"{name}={value!r} is outside [0, 1): it is the fraction removed, "
                                 "e.g. 0.5 removes half; 1.0 would remove everything")
     return float(ratio) if ratio is not None else 0.0
+
+
+def smallest_ratio(removed: Callable[[float], float], sparsity: float, hi: float, steps: int) -> float:
+    """Bisect the smallest ratio in (0, hi] with ``removed(ratio) >= sparsity`` (removed is monotone)."""
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if removed(mid) < sparsity:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def check_weights(model: nn.Module) -> None:

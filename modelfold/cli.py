@@ -151,14 +151,9 @@ def _use_stream(args: argparse.Namespace) -> bool:
 
 
 def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .bounds import available_memory
+
+    return available_memory()
 
 
 def _run_stream(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
+from ..checks import smallest_ratio
 from ..errors import InvalidRatioError
 from ..report import count_params
 from .adapters.base import Adapter, AttnSpec, MLPSpec, get
@@ -78,14 +79,7 @@ def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
             f"sparsity={sparsity:.3f} is not reachable with targets={targets!r}: removing {MAX_RATIO:.0%} of "
             f"every targeted layer's neurons/heads removes only {most:.1%} of the parameters (embeddings, "
             "norms and the LM head never fold). Ask for less, or add targets (e.g. 'all').")
-    lo, hi = 0.0, MAX_RATIO
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if removed(mid) < sparsity:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return smallest_ratio(removed, sparsity, MAX_RATIO, steps=40)  # cheap: shapes only
 
 
 def summary(model: nn.Module, adapter: Adapter) -> str:
