@@ -72,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         sp.add_argument("--targets", default="mlp", help="HF models only: mlp, attention or all (default mlp)")
         sp.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
-                        help="HF directories only: fold layer by layer from the safetensors shards, so "
-                             "checkpoints larger than RAM fold (auto: when the weights exceed 40%% of the "
-                             "available memory; default auto)")
+                        help="HF directories: fold layer by layer from the safetensors shards (same result, "
+                             "memory of one layer, so checkpoints larger than RAM fold). auto (default): "
+                             "whenever the directory holds safetensors; never: load the whole model")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
         if name == "fold":
@@ -128,32 +128,18 @@ def _run_hf(args: argparse.Namespace) -> int:
 
 
 def _use_stream(args: argparse.Namespace) -> bool:
-    """Layer-by-layer folding: when asked, or (auto) when the weights would crowd the memory."""
+    """Layer by layer unless asked otherwise, whenever the input is a safetensors directory."""
     from .hf import is_hf_dir
     from .hf.stream import checkpoint_bytes
 
     if args.stream == "never":
         return False
-    if not is_hf_dir(args.model):
+    if not is_hf_dir(args.model) or checkpoint_bytes(args.model) == 0:
         if args.stream == "always":
             raise ModelFoldError(f"--stream always needs a transformers directory with safetensors weights; "
                                  f"{args.model} is not one (convert it with save_pretrained, or use --stream never)")
         return False
-    if args.stream == "always":
-        return True
-    size, avail = checkpoint_bytes(args.model), _available_memory()
-    if avail is not None and size > 0.4 * avail:
-        print(f"modelfold: the weights ({size / 2**30:.1f} GiB) exceed 40% of the available memory "
-              f"({avail / 2**30:.1f} GiB): folding layer by layer (--stream never to load it whole)",
-              file=sys.stderr)
-        return True
-    return False
-
-
-def _available_memory() -> int | None:
-    from .bounds import available_memory
-
-    return available_memory()
+    return True
 
 
 def _run_stream(args: argparse.Namespace) -> int:
