@@ -219,3 +219,28 @@ def test_stream_fold_ar_matches_in_memory(tmp_path):
     _same_checkpoint(tmp_path / "st", tmp_path / "ref", subset=True)
     ar, naive = _tensors(tmp_path / "st"), _tensors(plain)
     assert any(not torch.equal(ar[k], naive[k]) for k in ar)  # the repair did act
+
+
+def test_stream_equals_in_memory_for_random_plans_and_shard_sizes(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    ratios = st.sampled_from([0.0, 0.2, 0.5, 0.75])
+    layer_plan = st.fixed_dictionaries({}, optional={"mlp": ratios, "attention": ratios})
+    plans = st.dictionaries(st.integers(0, 2), layer_plan, min_size=1, max_size=3)
+
+    @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(family=st.sampled_from(["llama", "qwen2", "mistral"]), plan=plans,
+           shard=st.integers(3_000, 60_000), seed=st.integers(0, 3))
+    def check(family, plan, shard, seed):
+        tmp = tmp_path_factory.mktemp("prop")
+        make_model(family, seed=seed).save_pretrained(tmp / "src", max_shard_size=f"{shard // 1000 + 1}KB")
+        plan = {i: p for i, p in plan.items() if p} or {0: 0.5}
+        fold_checkpoint(tmp / "src", tmp / "st", ratio=plan, seed=seed, max_shard_size=shard, progress=False)
+        mh.save(mh.fold_model(mh.load_pretrained(tmp / "src"), ratio=plan, seed=seed), tmp / "ref")
+        _same_checkpoint(tmp / "st", tmp / "ref")
+        for f in (tmp / "st").glob("*.safetensors"):
+            sd = load_file(str(f))
+            assert len(sd) == 1 or sum(t.numel() * t.element_size() for t in sd.values()) <= shard
+
+    check()
