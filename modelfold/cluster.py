@@ -56,14 +56,40 @@ def _kmeans_pp(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
     return torch.tensor(idx, device=x.device, dtype=torch.long)
 
 
-def _fill_empty(labels: torch.Tensor, dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Give every empty cluster the point farthest from its current center."""
+ASSIGN_BLOCK = 1 << 26  # distance entries (256 MB of float32) above which assignment runs in row blocks
+
+
+def _assign(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest center of every row and its squared distance.
+
+    Small problems compute the whole (n, k) distance matrix at once; beyond ``ASSIGN_BLOCK`` entries
+    (LLM-sized layers: 14k neurons x 10k clusters is 575 MB per temporary) it is done in row blocks,
+    so memory stays near ``ASSIGN_BLOCK`` entries whatever n and k.
+    """
+    n, k = x.shape[0], centers.shape[0]
+    if n * k <= ASSIGN_BLOCK:
+        dist = _sq_dists(x, x_sq, centers)
+        labels = dist.argmin(1)
+        return labels, dist.gather(1, labels[:, None]).squeeze(1)
+    rows = max(1, ASSIGN_BLOCK // k)
+    labels = torch.empty(n, dtype=torch.long, device=x.device)
+    own = torch.empty(n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, rows):
+        sl = slice(start, start + rows)
+        dist = _sq_dists(x[sl], x_sq[sl], centers)
+        labels[sl] = dist.argmin(1)
+        own[sl] = dist.gather(1, labels[sl, None]).squeeze(1)
+    return labels, own
+
+
+def _fill_empty(labels: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor:
+    """Give every empty cluster the point farthest from its current center (``own``: its distance)."""
     counts = torch.bincount(labels, minlength=k)
     empty = torch.nonzero(counts == 0).squeeze(1).tolist()
     if not empty:
         return labels
     labels = labels.clone()
-    own = dist.gather(1, labels[:, None]).squeeze(1).clone()
+    own = own.clone()
     for c in empty:
         counts = torch.bincount(labels, minlength=k)
         movable = counts[labels] > 1
@@ -155,8 +181,7 @@ def kmeans(
         it = 0
         while it < max_iter:
             it += 1
-            dist = _sq_dists(x, x_sq, centers)
-            new = _fill_empty(dist.argmin(1), dist, k)
+            new = _fill_empty(*_assign(x, x_sq, centers), k)
             if torch.equal(new, labels):
                 break
             labels = new

@@ -50,3 +50,18 @@ def test_projection_keeps_duplicates_and_top_components() -> None:
     xc = x - x.mean(0)
     d_full, d_proj = torch.cdist(xc, xc), torch.cdist(p, p)
     assert (d_full - d_proj).abs().max() < 1e-2 * d_full.max()
+
+
+def test_blocked_assignment_gives_the_same_clustering(monkeypatch):
+    import modelfold.cluster as cl
+
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(60, 40, generator=g) * 5
+    x = centers.repeat(5, 1) + 0.05 * torch.randn(300, 40, generator=g)
+    full = cl.kmeans(x, 60, seed=1)
+    monkeypatch.setattr(cl, "ASSIGN_BLOCK", 7 * 60)  # 7 rows per block: many blocks, a ragged last one
+    blocked = cl.kmeans(x, 60, seed=1)
+    assert torch.equal(full.labels, blocked.labels)
+    assert blocked.inertia == pytest.approx(full.inertia, rel=1e-9)
+    labels, own = cl._assign(x, (x * x).sum(1), x[:60])
+    assert labels.shape == own.shape == (300,) and bool((own >= 0).all())
