@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--strict", action="store_true", help="fail instead of keeping unsupported groups intact")
         sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         sp.add_argument("--targets", default="mlp", help="HF models only: mlp, attention or all (default mlp)")
+        sp.add_argument("--skip-first", type=int, default=0, metavar="N",
+                        help="HF models only: keep the first N layers intact (e.g. the paper's recipe: 5)")
+        sp.add_argument("--skip-last", type=int, default=0, metavar="N",
+                        help="HF models only: keep the last N layers intact (e.g. the paper's recipe: 4)")
         sp.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
                         help="HF directories: fold layer by layer from the safetensors shards (same result, "
                              "memory of one layer, so checkpoints larger than RAM fold). auto (default): "
@@ -116,7 +120,8 @@ def _run_hf(args: argparse.Namespace) -> int:
     if _use_stream(args):
         return _run_stream(args)
     model = hf.load_any(args.model)
-    kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity}
+    kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
+          "skip_first": args.skip_first, "skip_last": args.skip_last}
     if args.command == "fold":
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
     else:
@@ -146,7 +151,7 @@ def _run_stream(args: argparse.Namespace) -> int:
     from .hf.stream import fold_checkpoint, prune_checkpoint
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
-          "sparsity": args.sparsity}
+          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last}
     if args.command == "fold":
         report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
     else:
@@ -186,6 +191,9 @@ def _run(args: argparse.Namespace) -> int:
         return _inspect_hf(args)
     if args.command != "inspect" and _hf(args.model):
         return _run_hf(args)
+    if args.command != "inspect" and (args.skip_first or args.skip_last):
+        raise ModelFoldError("--skip-first/--skip-last apply to Hugging Face models; for a CNN keep layers "
+                             "with --ignore")
     if args.command != "inspect" and args.stream == "always":
         raise ModelFoldError(f"--stream always needs a transformers directory with safetensors weights; "
                              f"{args.model} is not one (it applies to Hugging Face checkpoints only)")

@@ -87,3 +87,15 @@ def test_cli_inspect_hf_directory_reports_what_sparsity_can_reach(tmp_path, caps
     modelfold.fold(model, sparsity=most - 0.001, targets="mlp")  # reachable, as reported
     with pytest.raises(InvalidRatioError, match="not reachable"):
         modelfold.fold(model, sparsity=most + 0.002, targets="mlp")
+
+
+def test_cli_skip_first_and_last_keep_those_layers(tmp_path, capsys) -> None:
+    src = tmp_path / "src"
+    model = make_model("llama", layers=4)
+    model.save_pretrained(src)
+    assert main(["fold", str(src), "--ratio", "0.5", "--skip-first", "1", "--skip-last", "2",
+                 "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    sizes = [s["intermediate_size"] for s in modelfold.hf.load_pretrained(tmp_path / "o").config.modelfold_layers]
+    assert sizes == [48, 24, 48, 48]
+    assert main(["fold", "resnet18", "--ratio", "0.5", "--skip-first", "1", "--out", str(tmp_path / "c.pt")]) == 2
+    assert "--skip-first/--skip-last apply to Hugging Face models" in capsys.readouterr().err
