@@ -33,6 +33,9 @@ def atomic_dir(out_dir: str | os.PathLike, what: str = "the model") -> Iterator[
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory; choose another --out path")
+    if out.is_dir() and any(out.iterdir()) and not is_hf_dir(out):
+        raise CheckpointError(f"{out} is a non-empty directory that does not hold a model (no config.json); it "
+                              "would be replaced as a whole, so choose another --out path or empty it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None

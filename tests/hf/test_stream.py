@@ -142,6 +142,7 @@ def test_stream_corrupt_or_incomplete_checkpoints_fail_cleanly_and_keep_old_outp
     src = _checkpoint(tmp_path)
     dst = tmp_path / "out"
     dst.mkdir()
+    (dst / "config.json").write_text("{}")  # a previous output: replaced only by a complete new one
     (dst / "keep.txt").write_text("previous result")
     shards = sorted(src.glob("model-*.safetensors"))
     last = shards[-1]
@@ -244,3 +245,37 @@ def test_stream_equals_in_memory_for_random_plans_and_shard_sizes(tmp_path_facto
             assert len(sd) == 1 or sum(t.numel() * t.element_size() for t in sd.values()) <= shard
 
     check()
+
+
+def test_stream_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path):
+    src = _checkpoint(tmp_path)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="does not hold a model"):
+        fold_checkpoint(src, notes, ratio=0.3, progress=False)
+    assert (notes / "todo.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    fold_checkpoint(src, tmp_path / "empty", ratio=0.3, progress=False)
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_stream_interrupted_leaves_no_partial_output(tmp_path, monkeypatch):
+    import modelfold.hf.stream as stream
+
+    src = _checkpoint(tmp_path)
+    calls = []
+
+    def interrupted(**kw):
+        def layer(work, adapter, i, p):
+            calls.append(i)
+            if i == 1:
+                raise KeyboardInterrupt
+            return []
+        return layer
+
+    monkeypatch.setattr(stream, "fold_layer_fn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fold_checkpoint(src, tmp_path / "out", ratio=0.3, progress=False)
+    assert calls == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
