@@ -141,10 +141,14 @@ def _use_stream(args: argparse.Namespace) -> bool:
         return False
     if not is_hf_dir(args.model) or checkpoint_bytes(args.model) == 0:
         if args.stream == "always":
-            raise ModelFoldError(f"--stream always needs a transformers directory with safetensors weights; "
-                                 f"{args.model} is not one (convert it with save_pretrained, or use --stream never)")
+            raise _not_streamable(args.model)
         return False
     return True
+
+
+def _not_streamable(model: str) -> ModelFoldError:
+    return ModelFoldError(f"--stream always needs a transformers directory with safetensors weights; {model} is "
+                          "not one (re-save it with save_pretrained, or use --stream never)")
 
 
 def _run_stream(args: argparse.Namespace) -> int:
@@ -191,12 +195,12 @@ def _run(args: argparse.Namespace) -> int:
         return _inspect_hf(args)
     if args.command != "inspect" and _hf(args.model):
         return _run_hf(args)
-    if args.command != "inspect" and (args.skip_first or args.skip_last):
-        raise ModelFoldError("--skip-first/--skip-last apply to Hugging Face models; for a CNN keep layers "
-                             "with --ignore")
-    if args.command != "inspect" and args.stream == "always":
-        raise ModelFoldError(f"--stream always needs a transformers directory with safetensors weights; "
-                             f"{args.model} is not one (it applies to Hugging Face checkpoints only)")
+    if args.command != "inspect":  # options that only Hugging Face checkpoints take
+        if args.skip_first or args.skip_last:
+            raise ModelFoldError("--skip-first/--skip-last apply to Hugging Face models; for a CNN keep layers "
+                                 "with --ignore")
+        if args.stream == "always":
+            raise _not_streamable(args.model)
     model = io.load_model(args.model, args.weights)
     shape = args.input_shape or io.default_input_shape(args.model)
     if shape is None:
