@@ -142,11 +142,7 @@ def _run_hf(args: argparse.Namespace) -> int:
         args.calibration = "self"
     if any(v is not None for v in cnn_only):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
-    calibrated = args.command == "compress" or args.calibration is not None
-    if calibrated and args.stream == "always":
-        raise ModelFoldError("calibrated compression runs in memory (the calibration activations pass through "
-                             "the whole model); drop --stream always")
-    if not calibrated and _use_stream(args):
+    if _use_stream(args):
         return _run_stream(args)
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
@@ -215,7 +211,17 @@ def _run_stream(args: argparse.Namespace) -> int:
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
           "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last}
-    if args.command == "fold":
+    if args.calibration is not None:  # calibrated, layer by layer (the activations stream along)
+        from . import hf
+        from .hf.stream_calib import compress_checkpoint
+
+        tok = _tokenizer(hf, args.model)
+        method = {"compress": getattr(args, "method", "select"), "fold": "fold", "prune": "select"}[args.command]
+        extra = {"score": args.score, "budget": args.budget} if args.command == "compress" else {}
+        report = compress_checkpoint(args.model, args.out, ratio=args.ratio, seed=args.seed, method=method,
+                                     calibration=_calibration(args.calibration, tok), tokenizer=tok,
+                                     n_calib=args.n_calib, calib_len=args.calib_len, **extra, **kw)
+    elif args.command == "fold":
         report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
     else:
         report = prune_checkpoint(args.model, args.out, ratio=args.ratio, norm=args.norm, **kw)

@@ -83,12 +83,24 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
                 return ids
         except Exception:  # noqa: BLE001 - a corrupt cache entry is regenerated
             pass
+    from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
+
     start = torch.full((n_seq, 1), int(bos), dtype=torch.long, device=_device(model))
+    bar = tqdm(total=seq_len - 1, desc=f"sampling {n_seq} calibration sequences", disable=not progress,
+               leave=False)
+
+    def tick(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bar.update(1)
+        return scores
+
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
                              temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
-                             min_new_tokens=seq_len - 1, pad_token_id=int(bos), use_cache=True)
+                             min_new_tokens=seq_len - 1, pad_token_id=int(bos), use_cache=True,
+                             logits_processor=LogitsProcessorList([tick]))
+    bar.close()
     ids = out[:, :seq_len].cpu()
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -186,42 +186,54 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
     return curve
 
 
+class Sensitivity:
+    """Per-layer step measuring each unit's error curve on the original model's activations.
+
+    Each unit's error at each candidate ratio is its output error after score selection and a
+    least-squares refit, relative to the energy of the block's input (the residual stream).
+    """
+
+    def __init__(self, opts: CalibOptions, targets: str | Iterable[str] = "mlp", max_ratio: float = 0.8) -> None:
+        self.opts, self.targets = opts, parse_targets(targets)
+        self.grid = [r for r in RATIO_GRID if r <= max_ratio + 1e-9]
+        self.curves: dict[str, list] = {}
+        self.inputs: BlockInputs | None = None
+
+    def step(self, model: nn.Module, adapter: Adapter, i: int) -> None:
+        block = adapter.layers(model)[i]
+        energy = float(sum((x.double() ** 2).sum() for x in self.inputs.xs)) or 1.0
+        mods = {}
+        if "mlp" in self.targets:
+            mods["mlp"] = get(adapter.mlp(model, i).consumer)
+        if "attention" in self.targets:
+            mods["attention"] = get(adapter.attention(model, i).o)
+        acts = record(block, self.inputs, mods)
+        if "mlp" in acts:
+            self.curves[f"{i}:mlp"] = _mlp_curve(adapter.mlp(model, i), acts["mlp"], self.opts, energy, self.grid)
+        if "attention" in acts:
+            self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["attention"], self.opts,
+                                                        energy, self.grid)
+        self.inputs = run_block(block, self.inputs)
+
+    def plan(self, target: float) -> Plan:
+        """Ratios removing ``target`` parameters with the least total error (``calib.budget.allocate``)."""
+        plan: Plan = {}
+        for key, r in allocate(self.curves, target).items():
+            i, t = key.split(":")
+            if r > 0:
+                plan.setdefault(int(i), {})[t] = r
+        return plan
+
+
 def sensitivity_plan(model: nn.Module, adapter: Adapter, ids: torch.Tensor, target: float, opts: CalibOptions,
                      targets: str | Iterable[str] = "mlp", micro_batch: int = 4, max_ratio: float = 0.8,
                      progress: bool = False) -> tuple[Plan, dict[str, list]]:
-    """Per-layer ratios removing ``target`` parameters with the least calibrated output error.
+    """Per-layer ratios removing ``target`` parameters with the least calibrated output error (in memory)."""
+    from tqdm.auto import tqdm
 
-    Each unit's error at each candidate ratio is its output error after score selection and
-    least-squares refit, relative to the energy of the block's input (the residual stream), on the
-    original model's activations. Returns the plan and the curves.
-    """
-    tg = parse_targets(targets)
-    grid = [r for r in RATIO_GRID if r <= max_ratio + 1e-9]
-    inputs = capture(model, adapter, ids, micro_batch)
-    curves: dict[str, list] = {}
-    layers = adapter.layers(model)
-    for i, block in enumerate(layers):
-        energy = float(sum((x.double() ** 2).sum() for x in inputs.xs)) or 1.0
-        mods = {}
-        if "mlp" in tg:
-            mods["mlp"] = get(adapter.mlp(model, i).consumer)
-        if "attention" in tg:
-            mods["attention"] = get(adapter.attention(model, i).o)
-        acts = record(block, inputs, mods)
-        if "mlp" in acts:
-            curves[f"{i}:mlp"] = _mlp_curve(adapter.mlp(model, i), acts["mlp"], opts, energy, grid)
-        if "attention" in acts:
-            curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["attention"], opts, energy,
-                                                   grid)
-        inputs = run_block(block, inputs)
-        if progress:
-            import sys
-
-            print(f"modelfold: sensitivity of layer {i + 1}/{len(layers)}", file=sys.stderr)
-    ratios = allocate(curves, target)
-    plan: Plan = {}
-    for key, r in ratios.items():
-        i, t = key.split(":")
-        if r > 0:
-            plan.setdefault(int(i), {})[t] = r
-    return plan, curves
+    s = Sensitivity(opts, targets, max_ratio)
+    s.inputs = capture(model, adapter, ids, micro_batch)
+    for i in tqdm(range(len(adapter.layers(model))), desc="measuring sensitivity", disable=not progress,
+                  leave=False):
+        s.step(model, adapter, i)
+    return s.plan(target), s.curves

@@ -18,8 +18,10 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -268,10 +270,33 @@ def _copy_extras(src: Path, dst: Path) -> None:
             shutil.copytree(p, dst / p.name)
 
 
+@dataclass
+class StreamContext:
+    """What a ``prepare`` step of the layer-by-layer path may use: the meta skeleton and the shard reader."""
+
+    src: Path
+    model: nn.Module
+    adapter: Any
+    reader: ShardReader
+    prefixes: list[str]
+    per_layer: list[list[str]]
+    rest: list[str]
+
+    def load_layer(self, i: int) -> None:
+        """Materialise layer ``i`` of the skeleton from the shards."""
+        _load_layer(self.adapter.layers(self.model)[i], self.prefixes[i], self.reader, self.per_layer[i])
+
+    def release_layer(self, i: int) -> None:
+        """Put layer ``i`` back on the meta device and give its memory back."""
+        self.adapter.layers(self.model)[i].to("meta")
+        self.reader.release()
+        _trim_heap()
+
+
 def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None, method: str,
             layer_fn: LayerFn, *, targets: str | Iterable[str], skip_first: int, skip_last: int,
             repair: str, max_shard_size: int | str, progress: bool, sparsity: float | None,
-            attention_mode: str) -> FoldReport:
+            attention_mode: str, prepare: Callable[[StreamContext], Any] | None = None) -> FoldReport:
     t0 = time.perf_counter()
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
     if not is_hf_dir(src_p):
@@ -286,9 +311,6 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     model = skeleton(src_p)
     adapter = _adapter(model)
     layers = adapter.layers(model)
-    ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
-                          skip_last=skip_last, attention_mode=attention_mode)
-    plan = make_plan(ratio, len(layers), targets, skip_first, skip_last)
     prefixes = _layer_prefixes(model, layers)
     per_layer: list[list[str]] = [[] for _ in layers]
     rest: list[str] = []
@@ -299,6 +321,14 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     if empty:
         raise CheckpointError(f"{src_p}: no tensors for {empty[:3]} in the checkpoint; its tensor names do not "
                               "follow the model config.json describes (re-save it with save_pretrained)")
+    if prepare is not None:  # e.g. calibration: may measure the layers first and return a per-layer plan
+        ctx = StreamContext(src_p, model, adapter, reader, prefixes, per_layer, rest)
+        plan_override = prepare(ctx)
+        if plan_override is not None:
+            ratio, sparsity, skip_first, skip_last = plan_override, None, 0, 0
+    ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
+                          skip_last=skip_last, attention_mode=attention_mode)
+    plan = make_plan(ratio, len(layers), targets, skip_first, skip_last)
     groups: list[GroupReport] = []
     with atomic_dir(dst_p, "the folded checkpoint") as tmp:
         writer = ShardWriter(tmp, max_bytes)
