@@ -13,6 +13,8 @@ from . import api, io
 from .errors import ModelFoldError
 from .repair.ar import RHO_MODES
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
+
 EPILOG = """\
 MODEL is one of:
   a modelfold zoo name        resnet18_fmnist, vgg11_bn_fmnist (trained on Fashion-MNIST, shipped)
@@ -28,6 +30,7 @@ examples:
   modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
   modelfold inspect densenet121
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
+  modelfold fold model.gguf --ratio 0.3 --out folded.gguf --gguf-type q8_0   (GGUF in, GGUF out)
   modelfold fold path/to/big_hf_model --ratio 0.3 --stream always --out folded_dir   (layer by layer)
   modelfold eval folded_dir --compare path/to/hf_model          (perplexity / cosine / top-1, side by side)
 Reload a CNN result with torch.load(path, weights_only=False).
@@ -82,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="HF directories: fold layer by layer from the safetensors shards (same result, "
                              "memory of one layer, so checkpoints larger than RAM fold). auto (default): "
                              "whenever the directory holds safetensors; never: load the whole model")
+        sp.add_argument("--gguf-type", default="f16", choices=(*GGUF_TYPES, "source"),
+                        help="--out FILE.gguf only: tensor type of the matrices (default f16; source: the input "
+                             "GGUF's types where they can be written)")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
         sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
@@ -158,8 +164,14 @@ def _run_hf(args: argparse.Namespace) -> int:
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
     else:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
-    hf.save(out, args.out, tokenizer=tok)
     print(report)
+    if args.out.endswith(".gguf"):
+        from .hf.io import _gguf
+
+        source = None if hf.is_hf_dir(args.model) else _gguf(Path(args.model))
+        print(hf.save_gguf(out, args.out, dtype=args.gguf_type, source=source, progress=True))
+        return 0
+    hf.save(out, args.out, tokenizer=tok)
     print(f"saved to {args.out}")
     return 0
 
@@ -193,6 +205,11 @@ def _use_stream(args: argparse.Namespace) -> bool:
     from .hf.stream import checkpoint_bytes
 
     if args.stream == "never":
+        return False
+    if args.out.endswith(".gguf"):
+        if args.stream == "always":
+            raise ModelFoldError("--stream always writes a transformers directory; a .gguf output is written "
+                                 "from the model in memory (use --stream auto or never)")
         return False
     if not is_hf_dir(args.model) or checkpoint_bytes(args.model) == 0:
         if args.stream == "always":
@@ -265,6 +282,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command != "inspect" and _hf(args.model):
         return _run_hf(args)
     if args.command != "inspect":  # options that only Hugging Face checkpoints take
+        if args.out.endswith(".gguf"):
+            raise ModelFoldError("a .gguf output is written for transformers causal LMs (a Hugging Face directory "
+                                 "or .gguf input); save this model to a .pt file")
         if args.skip_first or args.skip_last:
             raise ModelFoldError("--skip-first/--skip-last apply to Hugging Face models; for a CNN keep layers "
                                  "with --ignore")

@@ -12,6 +12,7 @@ from typing import Any
 from .adapters import find_adapter
 from .attention import fold_attention, prune_attention
 from .core import HF_REPAIRS, compress_model, fold_model, prune_model
+from .gguf_out import save_gguf
 from .io import is_hf_dir, load_any, load_pretrained, load_tokenizer, save
 from .plan import InvalidPlanError, make_plan
 from .stream import fold_checkpoint, prune_checkpoint
@@ -28,4 +29,4 @@ def is_supported(model: Any) -> bool:
 
 __all__ = ["HF_REPAIRS", "compress_model", "InvalidPlanError", "fold_attention", "fold_checkpoint", "fold_model", "is_hf_dir",
            "is_supported", "load_any", "load_pretrained", "load_tokenizer", "make_plan", "prune_attention",
-           "prune_checkpoint", "prune_model", "save"]
+           "prune_checkpoint", "prune_model", "save", "save_gguf"]
