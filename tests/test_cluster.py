@@ -64,4 +64,4 @@ def test_blocked_assignment_gives_the_same_clustering(monkeypatch):
     assert torch.equal(full.labels, blocked.labels)
     assert blocked.inertia == pytest.approx(full.inertia, rel=1e-9)
     labels, own = cl._assign(x, (x * x).sum(1), x[:60])
-    assert labels.shape == own.shape == (300,) and bool((own >= 0).all())
+    assert labels.shape == own.shape == (300, 1) and bool((own >= 0).all())
