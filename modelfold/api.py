@@ -52,13 +52,14 @@ def _reject_cnn_only(**options: Iterable) -> None:
 
 
 def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
-                        ignore: set[str], keep_outputs: set[str]) -> float:
+                        ignore: set[str], keep_outputs: set[str], round_to: int | None = None) -> float:
     """Bisect the channel ratio whose pruned/folded model removes ``sparsity`` of the params."""
     total = count_params(work)
 
     def removed(r: float) -> float:
         m = copy.deepcopy(work)
-        compress_groups(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False)
+        compress_groups(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False,
+                        round_to=round_to)
         return 1.0 - count_params(m) / total
 
     hi_s = removed(0.95)
@@ -74,14 +75,15 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
          planner: Planner, method: str, *, ignore: Iterable[nn.Module | str], strict: bool,
          verify: bool, seed: int, progress: bool, repair: str = "none",
          repair_kwargs: dict | None = None,
-         keep_outputs: Iterable[nn.Module | str] = ()) -> tuple[nn.Module, FoldReport]:
+         keep_outputs: Iterable[nn.Module | str] = (), round_to: int | None = None) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     ratio = checks.ratio_or_sparsity(ratio, sparsity)
+    round_to = checks.check_round_to(round_to)
     work = checks.prepare(model, example_inputs)
     names = checks.ignore_names(work, model, ignore)
     kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
     if sparsity is not None:
-        ratio = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept)
+        ratio = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept, round_to)
     params0, macs0 = count_params(work), count_macs(work, example_inputs)
 
     from .repair import make_repair
@@ -98,7 +100,7 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                 "to leave such groups unfolded and listed in the report.")
 
     groups = compress_groups(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
-                      seed=seed, progress=progress, on_kept=on_kept)
+                      seed=seed, progress=progress, on_kept=on_kept, round_to=round_to)
     work = fixer.after(work)
     work.eval()
     report = FoldReport(method, ratio, params0, count_params(work), macs0,
@@ -112,7 +114,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
          ignore: Iterable[nn.Module | str] = (), keep_outputs: Iterable[nn.Module | str] = (),
          strict: bool = False, seed: int = 0, n_init: int = 3, verify: bool = True, progress: bool = False,
          return_report: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
-         dir_lr: float | None = None, repair_kwargs: dict | None = None,
+         dir_lr: float | None = None, repair_kwargs: dict | None = None, round_to: int | None = None,
          **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold ``model``: cluster similar channels with k-means and merge each cluster.
 
@@ -124,6 +126,8 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     channels (and every group coupled to them, e.g. a residual stream) are kept, inputs may fold.
     dir_batch/dir_iters/dir_lr: DeepInversion budget of Fold-DIR; repair_kwargs: further repair
     options (see docs/repair.md).
+    round_to: keep a multiple of this many channels per group / MLP (e.g. 8, 16, 64; hardware-friendly
+        widths), rounded to the nearest multiple and never above the original width.
     Returns a new, physically smaller module; ``model`` is not modified.
     """
     if example_inputs is None:
@@ -132,13 +136,15 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
             if kwargs.get("calibration") is not None:  # calibrated folding: activation k-means + LS refit
+                if round_to is not None:
+                    raise TypeError("round_to= is not available with calibration= (calibrated compression)")
                 if repair != "none":
                     raise TypeError("repair= does not apply to calibrated transformers folding (calibration=)")
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
                                          n_init=n_init, progress=progress, return_report=return_report, **kwargs)
             kwargs.pop("calibration", None)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
-                                 return_report=return_report, **kwargs)
+                                 return_report=return_report, round_to=round_to, **kwargs)
         raise checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
@@ -149,32 +155,35 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     out, report = _run(model, example_inputs, ratio, sparsity, kmeans_planner(seed, n_init), "fold",
                        ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
                        progress=progress, repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
-                                                     "dir_lr": dir_lr, **(repair_kwargs or {})})
+                                                     "dir_lr": dir_lr, **(repair_kwargs or {})}, round_to=round_to)
     return (out, report) if return_report else out
 
 
 def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
           sparsity: float | None = None, norm: int = 2, ignore: Iterable[nn.Module | str] = (),
           keep_outputs: Iterable[nn.Module | str] = (), strict: bool = False, seed: int = 0, verify: bool = True, progress: bool = False,
-          return_report: bool = False, **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold``."""
+          return_report: bool = False, round_to: int | None = None,
+          **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold`` (``round_to`` too)."""
     if example_inputs is None:
         from . import hf
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
             if kwargs.get("calibration") is not None:  # activation-aware selection + LS refit
+                if round_to is not None:
+                    raise TypeError("round_to= is not available with calibration= (calibrated compression)")
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="select", seed=seed,
                                          progress=progress, return_report=return_report, **kwargs)
             kwargs.pop("calibration", None)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
-                                  return_report=return_report, **kwargs)
+                                  return_report=return_report, round_to=round_to, **kwargs)
         raise checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")
     out, report = _run(model, example_inputs, ratio, sparsity, magnitude_planner(norm), f"sp-l{norm}",
                        ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
-                       progress=progress)
+                       progress=progress, round_to=round_to)
     return (out, report) if return_report else out
 
 

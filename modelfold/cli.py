@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True, help="output file (CNN: torch.save'd module) or dir (HF)")
         sp.add_argument("--strict", action="store_true", help="fail instead of keeping unsupported groups intact")
         sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sp.add_argument("--round-to", type=int, default=None, metavar="M",
+                        help="fold/prune: keep a multiple of M channels per group / MLP width (e.g. 8, 16, 64)")
         sp.add_argument("--targets", default="mlp", help="HF models only: mlp, attention or all (default mlp)")
         sp.add_argument("--skip-first", type=int, default=0, metavar="N",
                         help="HF models only: keep the first N layers intact (e.g. the paper's recipe: 5)")
@@ -152,11 +154,15 @@ def _run_hf(args: argparse.Namespace) -> int:
     if calibrated and args.stream == "always":
         raise ModelFoldError("calibrated compression runs in memory (the calibration activations pass through "
                              "the whole model); drop --stream always")
+    if calibrated and args.round_to is not None:
+        raise ModelFoldError("--round-to applies to fold and prune, not to calibrated compression")
     if not calibrated and _use_stream(args):
         return _run_stream(args)
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
           "skip_first": args.skip_first, "skip_last": args.skip_last}
+    if not calibrated:
+        kw["round_to"] = args.round_to
     tok = _tokenizer(hf, args.model)
     if args.calibration is not None:
         kw.update(calibration=_calibration(args.calibration, tok), tokenizer=tok, n_calib=args.n_calib,
@@ -231,7 +237,8 @@ def _run_stream(args: argparse.Namespace) -> int:
     from .hf.stream import fold_checkpoint, prune_checkpoint
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
-          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last}
+          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last,
+          "round_to": args.round_to}
     if args.command == "fold":
         report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
     else:
@@ -302,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
     repair_opts = _repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
-              "seed": args.seed, "progress": True, "return_report": True}
+              "seed": args.seed, "progress": True, "return_report": True, "round_to": args.round_to}
     if args.command == "fold":
         data = repair_opts.get("data")
         if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):

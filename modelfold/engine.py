@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checks import forward
+from .checks import forward, kept_width
 from .errors import UnsupportedModelError
 from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad_enabled, iter_groups
 from .merge import gather_features, merge_tensor, representatives
@@ -161,11 +161,13 @@ def compress(
     seed: int = 0,
     progress: bool = False,
     on_kept: Callable[[ChannelGroup], None] | None = None,
+    round_to: int | None = None,
 ) -> list[GroupReport]:
     """Compress ``model`` in place; returns one report per group.
 
     ``ignore`` are qualified module names whose slices must stay intact; ``keep_outputs`` names
     modules whose output channels must stay intact (their input channels may still fold).
+    ``round_to``: kept widths rounded to a multiple of it (``checks.kept_width``).
     """
     dg = build_graph(model, example_inputs)
     ignore_set = set(ignore)
@@ -195,7 +197,7 @@ def compress(
                 continue
             bar.update(1)
             n = cg.size
-            k = max(1, round(n * (1.0 - ratio)))
+            k = kept_width(n, ratio, round_to)
             if k >= n:
                 reports.append(GroupReport(cg.root, cg.members, n, n, "unchanged"))
                 continue

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import check_weights
+from ..checks import check_round_to, check_weights, kept_width
 from ..errors import InvalidRatioError, UnsupportedModelError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
@@ -57,25 +57,26 @@ def record_sizes(model: nn.Module, adapter: Adapter) -> None:
 
 def resolve_ratio(model: nn.Module, adapter: Adapter, ratio: float | Mapping | None, sparsity: float | None, *,
                   targets: str | Iterable[str], skip_first: int, skip_last: int, attention_mode: str,
-                  ) -> float | Mapping | None:
+                  round_to: int | None = None) -> float | Mapping | None:
     """``ratio`` as given, or the uniform ratio that removes ``sparsity`` of the parameters."""
     if sparsity is None:
         return ratio
     if ratio is not None:
         raise InvalidRatioError("give either ratio= or sparsity=, not both")
     return ratio_for_sparsity(model, adapter, sparsity, targets=targets, skip_first=skip_first,
-                              skip_last=skip_last, attention_mode=attention_mode)
+                              skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
 
 
 def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, targets: str | Iterable[str],
          skip_first: int, skip_last: int, progress: bool, repair: str, layer_fn,
-         sparsity: float | None = None, attention_mode: str = "auto") -> tuple[nn.Module, FoldReport]:
+         sparsity: float | None = None, attention_mode: str = "auto",
+         round_to: int | None = None) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     adapter = _adapter(model)
     check_weights(model)
     n_layers = len(adapter.layers(model))
     ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
-                          skip_last=skip_last, attention_mode=attention_mode)
+                          skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
     plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
     work = copy.deepcopy(model)
     drop_gguf_quantizer(work)  # GGUF weights are already dequantized; let the result be saved
@@ -99,7 +100,7 @@ LayerFn = Callable[[nn.Module, Adapter, int, dict], list[GroupReport]]
 
 
 def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
-                  attention_mode: str = "auto") -> LayerFn:
+                  attention_mode: str = "auto", round_to: int | None = None) -> LayerFn:
     """The per-layer step of ``fold_model``: fold layer ``i`` of ``work`` in place by its plan entry.
 
     A pure function of that layer's tensors and the plan, shared by the in-memory path and the
@@ -125,7 +126,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
                 warnings.warn("repair='ar' on a gated (SwiGLU) MLP: in our SmolLM2 benchmark it raised perplexity "
                               "by orders of magnitude; prefer repair='none' (see docs/transformers.md)", stacklevel=4)
             n = spec.width
-            k = max(1, round(n * (1.0 - p["mlp"])))
+            k = kept_width(n, p["mlp"], round_to)
             err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair) if k < n else None
             out.append(GroupReport(spec.name, spec.member_names(), n, k if k < n else n,
                                    "folded" if k < n else "kept", "" if k < n else "ratio 0", err))
@@ -134,7 +135,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
     return layer
 
 
-def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
+def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto", round_to: int | None = None) -> LayerFn:
     """The per-layer step of ``prune_model`` (keep the largest-norm neurons/heads of layer ``i``)."""
     if norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
@@ -149,7 +150,7 @@ def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
         if "mlp" in p:
             spec = adapter.mlp(work, i)
             n = spec.width
-            k = max(1, round(n * (1.0 - p["mlp"])))
+            k = kept_width(n, p["mlp"], round_to)
             if k < n:
                 prune_mlp(spec, k, norm=norm)
             out.append(GroupReport(spec.name, spec.member_names(), n, k, "pruned" if k < n else "kept"))
@@ -162,7 +163,7 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
                repair: str = "none", seed: int = 0,
                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
-               ) -> nn.Module | tuple[nn.Module, FoldReport]:
+               round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
 
     ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
@@ -171,11 +172,13 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
     repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md). "ar" helped the
         GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
     attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
+    round_to: MLP widths kept at a multiple of it (e.g. 8, 16, 64), never above the original width.
     """
-    layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)
+    layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode,
+                          round_to=check_round_to(round_to))
     work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
                         progress=progress, repair=repair, layer_fn=layer, sparsity=sparsity,
-                        attention_mode=attention_mode)
+                        attention_mode=attention_mode, round_to=round_to)
     return (work, report) if return_report else work
 
 
@@ -183,12 +186,12 @@ def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, spars
                 norm: int = 2,
                 return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                 skip_last: int = 0, progress: bool = False, attention_mode: str = "auto", seed: int = 0,
-                n_init: int = 3) -> nn.Module | tuple[nn.Module, FoldReport]:
+                n_init: int = 3, round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm)."""
-    layer = prune_layer_fn(norm=norm, attention_mode=attention_mode)
+    layer = prune_layer_fn(norm=norm, attention_mode=attention_mode, round_to=check_round_to(round_to))
     work, report = _run(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
                         skip_last=skip_last, progress=progress, repair="none", layer_fn=layer, sparsity=sparsity,
-                        attention_mode=attention_mode)
+                        attention_mode=attention_mode, round_to=round_to)
     return (work, report) if return_report else work
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-from ..checks import smallest_ratio
+from ..checks import kept_width, smallest_ratio
 from ..errors import InvalidRatioError
 from ..report import count_params
 from .adapters.base import Adapter, AttnSpec, MLPSpec, get
@@ -31,9 +31,9 @@ def _per_neuron(spec: MLPSpec) -> int:
     return sum(_rows(r) for r in spec.producers) + get(spec.consumer).out_features
 
 
-def mlp_removed(spec: MLPSpec, ratio: float) -> int:
+def mlp_removed(spec: MLPSpec, ratio: float, round_to: int | None = None) -> int:
     n = spec.width
-    k = max(1, round(n * (1.0 - ratio)))
+    k = kept_width(n, ratio, round_to)
     return (n - k) * _per_neuron(spec)
 
 
@@ -48,12 +48,13 @@ def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto") -> int:
     return (spec.num_kv_heads - k) * per_group
 
 
-def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode: str = "auto") -> int:
+def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode: str = "auto",
+                 round_to: int | None = None) -> int:
     """Parameters ``plan`` removes from ``model`` (fold and magnitude pruning remove the same)."""
     total = 0
     for i, p in plan.items():
         if p.get("mlp", 0) > 0:
-            total += mlp_removed(adapter.mlp(model, i), p["mlp"])
+            total += mlp_removed(adapter.mlp(model, i), p["mlp"], round_to)
         if p.get("attention", 0) > 0:
             total += attention_removed(adapter.attention(model, i), p["attention"], attention_mode)
     return total
@@ -61,8 +62,9 @@ def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode:
 
 def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
                        targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
-                       attention_mode: str = "auto") -> float:
-    """The smallest uniform ratio whose plan removes at least ``sparsity`` of the parameters."""
+                       attention_mode: str = "auto", round_to: int | None = None) -> float:
+    """The smallest uniform ratio whose plan removes at least ``sparsity`` of the parameters
+    (MLP widths rounded to ``round_to`` as the fold will round them)."""
     if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise InvalidRatioError(f"sparsity={sparsity!r} is outside [0, 1): it is the fraction of parameters "
                                 "removed, e.g. 0.2 removes 20%")
@@ -71,7 +73,7 @@ def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
 
     def removed(r: float) -> float:
         return plan_removed(model, adapter, make_plan(r, n_layers, targets, skip_first, skip_last),
-                            attention_mode) / total
+                            attention_mode, round_to) / total
 
     most = removed(MAX_RATIO)
     if sparsity > most + 1e-12:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..checks import check_round_to
 from ..errors import CheckpointError, InvalidWeightsError
 from ..report import FoldReport, GroupReport
 from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes, resolve_ratio
@@ -271,7 +272,7 @@ def _copy_extras(src: Path, dst: Path) -> None:
 def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None, method: str,
             layer_fn: LayerFn, *, targets: str | Iterable[str], skip_first: int, skip_last: int,
             repair: str, max_shard_size: int | str, progress: bool, sparsity: float | None,
-            attention_mode: str) -> FoldReport:
+            attention_mode: str, round_to: int | None = None) -> FoldReport:
     t0 = time.perf_counter()
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
     if not is_hf_dir(src_p):
@@ -287,7 +288,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     adapter = _adapter(model)
     layers = adapter.layers(model)
     ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
-                          skip_last=skip_last, attention_mode=attention_mode)
+                          skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
     plan = make_plan(ratio, len(layers), targets, skip_first, skip_last)
     prefixes = _layer_prefixes(model, layers)
     per_layer: list[list[str]] = [[] for _ in layers]
@@ -330,7 +331,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
 def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
                     sparsity: float | None = None, targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
                     repair: str = "none", seed: int = 0, n_init: int = 3, attention_mode: str = "auto",
-                    max_shard_size: int | str = "2GB", progress: bool = True) -> FoldReport:
+                    max_shard_size: int | str = "2GB", progress: bool = True, round_to: int | None = None) -> FoldReport:
     """Fold the transformers checkpoint directory ``src`` into ``dst`` one layer at a time.
 
     Same arguments and bit-identical result as ``fold_model`` + ``save``, but only one layer's tensors
@@ -338,21 +339,22 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
     ``max_shard_size`` bytes. Reads safetensors (single file or sharded with an index); tensors keep their stored
     dtype; tokenizer and other files are copied. ``dst`` is written atomically; ``src`` is never modified.
     """
-    fn = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)
+    fn = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode,
+                       round_to=check_round_to(round_to))
     return _stream(src, dst, ratio, "fold", fn, targets=targets, skip_first=skip_first, skip_last=skip_last,
                    repair=repair, max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
-                   attention_mode=attention_mode)
+                   attention_mode=attention_mode, round_to=round_to)
 
 
 def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
                      sparsity: float | None = None, norm: int = 2, targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
                      attention_mode: str = "auto", max_shard_size: int | str = "2GB",
-                     progress: bool = True) -> FoldReport:
+                     progress: bool = True, round_to: int | None = None) -> FoldReport:
     """Magnitude-prune (SP-L1/L2) a checkpoint directory layer by layer; see ``fold_checkpoint``."""
-    fn = prune_layer_fn(norm=norm, attention_mode=attention_mode)
+    fn = prune_layer_fn(norm=norm, attention_mode=attention_mode, round_to=check_round_to(round_to))
     return _stream(src, dst, ratio, f"sp-l{norm}", fn, targets=targets, skip_first=skip_first,
                    skip_last=skip_last, repair="none", max_shard_size=max_shard_size, progress=progress,
-                   sparsity=sparsity, attention_mode=attention_mode)
+                   sparsity=sparsity, attention_mode=attention_mode, round_to=round_to)
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:
