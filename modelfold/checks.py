@@ -40,10 +40,11 @@ def kept_width(n: int, ratio: float, round_to: int | None = None) -> int:
 
     With ``round_to``, the count is rounded to the nearest multiple of it (hardware-friendly widths,
     as Torch-Pruning's ``round_to``), at least one multiple and never above n: a group whose rounded
-    width would not be narrower than n (e.g. one narrower than ``round_to``) keeps all n channels.
+    width would not be narrower than n (e.g. one narrower than ``round_to``) keeps all n channels, and
+    a group nothing is removed from (ratio 0) stays whole.
     """
     k = max(1, round(n * (1.0 - ratio)))
-    if not round_to or round_to == 1:
+    if not round_to or round_to == 1 or k >= n:  # ratio 0 stays the identity
         return k
     return min(n, max(round_to, round_to * math.floor(k / round_to + 0.5)))
 

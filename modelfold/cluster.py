@@ -37,6 +37,7 @@ class KMeansResult:
 ASSIGN_BLOCK = 1 << 25  # distance entries (256 MB of float64) above which assignment runs in row blocks
 CANDIDATES = 8  # nearest clusters (found in the projected space) a point may move to in the full space
 FULL_SPACE_ENTRIES = 1 << 24  # up to this n*k, full-space moves consider every cluster, else CANDIDATES
+SMALL_MACS = 1 << 26  # below this n*k*dim, k-means runs on one thread
 SEED_ROUNDS = 16  # k-means++ seeding picks its centers in this many batches (one distance product each)
 
 
@@ -114,9 +115,16 @@ def _fill_empty(labels: torch.Tensor, own: torch.Tensor, k: int) -> torch.Tensor
     return labels
 
 
+def _sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum of the rows of each cluster (k, d). One thread: the parallel scatter is memory-bound and, on a
+    busy machine, orders of magnitude slower than the serial one."""
+    with _one_thread():
+        return torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+
+
 def _means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Cluster means rounded back onto the grid (exact sums, correctly rounded division)."""
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    sums = _sums(x, labels, k)
     counts = torch.bincount(labels, minlength=k).clamp_min(1).to(x.dtype)
     return torch.round(sums / counts[:, None])
 
@@ -214,7 +222,7 @@ def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, labels: torch.Tensor, cand: t
     """
     n = x.shape[0]
     rows = torch.arange(n, device=x.device)
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    sums = _sums(x, labels, k)
     cnt = torch.bincount(labels, minlength=k).to(x.dtype)
     centers = torch.round(sums / cnt.clamp_min(1)[:, None])
     c_sq = (centers * centers).sum(1)
@@ -241,8 +249,9 @@ def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, labels: torch.Tensor, cand: t
         movers, a, b = movers[ok], a[ok], b[ok]
         labels[movers] = b
         one = torch.ones(movers.numel(), dtype=x.dtype, device=x.device)
-        sums.index_add_(0, a, -x[movers]).index_add_(0, b, x[movers])
-        cnt.index_add_(0, a, -one).index_add_(0, b, one)
+        with _one_thread():
+            sums.index_add_(0, a, -x[movers]).index_add_(0, b, x[movers])
+            cnt.index_add_(0, a, -one).index_add_(0, b, one)
         changed = torch.sort(torch.cat([a, b])).values
         centers[changed] = torch.round(sums[changed] / cnt[changed, None])
         c_sq[changed] = (centers[changed] ** 2).sum(1)
@@ -277,7 +286,7 @@ def _sum_sq(x: torch.Tensor) -> float:
 def inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Sum of squared distances of the rows of x to their cluster means (float64)."""
     xd = x.detach().double()
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, xd)
+    sums = _sums(xd, labels, k)
     counts = torch.bincount(labels, minlength=k).clamp_min(1).double()
     means = sums / counts[:, None]
     return sum(_total(((c - means[lab]) ** 2).sum(1)) for c, lab in zip(xd.split(_CHUNK), labels.split(_CHUNK),
@@ -330,6 +339,14 @@ def kmeans(
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if not torch.isfinite(features).all():
         raise ValueError("features contain NaN or Inf")
+    if n * k * min(d, max_dim) <= SMALL_MACS:  # small products gain nothing from threads (and lose on busy CPUs)
+        with _one_thread():
+            return _kmeans(features, k, seed, n_init, max_iter, max_dim)
+    return _kmeans(features, k, seed, n_init, max_iter, max_dim)
+
+
+def _kmeans(features: torch.Tensor, k: int, seed: int, n_init: int, max_iter: int, max_dim: int) -> KMeansResult:
+    n, d = features.shape
     orig = features.detach().to(torch.float32)
     total_sq = _sum_sq(orig)
     if k == n:
