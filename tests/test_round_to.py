@@ -36,19 +36,19 @@ def _widths(model: nn.Module) -> list[int]:
 @pytest.mark.parametrize("method", ["fold", "prune"])
 def test_cnn_widths_are_multiples(method: str) -> None:
     torch.manual_seed(0)
-    model = randomize_bn(VGGish(w=24).eval())  # widths 24, 48, 96
+    model = randomize_bn(VGGish(w=16).eval())  # widths 16, 32, 64
     x = torch.randn(2, 3, 16, 16)
     fn = modelfold.fold if method == "fold" else modelfold.prune
     out = fn(model, x, ratio=0.3, round_to=8)
-    assert _widths(out) == [16, 32, 64]  # 16.8 -> 16, 33.6 -> 32, 67.2 -> 64
+    assert _widths(out) == [8, 24, 48]  # 11 -> 8, 22 -> 24, 45 -> 48
     assert out(x).shape == model(x).shape
     plain = fn(model, x, ratio=0.3)
-    assert _widths(plain) == [17, 34, 67]
+    assert _widths(plain) == [11, 22, 45]
 
 
 def test_cnn_sparsity_with_round_to_reaches_the_target() -> None:
     torch.manual_seed(0)
-    model = randomize_bn(VGGish(w=24).eval())
+    model = randomize_bn(VGGish(w=16).eval())
     x = torch.randn(2, 3, 16, 16)
     out, report = modelfold.fold(model, x, sparsity=0.4, round_to=8, return_report=True)
     assert all(w % 8 == 0 for w in _widths(out))

@@ -60,7 +60,7 @@ def test_cnn_fold_bit_identical_across_thread_counts() -> None:
     from tests.nets import VGGish, randomize_bn
 
     torch.manual_seed(0)
-    model = randomize_bn(VGGish(w=32).eval())
+    model = randomize_bn(VGGish(w=16).eval())
     x = torch.randn(2, 3, 16, 16)
     runs = _each(lambda: modelfold.fold(model, x, ratio=0.4, seed=1).state_dict())
     for sd in runs[1:]:
@@ -71,7 +71,7 @@ def test_cnn_fold_bit_identical_across_thread_counts() -> None:
 def test_transformers_fold_bit_identical_across_thread_counts() -> None:
     from tests.hf.hf_models import make_model
 
-    model = make_model("llama", layers=1, inter=384)
+    model = make_model("llama", layers=1, inter=256)
     runs = _each(lambda: modelfold.fold(model, ratio=0.3, seed=2).state_dict())
     for sd in runs[1:]:
         assert all(torch.equal(sd[k], runs[0][k]) for k in sd)
