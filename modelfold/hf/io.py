@@ -160,6 +160,9 @@ def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
                               "(or a directory holding exactly one)")
     from transformers import AutoModelForCausalLM
 
+    from .gguf_out import check_readable
+
+    check_readable(g)
     model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=dtype)
     drop_gguf_quantizer(model)
     return model.eval()
