@@ -132,7 +132,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, **kwargs)
-        raise checks.missing_inputs(model)
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
     if repair not in REPAIRS:
@@ -158,7 +158,7 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
                                   return_report=return_report, **kwargs)
-        raise checks.missing_inputs(model)
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")
     out, report = _run(model, example_inputs, ratio, sparsity, magnitude_planner(norm), f"sp-l{norm}",
