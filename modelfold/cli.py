@@ -185,7 +185,7 @@ def _inspect_hf(args: argparse.Namespace) -> int:
     from .hf.stream import skeleton
     from .hf.validate import check_foldable
 
-    check_foldable(args.model)
+    check_foldable(args.model, weights=False)  # inspect reads shapes from config.json only
     if args.model.endswith(".gguf"):
         from .hf import load_any
 

@@ -115,7 +115,9 @@ def summary(model: nn.Module, adapter: Adapter) -> str:
         ms, a = adapter.mlps(model, i), geo.attention(i)
         mlp_p += sum(n_ * per for n_, per in geo.mlps(i))
         attn_p += sum(count_params(get(r)) for r in (a.q, a.k, a.v, a.o))
-        what = f"MLP {ms[0].width:>6} neurons" + (f" x {len(ms)} experts" if len(ms) > 1 else "")
+        experts = [m for m in ms if m.size_key != "shared_expert_intermediate_size"]
+        what = f"MLP {experts[0].width:>6} neurons" + (f" x {len(experts)} experts" if len(experts) > 1 else "")
+        what += "".join(f" + shared expert {m.width}" for m in ms if m not in experts)
         lines.append(f"  {a.name.rsplit('.', 1)[0]:<24} {what}   "
                      f"heads {a.num_heads:>3} query / {a.num_kv_heads:>3} KV (head_dim {a.head_dim})")
     lines.append(f"  MLPs {mlp_p / total:.1%}, attention {attn_p / total:.1%}, other (embeddings, norms, head) "

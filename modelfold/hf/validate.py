@@ -129,7 +129,7 @@ def check_gguf(path: str | os.PathLike) -> str:
     return arch
 
 
-def check_foldable(path: str | os.PathLike) -> None:
+def check_foldable(path: str | os.PathLike, weights: bool = True) -> None:
     """Before loading anything: ``path`` is a model directory of a family modelfold folds (with its weights),
     or a GGUF file (or a directory holding one) of an architecture transformers reads."""
     p = Path(path)
@@ -139,4 +139,4 @@ def check_foldable(path: str | os.PathLike) -> None:
     elif len(ggufs) == 1:
         check_gguf(ggufs[0])
     else:
-        check_model_dir(p, foldable=True)
+        check_model_dir(p, weights=weights, foldable=True)

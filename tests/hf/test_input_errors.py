@@ -140,3 +140,12 @@ def test_unknown_gguf_architecture(tmp_path, capsys):
     _cli_fails(["fold", str(tmp_path / "junk.gguf"), "--ratio", "0.3", "--out", str(out)], capsys,
                "not a readable GGUF file")
     assert not out.exists()
+
+
+def test_inspect_needs_only_the_config(tmp_path, capsys):
+    d = tmp_path / "moe"
+    make_model("qwen2_moe", layers=2).config.save_pretrained(d)  # config.json only, no weights
+    capsys.readouterr()
+    assert main(["inspect", str(d)]) == 0
+    text = capsys.readouterr().out
+    assert "x 4 experts + shared expert 48" in text and "heads   4 query /   2 KV" in text
