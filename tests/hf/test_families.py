@@ -123,10 +123,11 @@ def test_family_sizing_is_exact_and_sparsity_is_reached(family):
     m = make_model(family, layers=2, inter=40)
     a = find_adapter(m)
     total = count_params(m)
-    for targets, ratio in (("mlp", 0.3), ("all", 0.5), ("attention", 0.75)):
-        plan = make_plan(ratio, 2, targets)
-        predicted = plan_removed(m, a, plan)
-        assert predicted == total - count_params(mh.prune_model(m, ratio=ratio, targets=targets)) > 0
+    for targets, ratio, mode in (("mlp", 0.3, "auto"), ("all", 0.5, "auto"), ("attention", 0.75, "auto"),
+                                 ("all", 0.5, "group")):
+        predicted = plan_removed(m, a, make_plan(ratio, 2, targets), mode)
+        pruned = mh.prune_model(m, ratio=ratio, targets=targets, attention_mode=mode)
+        assert predicted == total - count_params(pruned) > 0
     predicted = plan_removed(m, a, make_plan(0.5, 2, "all"))
     assert predicted == total - count_params(mh.fold_model(m, ratio=0.5, targets="all", n_init=1))
     f, rep = modelfold.fold(m, sparsity=0.15, targets="mlp", return_report=True, n_init=1)
