@@ -13,7 +13,8 @@ from typing import Any
 from ..errors import UnsupportedModelError
 from .adapters import SUPPORTED, find_adapter
 from .attention import fold_attention, prune_attention
-from .core import HF_REPAIRS, fold_model, prune_model
+from .core import HF_REPAIRS, compress_model, fold_model, prune_model
+from .gguf_out import save_gguf
 from .io import is_hf_dir, load_any, load_pretrained, load_tokenizer, save
 from .plan import InvalidPlanError, make_plan
 from .stream import fold_checkpoint, prune_checkpoint
@@ -43,7 +44,7 @@ def is_supported(model: Any) -> bool:
     return isinstance(model, PreTrainedModel) and find_adapter(model) is not None
 
 
-__all__ = ["HF_REPAIRS", "SUPPORTED", "InvalidPlanError", "check_gguf", "check_model_dir", "is_transformers",
-           "unsupported", "fold_attention", "fold_checkpoint", "fold_model", "is_hf_dir",
+__all__ = ["HF_REPAIRS", "SUPPORTED", "InvalidPlanError", "check_gguf", "check_model_dir", "compress_model",
+           "fold_attention", "fold_checkpoint", "fold_model", "is_hf_dir", "is_transformers", "unsupported",
            "is_supported", "load_any", "load_pretrained", "load_tokenizer", "make_plan", "prune_attention",
-           "prune_checkpoint", "prune_model", "save"]
+           "prune_checkpoint", "prune_model", "save", "save_gguf"]
