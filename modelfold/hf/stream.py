@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidWeightsError
 from ..report import FoldReport, GroupReport
+from .convert import disk_to_model_names, to_disk, to_model
 from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes, resolve_ratio
 from .io import _model_class, atomic_dir, is_hf_dir
 from .plan import make_plan
+from .validate import check_model_dir
 
 INDEX = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
@@ -208,6 +210,7 @@ def skeleton(path: Path) -> nn.Module:
     """The model ``config.json`` describes, on the meta device (shapes only), at any recorded fold sizes."""
     from transformers import AutoConfig
 
+    check_model_dir(path, weights=False, foldable=True)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -248,8 +251,9 @@ def _layer_prefixes(model: nn.Module, layers: list[nn.Module]) -> list[str]:
     return [names[id(layer)] + "." for layer in layers]
 
 
-def _load_layer(layer: nn.Module, prefix: str, reader: ShardReader, keys: list[str]) -> None:
-    sd = {k[len(prefix):]: reader.get(k) for k in keys}
+def _load_layer(model: nn.Module, layer: nn.Module, prefix: str, reader: ShardReader, keys: list[str]) -> None:
+    sd = to_model(model, {k: reader.get(k) for k in keys})  # checkpoint layout -> the model's (MoE experts)
+    sd = {k[len(prefix):]: v for k, v in sd.items()}
     missing, unexpected = layer.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{reader.path}: the tensors of {prefix.rstrip('.')} do not match the model "
@@ -278,6 +282,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
         hint = (" GGUF files are dequantized and folded in memory: modelfold.hf.load_any + fold_model "
                 "(CLI: --stream never)") if src_p.suffix == ".gguf" else ""
         raise CheckpointError(f"{src_p} is not a transformers model directory (no config.json).{hint}")
+    check_model_dir(src_p, foldable=True)  # before any output: config, family, weights
     if dst_p == src_p or src_p in dst_p.parents:
         raise CheckpointError(f"the output {dst_p} must be outside the input checkpoint {src_p}; "
                               "choose another output directory (the input is never overwritten)")
@@ -292,8 +297,9 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     prefixes = _layer_prefixes(model, layers)
     per_layer: list[list[str]] = [[] for _ in layers]
     rest: list[str] = []
+    names = disk_to_model_names(model, reader.keys())
     for key in reader.keys():
-        hit = next((i for i, p in enumerate(prefixes) if key.startswith(p)), None)
+        hit = next((i for i, p in enumerate(prefixes) if names[key].startswith(p)), None)
         (rest if hit is None else per_layer[hit]).append(key)
     empty = [prefixes[i].rstrip(".") for i, keys in enumerate(per_layer) if not keys]
     if empty:
@@ -309,12 +315,12 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
         with torch.no_grad():
             for i in bar:
                 layer, prefix = layers[i], prefixes[i]
-                _load_layer(layer, prefix, reader, per_layer[i])
+                _load_layer(model, layer, prefix, reader, per_layer[i])
                 groups.extend(layer_fn(model, adapter, i, plan.get(i, {})))
                 layer = adapter.layers(model)[i]
-                for k, v in layer.state_dict().items():
-                    if prefix + k in reader.weight_map:
-                        writer.add(prefix + k, v)
+                for k, v in to_disk(model, {prefix + k: v for k, v in layer.state_dict().items()}).items():
+                    if k in reader.weight_map:
+                        writer.add(k, v)
                 layer.to("meta")  # release this layer's tensors before the next one is read
                 reader.release()
                 _trim_heap()
