@@ -26,7 +26,7 @@ from .report import FoldReport, count_macs, count_params
 REPAIRS = ("none", "ar", "dir", "data")
 DEFAULT_GROUPING = "activation"  # calibrated folding; see docs/calibration-cnn.md for the measurement
 CALIBRATION_OPTIONS = {"lam", "bn_reset", "compensate", "samples", "self_batch", "self_iters", "grouping",
-                       "selection", "budget", "score_samples"}
+                       "selection", "budget", "score_samples", "self_shape"}
 
 
 def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Module | str] = (),
@@ -105,9 +105,10 @@ def _calibrator(model: nn.Module, example_inputs: Any, calibration: Any, opts: d
 
     batches, info = calibration_batches(calibration, model, example_inputs, seed,
                                         max_samples=opts.get("samples", 1024), progress=progress,
-                                        self_batch=opts.get("self_batch"), self_iters=opts.get("self_iters"))
+                                        self_batch=opts.get("self_batch"), self_iters=opts.get("self_iters"),
+                                        self_shape=opts.get("self_shape"))
     calib = CNNCalibrator(batches, lam=opts.get("lam", 1e-3), seed=seed, bn_reset=opts.get("bn_reset", False),
-                          compensate=opts.get("compensate", True), score_samples=opts.get("score_samples", 256))
+                          compensate=opts.get("compensate", True), score_samples=opts.get("score_samples", 128))
     return calib, info
 
 
@@ -124,8 +125,16 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
     names = checks.ignore_names(work, model, ignore)
     kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
     calib, calib_info = _calibrator(model, example_inputs, calibration, calib_opts, seed, progress)
-    if sparsity is not None:
-        ratio = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept)
+    plan: float | dict[str, float] = ratio
+    if sparsity is not None and calib is not None and calib_opts.get("budget", "auto") == "auto":
+        from .calib.cnn_budget import auto_budget, counter
+
+        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept,
+                                        counter(work, example_inputs, names, kept))
+        calib_info.update(budget_info)
+        ratio = sum(plan.values()) / max(1, len(plan))
+    elif sparsity is not None:
+        ratio = plan = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept)
     params0, macs0 = count_params(work), count_macs(work, example_inputs)
 
     from .repair import make_repair
@@ -141,7 +150,7 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                 f"Pass ignore=[...] with the modules named there to keep them intact, or strict=False "
                 "to leave such groups unfolded and listed in the report.")
 
-    groups = compress(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
+    groups = compress(work, example_inputs, plan, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
                       seed=seed, progress=progress, on_kept=on_kept, calib=calib)
     work = fixer.after(work)
     work.eval()

@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
                              "whenever the directory holds safetensors; never: load the whole model")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
+        sp.add_argument("--calibration", metavar="SOURCE",
+                        help="calibrated compression (CNNs): 'self' (inputs the model makes itself, no data), "
+                             "FILE (.pt/.pth tensor or .npy inputs) or 'fmnist'; activation-aware plans, "
+                             "least-squares refit, automatic per-group budgets with --sparsity "
+                             "(docs/calibration-cnn.md)")
         if name == "fold":
             sp.add_argument("--repair", default="none", choices=api.REPAIRS,
                             help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free), "
@@ -97,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="Fold-DIR: DeepInversion optimization steps (default 100)")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
+            sp.add_argument("--merge", choices=("neuron",), default=None,
+                            help="neuron = Neuron Merging (Kim et al. 2020, data-free): pruned channels' consumer "
+                                 "columns go to their most similar kept channel")
 
     sp = sub.add_parser("inspect", help="list the channel groups of a model and how they are coupled")
     common(sp)
@@ -114,7 +122,10 @@ def _hf(spec: str) -> bool:
 def _run_hf(args: argparse.Namespace) -> int:
     from . import hf
 
-    cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else ()
+    cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else (
+        getattr(args, "merge", None),)
+    if getattr(args, "calibration", None) is not None:
+        raise ModelFoldError("--calibration is not available for Hugging Face models on the command line yet")
     if any(v is not None for v in cnn_only):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
     if _use_stream(args):
@@ -217,6 +228,8 @@ def _run(args: argparse.Namespace) -> int:
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True}
+    if args.calibration is not None:
+        common["calibration"] = args.calibration if args.calibration == "self" else io.load_inputs(args.calibration)
     if args.command == "fold":
         data = repair_opts.get("data")
         if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):
@@ -224,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
                                  f"input is {tuple(x.shape[1:])}; pass matching inputs or --input-shape")
         out, report = api.fold(model, x, repair=args.repair, **common, **repair_opts)
     else:
-        out, report = api.prune(model, x, norm=args.norm, **common)
+        out, report = api.prune(model, x, norm=args.norm, merge=args.merge, **common)
     io.save_model(out, args.out)
     print(report)
     print(_stage_table(model, out))

@@ -103,12 +103,13 @@ class CNNCalibrator:
     score_samples: inputs used for activation features (the first ones); sample_dim: values kept
     per channel and consumer for activation k-means; bn_reset: re-estimate the running statistics of
     BatchNorms in folded/pruned groups on the calibration inputs (in order, before the consumers
-    after them are refitted); compensate: False turns the refit off (selection only).
+    after them are refitted); compensate: False turns the refit off (selection only); cache_bytes:
+    memory for the reference model's consumer inputs (computed once instead of once per consumer).
     """
 
-    def __init__(self, batches: list[torch.Tensor], lam: float = 1e-3, score_samples: int = 256,
+    def __init__(self, batches: list[torch.Tensor], lam: float = 1e-3, score_samples: int = 128,
                  sample_dim: int = 256, seed: int = 0, bn_reset: bool = False, compensate: bool = True,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, cache_bytes: int = 2 << 30) -> None:
         self.batches = batches
         self.lam = lam
         self.score_samples = score_samples
@@ -116,6 +117,7 @@ class CNNCalibrator:
         self.seed = seed
         self.bn_reset = bn_reset
         self.compensate = compensate
+        self.cache_bytes = cache_bytes
         self.reference: nn.Module | None = None
         self.row_maps: dict[str, torch.Tensor] = {}  # producer -> (rows now, rows in reference)
         self.consumers: set[str] = set()
@@ -148,10 +150,13 @@ class CNNCalibrator:
         acc: dict[str, list] = {}
         gen = torch.Generator().manual_seed(self.seed)
         handles = []
+        pending: set[str] = set()
         for sl in cons:
             table = sl.table(cg.size)
 
             def hook(mod: nn.Module, inp: Any, sl=sl, table=table) -> None:
+                if sl.module not in pending:
+                    return  # a module that runs twice: its first call counts
                 h = inp[0].detach()
                 flat = h.movedim(1 if isinstance(mod, nn.Conv2d) else -1, 0).reshape(h.shape[1 if isinstance(
                     mod, nn.Conv2d) else -1], -1).double()
@@ -165,10 +170,17 @@ class CNNCalibrator:
                     acc[sl.module][1].append(s)
                 else:
                     acc[sl.module] = [sq, [s]]
+                pending.discard(sl.module)
+                if not pending:
+                    raise _Stop  # the rest of the network is not needed
             handles.append(model.get_submodule(sl.module).register_forward_pre_hook(hook))
         try:
             for b in self._score_batches():
-                forward(model, b)
+                pending.update(sl.module for sl in cons)
+                try:
+                    forward(model, b)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()
@@ -221,6 +233,8 @@ class CNNCalibrator:
             return
         order, calls = execution_order(model, self.batches[0][:1])
         bns = bn_after(model, self.batches[0][:1])
+        self._reference_inputs([n for n in order if n in self.consumers and calls.get(n, 0) == 1
+                                and refittable(model.get_submodule(n))])
         for name in order:
             if name in self.norms and self.bn_reset:
                 self._reset_bn(model, name)
@@ -248,12 +262,43 @@ class CNNCalibrator:
             bn.momentum = mom
             bn.eval()
 
+    def _reference_inputs(self, names: list[str]) -> None:
+        """Inputs of every consumer to refit in the reference model, in one pass per batch (kept in
+        memory up to ``cache_bytes``; beyond that each refit recomputes its own)."""
+        one: dict[str, int] = {}
+
+        def size(mod: nn.Module, inp: Any, n: str) -> None:
+            one.setdefault(n, inp[0][0].numel() * inp[0].element_size())
+
+        hooks = [self.reference.get_submodule(n).register_forward_pre_hook(
+            lambda m, i, n=n: size(m, i, n)) for n in names]
+        try:
+            forward(self.reference, self.batches[0][:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        total = sum(one.values()) * sum(b.shape[0] for b in self.batches)
+        self.cache: dict[str, list[torch.Tensor]] = {}
+        if total > self.cache_bytes:
+            return
+        store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        hooks = [self.reference.get_submodule(n).register_forward_pre_hook(
+            lambda m, i, n=n: store[n].append(i[0].detach())) for n in names]
+        try:
+            for b in self.batches:
+                forward(self.reference, b)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.cache = store
+
     def _refit(self, model: nn.Module, name: str, bn_name: str | None) -> None:
         ref = self.reference.get_submodule(name)
         mod = model.get_submodule(name)
         g = Gram()
-        for b in self.batches:
-            h0 = rows(ref, capture_input(self.reference, name, b))
+        cached = getattr(self, "cache", {}).get(name)
+        for i, b in enumerate(self.batches):
+            h0 = rows(ref, cached[i] if cached else capture_input(self.reference, name, b))
             h1 = rows(mod, capture_input(model, name, b))
             g.add(with_ones(h1.double()), with_ones(h0.double()))
         w0 = ref.weight.detach().double().flatten(1)

@@ -30,12 +30,14 @@ SELF_DEFAULTS = {"batch": 128, "iters": 100}
 
 def calibration_batches(calibration: Any, model: nn.Module, example_inputs: Any, seed: int = 0,
                         batch_size: int = 64, max_samples: int | None = 1024, progress: bool = False,
-                        self_batch: int | None = None, self_iters: int | None = None
-                        ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                        self_batch: int | None = None, self_iters: int | None = None,
+                        self_shape: tuple[int, ...] | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """(batches, info) for ``calibration``: "self", a tensor of inputs, or a DataLoader of inputs.
 
     info: ``calibration`` ("self" | "data"), ``samples``, and for "self" the synthesis source
-    ("cache" | "synthesized"), seconds and settings.
+    ("cache" | "synthesized"), seconds and settings. ``self_shape``: per-sample shape of the synthetic
+    inputs (default: that of example_inputs; a smaller image makes synthesis cheaper for a fully
+    convolutional model).
     """
     if isinstance(calibration, str):
         if calibration != "self":
@@ -50,7 +52,8 @@ def calibration_batches(calibration: Any, model: nn.Module, example_inputs: Any,
         info: dict[str, Any] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the no-BN warning: documented, reported in info
-            x = synthetic_batch(model, tuple(example_inputs.shape[1:]), settings, progress, True, info)
+            shape = tuple(self_shape) if self_shape else tuple(example_inputs.shape[1:])
+            x = synthetic_batch(model, shape, settings, progress, True, info)
         info = {"calibration": "self", "self_source": info["source"], "self_seconds": round(info["seconds"], 2),
                 "self_kind": "deepinversion" if has_bn else "class-impressions",
                 "self_settings": {k: v for k, v in dataclasses.asdict(settings).items() if k in ("batch", "iters", "seed")}}
@@ -61,9 +64,11 @@ def calibration_batches(calibration: Any, model: nn.Module, example_inputs: Any,
         except ModelFoldError as e:
             raise CalibrationError(str(e).replace("repair='data' (Fold-R) needs data=", "calibration= needs")) from e
         ref = example_inputs if isinstance(example_inputs, torch.Tensor) else None
-        if ref is not None and tuple(batches[0].shape[1:]) != tuple(ref.shape[1:]):
+        if ref is not None and (batches[0].ndim != ref.ndim or batches[0].shape[1] != ref.shape[1]
+                                or (ref.ndim == 2 and batches[0].shape[1:] != ref.shape[1:])):
             raise InputShapeError(f"calibration inputs have shape {tuple(batches[0].shape[1:])} per sample but "
-                                  f"example_inputs has {tuple(ref.shape[1:])}; pass inputs shaped like the model's")
+                                  f"example_inputs has {tuple(ref.shape[1:])}; pass inputs shaped like the model's "
+                                  "(the spatial size may differ for a fully convolutional model)")
         info = {"calibration": "data"}
     info["samples"] = int(sum(b.shape[0] for b in batches))
     return batches, info

@@ -124,4 +124,22 @@ def test_bad_calibration_arguments():
     with pytest.raises(CalibrationError, match="needs calibration"):
         modelfold.prune(net, x, 0.5, calibration_kwargs={"lam": 1})
     with pytest.raises(InputShapeError, match="calibration inputs"):
-        modelfold.prune(net, x, 0.5, calibration=torch.zeros(4, 3, 8, 8))
+        modelfold.prune(net, x, 0.5, calibration=torch.zeros(4, 1, 16, 16))
+
+
+def test_auto_budget_spares_the_fragile_group():
+    # Hidden layer 2 has 8 channels that are silent on the calibration inputs; layer 1 has none.
+    # Asked for the parameters those 8 channels hold, the budget takes them and leaves layer 1 alone.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        net[2].bias[:8] = -100.0
+    x = torch.randn(64, 6)
+    out, rep = modelfold.prune(net, x[:1], sparsity=0.35, calibration=x, calibration_kwargs={"lam": 0.0},
+                               return_report=True)
+    plan = rep.repair_info["plan"]
+    assert plan == {"0": 0.0, "2": 0.5} and rep.param_sparsity >= 0.35
+    assert _err(out, net, x) < 1e-10
+    uniform = modelfold.prune(net, x[:1], sparsity=0.35, calibration=x, calibration_kwargs={"budget": "uniform"})
+    assert _err(uniform, net, x) > 1e-4
