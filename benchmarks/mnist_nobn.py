@@ -103,8 +103,11 @@ def main() -> None:
     sources = {"class-impressions": "self",
                "noise": torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
                "real": data["train"][0][:256]}
-    records = [{"model": "mnist_cnn_nobn", "method": "original", "calibration": "none", "param_sparsity": 0.0,
-                "accuracy": accuracy(model, xt, yt)}]
+    records = json.loads(args.out.read_text()) if args.out.is_file() else []
+    if not records:
+        records = [{"model": "mnist_cnn_nobn", "method": "original", "calibration": "none", "param_sparsity": 0.0,
+                    "accuracy": accuracy(model, xt, yt)}]
+    done = {(r["method"], r.get("source"), r.get("ratio")) for r in records}
     print(f"original {records[0]['accuracy']:.4f}", flush=True)
     for r in args.ratios:
         rows = [("sp-l2", "none", None, lambda r=r: modelfold.prune(model, ex, r, return_report=True)),
@@ -118,6 +121,8 @@ def main() -> None:
             rows.append(("fold-act+ls", kind, src, lambda cal=cal, r=r: modelfold.fold(model, ex, r, calibration=cal,
                                                                                   return_report=True)))
         for method, kind, src, run in rows:
+            if (method, src, r) in done:
+                continue
             t0 = time.perf_counter()
             out, rep = run()
             rec = {"model": "mnist_cnn_nobn", "method": method, "calibration": kind, "source": src, "ratio": r,

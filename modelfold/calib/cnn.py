@@ -162,7 +162,8 @@ class CNNCalibrator:
                     mod, nn.Conv2d) else -1], -1).double()
                 vals = flat[table.reshape(-1)]  # (n*m, samples)
                 sq = vals.pow(2).sum(1).view(table.shape)
-                take = min(vals.shape[1], max(1, self.sample_dim // max(1, len(self.batches))))
+                per = max(1, -(-self.sample_dim // (table.shape[1] * max(1, len(self.batches)))))
+                take = min(vals.shape[1], per)
                 idx = torch.randperm(vals.shape[1], generator=gen)[:take]
                 s = vals[:, idx].view(table.shape[0], -1)
                 if sl.module in acc:
@@ -187,7 +188,9 @@ class CNNCalibrator:
         feats: dict[str, torch.Tensor] = {}
         for name, (sq, samples) in acc.items():
             feats[f"{name}:activation:sq"] = sq.float()
-            feats[f"{name}:activation:samples"] = torch.cat(samples, 1)[:, : self.sample_dim].float()
+            n = samples[0].shape[0]
+            m = acc[name][0].shape[1]
+            feats[f"{name}:activation:samples"] = torch.cat([s.view(n, m, -1) for s in samples], 2).view(n, -1).float()
         return feats
 
     def record(self, model: nn.Module, cg: ChannelGroup, keep: torch.Tensor, labels: torch.Tensor | None,

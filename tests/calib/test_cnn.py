@@ -143,3 +143,11 @@ def test_auto_budget_spares_the_fragile_group():
     assert _err(out, net, x) < 1e-10
     uniform = modelfold.prune(net, x[:1], sparsity=0.35, calibration=x, calibration_kwargs={"budget": "uniform"})
     assert _err(uniform, net, x) > 1e-4
+
+
+def test_activation_grouping_behind_flatten():
+    # The classifier reads each channel at 16 positions (flatten): activation samples keep that layout.
+    net = randomize_bn(VGGish(4).eval(), 7)
+    x = torch.randn(64, 3, 16, 16)
+    out = modelfold.fold(net, x[:1], 0.5, calibration=x, verify=False)
+    assert out.classifier[1].in_features == 4 * 16 and out(x).shape == (64, 5)
