@@ -10,7 +10,8 @@ from typing import Any
 import torch.nn as nn
 
 from . import checks
-from .engine import USER_REASONS, Planner, compress, mark_user_kept
+from .engine import USER_REASONS, Planner, mark_user_kept
+from .engine import compress as compress_groups
 from .errors import InvalidRatioError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, iter_groups
 from .policies import (
@@ -67,7 +68,7 @@ def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
 
     def removed(r: float) -> float:
         m = copy.deepcopy(work)
-        compress(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False)
+        compress_groups(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False)
         return 1.0 - count_params(m) / total
 
     hi_s = removed(0.95)
@@ -150,7 +151,7 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                 f"Pass ignore=[...] with the modules named there to keep them intact, or strict=False "
                 "to leave such groups unfolded and listed in the report.")
 
-    groups = compress(work, example_inputs, plan, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
+    groups = compress_groups(work, example_inputs, plan, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
                       seed=seed, progress=progress, on_kept=on_kept, calib=calib)
     work = fixer.after(work)
     work.eval()
@@ -181,9 +182,10 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     dir_batch/dir_iters/dir_lr: DeepInversion budget of Fold-DIR; repair_kwargs: further repair
     options (see docs/repair.md).
     calibration: "self" (inputs the model makes itself, no user data), a tensor of inputs or a
-    DataLoader: calibrated folding (activation-aware grouping, least-squares refit of the consumers,
-    automatic per-group budgets for ``sparsity=``; see docs/calibration-cnn.md). calibration_kwargs:
-    its options (grouping="activation"|"weight", lam, bn_reset, budget="auto"|"uniform", ...).
+    DataLoader: calibrated folding (CNNs: activation-aware grouping, least-squares refit of the
+    consumers, automatic per-group budgets for ``sparsity=``, see docs/calibration-cnn.md;
+    transformers: docs/calibration.md). calibration_kwargs (CNNs): grouping="activation"|"weight",
+    lam, bn_reset, budget="auto"|"uniform", self_batch/self_iters/self_shape, samples.
     Returns a new, physically smaller module; ``model`` is not modified.
     """
     if example_inputs is None:
@@ -191,6 +193,13 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
+            _reject_cnn_only(calibration_kwargs=calibration_kwargs or {})
+            if calibration is not None:  # calibrated folding: activation k-means + LS refit
+                if repair != "none":
+                    raise TypeError("repair= does not apply to calibrated transformers folding (calibration=)")
+                return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
+                                         n_init=n_init, progress=progress, return_report=return_report,
+                                         calibration=calibration, **kwargs)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
@@ -220,17 +229,22 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
           **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold``.
 
-    merge="neuron": Neuron Merging (Kim et al. 2020, data-free): each pruned channel's consumer
+    merge="neuron" (CNNs): Neuron Merging (Kim et al. 2020, data-free): each pruned channel's consumer
     columns go to its most similar kept channel (cosine of the effective producer rows >=
     ``merge_threshold``). calibration: "self", a tensor or a DataLoader: calibrated selection
     (activation-aware scores, least-squares refit of the consumers, automatic budgets for
-    ``sparsity=``; see docs/calibration-cnn.md).
+    ``sparsity=``; CNNs: docs/calibration-cnn.md, transformers: docs/calibration.md).
     """
     if example_inputs is None:
         from . import hf
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
+            _reject_cnn_only(calibration_kwargs=calibration_kwargs or {}, merge=[merge] if merge else [])
+            if calibration is not None:  # activation-aware selection + LS refit
+                return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="select", seed=seed,
+                                         progress=progress, return_report=return_report, calibration=calibration,
+                                         **kwargs)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
                                   return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
@@ -252,4 +266,28 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
     return (out, report) if return_report else out
 
 
-__all__ = ["channel_groups", "fold", "prune", "REPAIRS"]
+def compress(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
+             sparsity: float | None = None, calibration: Any = "self", return_report: bool = False,
+             **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """The best measured compression without user data: calibrated, with least-squares compensation.
+
+    ``calibration="self"`` lets the model make its own calibration set (text a causal LM samples,
+    random vocabulary words for encoders with ``tokenizer=``); pass token ids or texts (with
+    ``tokenizer=``) to calibrate on your own data. With ``sparsity=`` the per-layer ratios come from
+    measured sensitivity (``budget="auto"``). Transformers models: activation-aware selection of
+    MLP neurons / heads with a least-squares refit of their consumers (docs/calibration.md). CNNs
+    (with ``example_inputs``): ``prune(..., calibration=...)``, see docs/calibration-cnn.md.
+    """
+    from . import hf
+
+    if example_inputs is None and hf.is_supported(model):
+        return hf.compress_model(model, ratio=ratio, sparsity=sparsity, calibration=calibration,
+                                 return_report=return_report, **kwargs)
+    if example_inputs is None:
+        raise checks.missing_inputs(model)
+    # CNNs: calibrated selection (activation scores + least-squares refit; automatic budgets for sparsity=).
+    return prune(model, example_inputs, ratio, sparsity=sparsity, calibration=calibration,
+                 return_report=return_report, **kwargs)
+
+
+__all__ = ["channel_groups", "compress", "fold", "prune", "REPAIRS"]

@@ -1,4 +1,4 @@
-"""Command line: ``modelfold fold`` / ``modelfold prune`` / ``modelfold inspect``."""
+"""Command line: ``modelfold fold`` / ``modelfold prune`` / ``modelfold inspect`` / ``modelfold eval``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from . import api, io
 from .errors import ModelFoldError
 from .repair.ar import RHO_MODES
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
 
 EPILOG = """\
 MODEL is one of:
@@ -28,7 +30,9 @@ examples:
   modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
   modelfold inspect densenet121
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
+  modelfold fold model.gguf --ratio 0.3 --out folded.gguf --gguf-type q8_0   (GGUF in, GGUF out)
   modelfold fold path/to/big_hf_model --ratio 0.3 --stream always --out folded_dir   (layer by layer)
+  modelfold eval folded_dir --compare path/to/hf_model          (perplexity / cosine / top-1, side by side)
 Reload a CNN result with torch.load(path, weights_only=False).
 """
 
@@ -61,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                         "residual stream) are kept; their input channels may still fold")
 
     for name, helptext in (("fold", "fold a model (Fold-Naive/AR/DIR/R)"),
-                           ("prune", "structured magnitude pruning baseline (SP-L1/SP-L2)")):
+                           ("prune", "structured magnitude pruning baseline (SP-L1/SP-L2)"),
+                           ("compress", "best calibrated compression without user data (HF models: activation-"
+                                        "aware selection + least-squares refit, automatic per-layer budget)")):
         sp = sub.add_parser(name, help=helptext, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         common(sp)
         amount = sp.add_mutually_exclusive_group(required=True)
@@ -79,13 +85,29 @@ def _parser() -> argparse.ArgumentParser:
                         help="HF directories: fold layer by layer from the safetensors shards (same result, "
                              "memory of one layer, so checkpoints larger than RAM fold). auto (default): "
                              "whenever the directory holds safetensors; never: load the whole model")
+        sp.add_argument("--gguf-type", default="f16", choices=(*GGUF_TYPES, "source"),
+                        help="--out FILE.gguf only: tensor type of the matrices (default f16; source: the input "
+                             "GGUF's types where they can be written)")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
-        sp.add_argument("--calibration", metavar="SOURCE",
-                        help="calibrated compression (CNNs): 'self' (inputs the model makes itself, no data), "
-                             "FILE (.pt/.pth tensor or .npy inputs) or 'fmnist'; activation-aware plans, "
-                             "least-squares refit, automatic per-group budgets with --sparsity "
-                             "(docs/calibration-cnn.md)")
+        sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
+                        help="calibration data: 'self' (the model makes it: sampled text for causal LMs, random "
+                             "vocabulary words for encoders), a .txt file of text, or a .pt tensor of token ids "
+                             "(n, L); CNNs: 'self' (DeepInversion images), a .pt/.pth/.npy file of inputs or "
+                             "'fmnist'. fold/prune: enables calibrated compression; compress: default self")
+        sp.add_argument("--n-calib", type=int, default=None, metavar="N",
+                        help="calibration sequences (default 8 for causal LMs, 32 for encoders)")
+        sp.add_argument("--calib-len", type=int, default=None, metavar="L",
+                        help="tokens per calibration sequence (default 512 for causal LMs, 128 for encoders)")
+        if name == "compress":
+            sp.add_argument("--method", choices=("select", "fold"), default="select",
+                            help="select (default: keep the neurons/heads with the highest score) or fold "
+                                 "(k-means on activation features, merge)")
+            sp.add_argument("--score", choices=("act", "wanda", "flap", "magnitude"), default="act",
+                            help="selection score (default act: activation norm x consumer column norm)")
+            sp.add_argument("--budget", choices=("auto", "uniform"), default="auto",
+                            help="with --sparsity: per-layer ratios by measured sensitivity (auto, default) or "
+                                 "one ratio for every layer")
         if name == "fold":
             sp.add_argument("--repair", default="none", choices=api.REPAIRS,
                             help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free), "
@@ -102,13 +124,17 @@ def _parser() -> argparse.ArgumentParser:
                             help="Fold-DIR: DeepInversion optimization steps (default 100)")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
+        if name == "prune":
             sp.add_argument("--merge", choices=("neuron",), default=None,
-                            help="neuron = Neuron Merging (Kim et al. 2020, data-free): pruned channels' consumer "
-                                 "columns go to their most similar kept channel")
+                            help="CNNs: neuron = Neuron Merging (Kim et al. 2020, data-free): pruned channels' "
+                                 "consumer columns go to their most similar kept channel")
 
     sp = sub.add_parser("inspect", help="list the channel groups of a model and how they are coupled")
     common(sp)
     sp.add_argument("-v", "--verbose", action="store_true", help="list every slice of every group")
+    from .evaluate.cli import add_parser as add_eval
+
+    add_eval(sub)
     return p
 
 
@@ -123,24 +149,64 @@ def _run_hf(args: argparse.Namespace) -> int:
     from . import hf
 
     cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else (
-        getattr(args, "merge", None),)
-    if getattr(args, "calibration", None) is not None:
-        raise ModelFoldError("--calibration is not available for Hugging Face models on the command line yet")
+        (args.merge,) if args.command == "prune" else ())
+    if args.command == "compress" and args.calibration is None:
+        args.calibration = "self"
     if any(v is not None for v in cnn_only):
-        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
-    if _use_stream(args):
+        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data/--merge apply to CNNs, not Hugging Face models")
+    calibrated = args.command == "compress" or args.calibration is not None
+    if calibrated and args.stream == "always":
+        raise ModelFoldError("calibrated compression runs in memory (the calibration activations pass through "
+                             "the whole model); drop --stream always")
+    if not calibrated and _use_stream(args):
         return _run_stream(args)
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
           "skip_first": args.skip_first, "skip_last": args.skip_last}
-    if args.command == "fold":
+    tok = _tokenizer(hf, args.model)
+    if args.calibration is not None:
+        kw.update(calibration=_calibration(args.calibration, tok), tokenizer=tok, n_calib=args.n_calib,
+                  calib_len=args.calib_len, progress=True)
+    if args.command == "compress":
+        kw.update(method=args.method, score=args.score, budget=args.budget)
+        out, report = api.compress(model, ratio=args.ratio, **kw)
+    elif args.command == "fold":
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
     else:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
-    hf.save(out, args.out, tokenizer=_tokenizer(hf, args.model))
     print(report)
+    if args.out.endswith(".gguf"):
+        from .hf.io import _gguf
+
+        source = None if hf.is_hf_dir(args.model) else _gguf(Path(args.model))
+        print(hf.save_gguf(out, args.out, dtype=args.gguf_type, source=source, progress=True))
+        return 0
+    hf.save(out, args.out, tokenizer=tok)
     print(f"saved to {args.out}")
     return 0
+
+
+def _calibration(src: str, tokenizer: object) -> object:
+    """'self', the texts of a .txt file, or a LongTensor of token ids from a .pt file."""
+    if src == "self":
+        return src
+    path = Path(src)
+    if not path.is_file():
+        raise ModelFoldError(f"--calibration {src}: no such file; give 'self', a .txt file or a .pt tensor of ids")
+    if path.suffix in (".pt", ".pth"):
+        try:
+            ids = torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file
+            raise ModelFoldError(f"--calibration {src} is not a readable torch tensor file ({e})") from None
+        return ids
+    if tokenizer is None:
+        raise ModelFoldError(f"--calibration {src}: text calibration needs the model's tokenizer, and none was "
+                             "found beside the model; pass token ids as a .pt tensor instead")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelFoldError(f"--calibration {src} is not UTF-8 text; give a .txt file or a .pt tensor") from None
+    return [t for t in text.split("\n\n") if t.strip()]
 
 
 def _use_stream(args: argparse.Namespace) -> bool:
@@ -149,6 +215,11 @@ def _use_stream(args: argparse.Namespace) -> bool:
     from .hf.stream import checkpoint_bytes
 
     if args.stream == "never":
+        return False
+    if args.out.endswith(".gguf"):
+        if args.stream == "always":
+            raise ModelFoldError("--stream always writes a transformers directory; a .gguf output is written "
+                                 "from the model in memory (use --stream auto or never)")
         return False
     if not is_hf_dir(args.model) or checkpoint_bytes(args.model) == 0:
         if args.stream == "always":
@@ -202,11 +273,18 @@ def _inspect_hf(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        from .evaluate.cli import run as run_eval
+
+        return run_eval(args)
     if args.command == "inspect" and _hf(args.model):
         return _inspect_hf(args)
     if args.command != "inspect" and _hf(args.model):
         return _run_hf(args)
     if args.command != "inspect":  # options that only Hugging Face checkpoints take
+        if args.out.endswith(".gguf"):
+            raise ModelFoldError("a .gguf output is written for transformers causal LMs (a Hugging Face directory "
+                                 "or .gguf input); save this model to a .pt file")
         if args.skip_first or args.skip_last:
             raise ModelFoldError("--skip-first/--skip-last apply to Hugging Face models; for a CNN keep layers "
                                  "with --ignore")
@@ -224,13 +302,25 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'foldable' if g.foldable else 'kept: ' + g.reason}")
         print(f"{sum(g.foldable for g in groups)} of {len(groups)} groups foldable")
         return 0
+    if args.n_calib is not None or args.calib_len is not None:
+        raise ModelFoldError("--n-calib/--calib-len apply to Hugging Face models; a CNN takes --calibration self "
+                             "or a file of inputs")
     repair_opts = _repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True}
     if args.calibration is not None:
         common["calibration"] = args.calibration if args.calibration == "self" else io.load_inputs(args.calibration)
-    if args.command == "fold":
+    if args.command == "compress":
+        if args.score in ("wanda", "flap"):
+            raise ModelFoldError(f"--score {args.score} is for Hugging Face models; CNNs take act or magnitude")
+        opts = {"budget": args.budget}
+        if args.method == "fold":
+            out, report = api.fold(model, x, **common, calibration_kwargs=opts)
+        else:
+            opts["selection"] = "activation" if args.score == "act" else "magnitude"
+            out, report = api.prune(model, x, **common, calibration_kwargs=opts)
+    elif args.command == "fold":
         data = repair_opts.get("data")
         if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):
             raise ModelFoldError(f"--data inputs have shape {tuple(data.shape[1:])} per sample but the model's "
