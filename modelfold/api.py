@@ -27,7 +27,7 @@ from .report import FoldReport, count_macs, count_params
 REPAIRS = ("none", "ar", "dir", "data")
 DEFAULT_GROUPING = "activation"  # calibrated folding; see docs/calibration-cnn.md for the measurement
 CALIBRATION_OPTIONS = {"lam", "bn_reset", "compensate", "samples", "self_batch", "self_iters", "grouping",
-                       "selection", "budget", "score_samples", "self_shape"}
+                       "selection", "budget", "score_samples", "self_shape", "prior"}
 
 
 def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Module | str] = (),
@@ -109,6 +109,7 @@ def _calibrator(model: nn.Module, example_inputs: Any, calibration: Any, opts: d
                                         self_batch=opts.get("self_batch"), self_iters=opts.get("self_iters"),
                                         self_shape=opts.get("self_shape"))
     calib = CNNCalibrator(batches, lam=opts.get("lam", 1e-3), seed=seed, bn_reset=opts.get("bn_reset", False),
+                          prior=opts.get("prior", True),
                           compensate=opts.get("compensate", True), score_samples=opts.get("score_samples", 128))
     return calib, info
 

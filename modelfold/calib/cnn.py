@@ -104,12 +104,14 @@ class CNNCalibrator:
     per channel and consumer for activation k-means; bn_reset: re-estimate the running statistics of
     BatchNorms in folded/pruned groups on the calibration inputs (in order, before the consumers
     after them are refitted); compensate: False turns the refit off (selection only); cache_bytes:
-    memory for the reference model's consumer inputs (computed once instead of once per consumer).
+    memory for the reference model's consumer inputs (computed once instead of once per consumer);
+    prior: the ridge pulls towards the plainly compressed consumer instead of towards zero.
     """
 
     def __init__(self, batches: list[torch.Tensor], lam: float = 1e-3, score_samples: int = 128,
                  sample_dim: int = 256, seed: int = 0, bn_reset: bool = False, compensate: bool = True,
-                 progress: Callable[[str], None] | None = None, cache_bytes: int = 2 << 30) -> None:
+                 progress: Callable[[str], None] | None = None, cache_bytes: int = 2 << 30,
+                 prior: bool = True) -> None:
         self.batches = batches
         self.lam = lam
         self.score_samples = score_samples
@@ -118,6 +120,7 @@ class CNNCalibrator:
         self.bn_reset = bn_reset
         self.compensate = compensate
         self.cache_bytes = cache_bytes
+        self.prior = prior
         self.reference: nn.Module | None = None
         self.row_maps: dict[str, torch.Tensor] = {}  # producer -> (rows now, rows in reference)
         self.consumers: set[str] = set()
@@ -309,7 +312,8 @@ class CNNCalibrator:
         rmap = self.row_maps.get(name)
         if rmap is not None:
             w0, b0 = rmap @ w0, rmap @ b0
-        w, bias = ridge_refit(w0, g.aa, g.ab, self.lam, bias=b0, fit_bias=True)
+        prior = mod.weight.detach().double().flatten(1) if self.prior else None
+        w, bias = ridge_refit(w0, g.aa, g.ab, self.lam, bias=b0, fit_bias=True, prior=prior)
         with torch.no_grad():
             mod.weight.copy_(w.view_as(mod.weight).to(mod.weight.dtype))
             if mod.bias is not None:
