@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
                              "whenever the directory holds safetensors; never: load the whole model")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
+        sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="HF directories, layer by layer: local (this process, default) or ray (one Ray "
+                             "task per layer on a cluster; see docs/distributed.md)")
+        sp.add_argument("--ray-address", metavar="ADDR", default=None,
+                        help="with --executor ray: the cluster to join, e.g. 10.0.0.1:6379 (default: the one "
+                             "RAY_ADDRESS names, else a new local one)")
         if name == "fold":
             sp.add_argument("--repair", default="none", choices=api.REPAIRS,
                             help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free), "
@@ -119,6 +125,9 @@ def _run_hf(args: argparse.Namespace) -> int:
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
     if _use_stream(args):
         return _run_stream(args)
+    if args.executor != "local":
+        raise ModelFoldError(f"--executor {args.executor} folds a safetensors directory layer by layer; "
+                             f"{args.model} is folded in memory (drop --stream never, or re-save it as safetensors)")
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
           "skip_first": args.skip_first, "skip_last": args.skip_last}
@@ -155,7 +164,8 @@ def _run_stream(args: argparse.Namespace) -> int:
     from .hf.stream import fold_checkpoint, prune_checkpoint
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
-          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last}
+          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last,
+          "executor": args.executor, "ray_address": args.ray_address}
     if args.command == "fold":
         report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
     else:
@@ -201,6 +211,8 @@ def _run(args: argparse.Namespace) -> int:
                                  "with --ignore")
         if args.stream == "always":
             raise _not_streamable(args.model)
+        if args.executor != "local" or args.ray_address:
+            raise ModelFoldError("--executor/--ray-address apply to Hugging Face checkpoint directories")
     model = io.load_model(args.model, args.weights)
     shape = args.input_shape or io.default_input_shape(args.model)
     if shape is None:

