@@ -1,4 +1,4 @@
-"""Command line: ``modelfold fold`` / ``modelfold prune`` / ``modelfold inspect``."""
+"""Command line: ``modelfold fold`` / ``modelfold prune`` / ``modelfold inspect`` / ``modelfold eval``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ examples:
   modelfold inspect densenet121
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
   modelfold fold path/to/big_hf_model --ratio 0.3 --stream always --out folded_dir   (layer by layer)
+  modelfold eval folded_dir --compare path/to/hf_model          (perplexity / cosine / top-1, side by side)
 Reload a CNN result with torch.load(path, weights_only=False).
 """
 
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("inspect", help="list the channel groups of a model and how they are coupled")
     common(sp)
     sp.add_argument("-v", "--verbose", action="store_true", help="list every slice of every group")
+    from .evaluate.cli import add_parser as add_eval
+
+    add_eval(sub)
     return p
 
 
@@ -201,6 +205,10 @@ def _inspect_hf(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        from .evaluate.cli import run as run_eval
+
+        return run_eval(args)
     if args.command == "inspect" and _hf(args.model):
         return _inspect_hf(args)
     if args.command != "inspect" and _hf(args.model):

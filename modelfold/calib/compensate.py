@@ -1,0 +1,102 @@
+"""Least-squares compensation: refit a consumer so it sees what it saw before compression.
+
+A consumer (down_proj, o_proj, the next conv or linear) reads n input features ``h`` and computes
+``W h``. After folding or pruning it reads k features ``h'`` instead (a subset of ``h`` for pruning,
+merged features for folding). Given calibration samples, the refit is the ridge solution
+
+    W' = argmin ||H' W'^T - H W^T||^2 + lam ||W'||^2  =  W C^T (G' + lam I)^-1,
+    G' = H'^T H' (k, k),  C = H'^T H (k, n),
+
+so only Gram matrices are needed, accumulated block by block (:class:`Gram`) in float64. With
+``bias=True`` a constant feature is appended, so the consumer's bias absorbs the mean shift.
+Conv consumers use the same algebra on im2col patches (:func:`conv_patches`).
+Shared by the traced CNN engine and the transformers adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Gram:
+    """Running ``A^T A``, ``A^T B`` and the sample count over blocks of rows (float64)."""
+
+    def __init__(self) -> None:
+        self.aa: torch.Tensor | None = None
+        self.ab: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor | None = None, block: int = 8192) -> None:
+        """Accumulate rows of ``a`` (N, k) and ``b`` (N, n); ``b`` defaults to ``a``."""
+        a = a.reshape(-1, a.shape[-1])
+        b = a if b is None else b.reshape(-1, b.shape[-1])
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"Gram.add: {a.shape[0]} rows of a but {b.shape[0]} rows of b")
+        for s in range(0, a.shape[0], block):
+            ab = a[s:s + block].double()
+            bb = ab if b is a else b[s:s + block].double()
+            aa_ = ab.T @ ab
+            abx = aa_ if b is a else ab.T @ bb
+            self.aa = aa_ if self.aa is None else self.aa + aa_
+            self.ab = abx if self.ab is None else self.ab + abx
+        self.n += a.shape[0]
+
+
+def with_ones(h: torch.Tensor) -> torch.Tensor:
+    """``h`` (N, k) with a constant-1 column appended (the bias feature)."""
+    return torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], dim=1)
+
+
+def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tensor, lam: float = 1e-3,
+                bias: torch.Tensor | None = None, fit_bias: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New consumer (weight', bias') that reads k features instead of n.
+
+    weight: (d, n) original consumer and ``bias`` (d,) its bias or None. gram_new = H'^T H' and
+    cross = H'^T H, both built from rows with a constant 1 appended to h' and h (:func:`with_ones`)
+    when ``fit_bias``: then bias' absorbs the mean shift, else bias is kept as it is. ``lam`` is
+    relative to the mean diagonal of the feature part of ``gram_new``. Float64 math, cast back.
+    """
+    d, n = weight.shape
+    w = weight.double()
+    if fit_bias:
+        b = torch.zeros(d, dtype=w.dtype, device=w.device) if bias is None else bias.double()
+        w = torch.cat([w, b[:, None]], dim=1)
+    if cross.shape[1] != w.shape[1] or gram_new.shape[0] != cross.shape[0]:
+        raise ValueError(f"ridge_refit: weight {tuple(weight.shape)}, gram {tuple(gram_new.shape)} and cross "
+                         f"{tuple(cross.shape)} do not fit (fit_bias={fit_bias})")
+    g = gram_new.double().clone()
+    k = g.shape[0] - (1 if fit_bias else 0)
+    diag = torch.diagonal(g)[:k]
+    reg = lam * float(diag.mean().clamp_min(1e-12)) if k else 0.0
+    idx = torch.arange(k, device=g.device)
+    g[idx, idx] += reg
+    sol = _solve_psd(g, cross.double() @ w.T).T  # (d, k[+1])
+    if fit_bias:
+        return sol[:, :k].to(weight.dtype), sol[:, k].to(weight.dtype if bias is None else bias.dtype)
+    return sol.to(weight.dtype), bias
+
+
+def output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Tensor, gram_new: torch.Tensor,
+                 cross: torch.Tensor) -> float:
+    """||H W^T - H' W'^T||^2 from Grams: tr(W G W^T) - 2 tr(W' C W^T) + tr(W' G' W'^T) (no bias)."""
+    w, v = weight.double(), new_weight.double()
+    a = (w @ gram.double() * w).sum()
+    b = (v @ cross.double() * w).sum()
+    c = (v @ gram_new.double() * v).sum()
+    return float((a - 2 * b + c).clamp_min(0.0))
+
+
+def _solve_psd(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``g x = rhs`` for a symmetric positive (semi)definite ``g``; Cholesky, else lstsq."""
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.lstsq(g, rhs).solution
+
+
+def conv_patches(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """im2col rows (N*L, C*kh*kw) of the input ``x`` (N, C, H, W) as ``conv`` sees it (groups=1)."""
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])

@@ -1,0 +1,27 @@
+import pytest
+
+from modelfold.calib.budget import allocate
+from modelfold.errors import InvalidRatioError
+
+
+def _curve(sens, size=100.0):
+    return [(r, r * size, sens * r * r) for r in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)]
+
+
+def test_fragile_unit_keeps_more_and_target_met():
+    curves = {"robust": _curve(1.0), "fragile": _curve(50.0), "mid": _curve(5.0)}
+    plan = allocate(curves, 90.0)
+    assert sum(r * 100 for r in plan.values()) >= 90.0 - 1e-9
+    assert plan["fragile"] < plan["mid"] < plan["robust"]
+
+
+def test_equal_units_get_equal_ratios_and_zero_target_is_identity():
+    curves = {f"u{i}": _curve(2.0) for i in range(4)}
+    plan = allocate(curves, 120.0)
+    assert len(set(plan.values())) == 1 and plan["u0"] == pytest.approx(0.3)
+    assert set(allocate(curves, 0.0).values()) == {0.0}
+
+
+def test_unreachable_target_is_refused():
+    with pytest.raises(InvalidRatioError, match="at most"):
+        allocate({"a": _curve(1.0)}, 1000.0)
