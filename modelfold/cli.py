@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="Fold-DIR: number of synthetic images (default 128)")
             sp.add_argument("--dir-iters", type=int, default=None,
                             help="Fold-DIR: DeepInversion optimization steps (default 100)")
+            sp.add_argument("--device", default=None,
+                            help="where k-means and DeepInversion run: cpu (default), cuda, cuda:N, or auto "
+                                 "(a GPU if there is one); the model is read and written on the CPU")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
 
@@ -136,7 +139,7 @@ def _run_hf(args: argparse.Namespace) -> int:
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
           "skip_first": args.skip_first, "skip_last": args.skip_last}
     if args.command == "fold":
-        out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
+        out, report = api.fold(model, ratio=args.ratio, repair=args.repair, device=args.device, **kw)
     else:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
     hf.save(out, args.out, tokenizer=_tokenizer(hf, args.model))
@@ -171,7 +174,8 @@ def _run_stream(args: argparse.Namespace) -> int:
           "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last,
           "executor": args.executor, "ray_address": args.ray_address}
     if args.command == "fold":
-        report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
+        report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed,
+                                 device=args.device, **kw)
     else:
         report = prune_checkpoint(args.model, args.out, ratio=args.ratio, norm=args.norm, **kw)
     print(report)
@@ -242,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
         if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):
             raise ModelFoldError(f"--data inputs have shape {tuple(data.shape[1:])} per sample but the model's "
                                  f"input is {tuple(x.shape[1:])}; pass matching inputs or --input-shape")
-        out, report = api.fold(model, x, repair=args.repair, **common, **repair_opts)
+        out, report = api.fold(model, x, repair=args.repair, device=args.device, **common, **repair_opts)
     else:
         out, report = api.prune(model, x, norm=args.norm, **common)
     io.save_model(out, args.out)

@@ -218,7 +218,9 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r} is not one of {EXECUTORS}: 'local' folds in this process, "
                          "'ray' spreads the layers over a Ray cluster")
-    layer_fn = layer_fn_for(method, options)  # checks the options before any file is touched
+    # check the options before any file is touched; Ray workers resolve the device themselves
+    layer_fn = layer_fn_for(method, {**options, "device": None} if executor == "ray" and "device" in options
+                            else options)
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
     if dst_p == src_p or src_p in dst_p.parents:
         raise CheckpointError(f"the output {dst_p} must be outside the input checkpoint {src_p}; "
@@ -257,7 +259,7 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
                     skip_last: int = 0, repair: str = "none", seed: int = 0, n_init: int = 3,
                     attention_mode: str = "auto", max_shard_size: int | str = "2GB", progress: bool = True,
                     executor: str = "local", ray_address: str | None = None,
-                    ray_options: Mapping | None = None) -> FoldReport:
+                    ray_options: Mapping | None = None, device: str | torch.device | None = None) -> FoldReport:
     """Fold the transformers checkpoint directory ``src`` into ``dst`` one layer at a time.
 
     Same arguments and bit-identical result as ``fold_model`` + ``save``, but only a few layers' tensors
@@ -267,9 +269,11 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
     modified. ``executor="ray"`` folds the layers as Ray tasks on the cluster at ``ray_address`` (a local
     one if None and none is running; ``src`` and ``dst`` must be on storage every node sees);
     ``ray_options`` go to the tasks' ``.options()`` (e.g. ``{"num_cpus": 4, "memory": 40e9}``). See
-    docs/distributed.md.
+    docs/distributed.md. ``device``: where k-means runs ("cpu", "cuda", "cuda:N", "auto"; on Ray, each
+    worker resolves it, so give GPU tasks ``ray_options={"num_gpus": 1}``).
     """
-    options = {"repair": repair, "seed": seed, "n_init": n_init, "attention_mode": attention_mode}
+    options = {"repair": repair, "seed": seed, "n_init": n_init, "attention_mode": attention_mode,
+               "device": None if device is None else str(device)}
     return _stream(src, dst, ratio, "fold", options, targets=targets, skip_first=skip_first,
                    skip_last=skip_last, repair=repair, max_shard_size=max_shard_size, progress=progress,
                    sparsity=sparsity, attention_mode=attention_mode, executor=executor,
