@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--modes", default="stream,memory,stream-capped,memory-capped",
                    help="comma-separated runs (the 7B shape does not fit in RAM whole: use --modes stream)")
     p.add_argument("--src", default=None, help="checkpoint to use (written there first if missing); kept afterwards")
-    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's, else 22)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=5632)
     p.add_argument("--heads", type=int, default=32)
@@ -172,7 +172,9 @@ def main() -> None:
         child(*a.child, a.ratio, a.targets, a.threads)
         return
     for k, v in SHAPES.get(a.shape, {}).items():
-        setattr(a, k, v)
+        if k != "layers" or a.layers is None:
+            setattr(a, k, v)
+    a.layers = a.layers or 22
     work = Path(tempfile.mkdtemp(prefix="stream_fold-", dir=a.workdir))
     t0 = time.perf_counter()
     if a.src and Path(a.src).exists():

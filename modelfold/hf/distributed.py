@@ -60,6 +60,7 @@ def fold_task(src: str, out: str, plan: Plan, method: str, options: dict, max_by
               threads: int) -> dict:
     """One Ray task: fold layers ``ids`` of ``src`` and write them as shards ``part-<first layer>-*`` in ``out``."""
     torch.set_num_threads(threads)
+    cpu0 = time.process_time()
     source = open_source(src)
     for p in Path(out).glob(_prefix(ids) + "-*"):  # what an attempt killed earlier left behind
         p.unlink()
@@ -70,7 +71,7 @@ def fold_task(src: str, out: str, plan: Plan, method: str, options: dict, max_by
     files = writer.finish()
     return {"ids": list(ids), "files": files, "groups": groups, "total": writer.total, "numel": writer.numel,
             "sizes": [source.adapter.sizes(source.model, i) for i in ids], "stages": stages,
-            "seconds": stages["read"] + stages["fold"] + stages["write"]}
+            "seconds": stages["read"] + stages["fold"] + stages["write"], "cpu_seconds": time.process_time() - cpu0}
 
 
 def _gather(ray: Any, refs: list, progress: bool) -> list[dict]:
@@ -152,4 +153,5 @@ def fold_on_ray(source: Source, tmp: Path, plan: Plan, method: str, options: dic
         stages[k] += sum(r["stages"][k] for r in results)
     stages["wall"] = time.perf_counter() - t0
     stages["task_max"] = max((r["seconds"] for r in results), default=0.0)
+    stages["task_cpu"] = sum(r["cpu_seconds"] for r in results)
     return groups, writer.total + sum(r["total"] for r in results), writer.numel + sum(r["numel"] for r in results), stages

@@ -214,7 +214,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
             repair: str, max_shard_size: int | str, progress: bool, sparsity: float | None,
             attention_mode: str, executor: str, ray_address: str | None, ray_options: Mapping | None,
             ) -> FoldReport:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r} is not one of {EXECUTORS}: 'local' folds in this process, "
                          "'ray' spreads the layers over a Ray cluster")
@@ -249,7 +249,8 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
         model.config.save_pretrained(tmp)
         _copy_extras(src_p, tmp)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
-    info = {"executor": executor, "output_bytes": total, **{f"{k}_seconds": round(v, 2) for k, v in stages.items()}}
+    info = {"executor": executor, "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
+            **{f"{k}_seconds": round(v, 2) for k, v in stages.items()}}
     return FoldReport(method, rmax, source.reader.numel(), numel, None, None, time.perf_counter() - t0,
                       groups, repair, info=info)
 
