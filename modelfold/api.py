@@ -10,8 +10,9 @@ from typing import Any
 import torch.nn as nn
 
 from . import checks
-from .device import resolve_device
-from .engine import USER_REASONS, Planner, compress, mark_user_kept
+from .device import DeviceError, resolve_device
+from .engine import USER_REASONS, Planner, mark_user_kept
+from .engine import compress as compress_groups
 from .errors import InvalidRatioError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, iter_groups
 from .policies import first_k_planner, kmeans_planner, magnitude_planner
@@ -58,7 +59,7 @@ def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
 
     def removed(r: float) -> float:
         m = copy.deepcopy(work)
-        compress(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False)
+        compress_groups(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False)
         return 1.0 - count_params(m) / total
 
     hi_s = removed(0.95)
@@ -97,7 +98,7 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                 f"Pass ignore=[...] with the modules named there to keep them intact, or strict=False "
                 "to leave such groups unfolded and listed in the report.")
 
-    groups = compress(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
+    groups = compress_groups(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
                       seed=seed, progress=progress, on_kept=on_kept)
     work = fixer.after(work)
     work.eval()
@@ -134,6 +135,14 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
+            if kwargs.get("calibration") is not None:  # calibrated folding: activation k-means + LS refit
+                if repair != "none":
+                    raise TypeError("repair= does not apply to calibrated transformers folding (calibration=)")
+                if dev is not None and dev.type != "cpu":
+                    raise DeviceError("calibrated folding (calibration=) runs on the CPU for now; drop device=")
+                return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
+                                         n_init=n_init, progress=progress, return_report=return_report, **kwargs)
+            kwargs.pop("calibration", None)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, device=dev, **kwargs)
         raise checks.missing_inputs(model)
@@ -161,6 +170,10 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
+            if kwargs.get("calibration") is not None:  # activation-aware selection + LS refit
+                return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="select", seed=seed,
+                                         progress=progress, return_report=return_report, **kwargs)
+            kwargs.pop("calibration", None)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
                                   return_report=return_report, **kwargs)
         raise checks.missing_inputs(model)
@@ -172,4 +185,27 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
     return (out, report) if return_report else out
 
 
-__all__ = ["channel_groups", "fold", "prune", "REPAIRS"]
+def compress(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
+             sparsity: float | None = None, calibration: Any = "self", return_report: bool = False,
+             **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """The best measured compression without user data: calibrated, with least-squares compensation.
+
+    ``calibration="self"`` lets the model make its own calibration set (text a causal LM samples,
+    random vocabulary words for encoders with ``tokenizer=``); pass token ids or texts (with
+    ``tokenizer=``) to calibrate on your own data. With ``sparsity=`` the per-layer ratios come from
+    measured sensitivity (``budget="auto"``). Transformers models: activation-aware selection of
+    MLP neurons / heads with a least-squares refit of their consumers (docs/calibration.md).
+    """
+    from . import hf
+
+    if example_inputs is None and hf.is_supported(model):
+        return hf.compress_model(model, ratio=ratio, sparsity=sparsity, calibration=calibration,
+                                 return_report=return_report, **kwargs)
+    if example_inputs is None:
+        raise checks.missing_inputs(model)
+    raise UnsupportedModelError(
+        "modelfold.compress() calibrates transformers models; for CNNs use modelfold.fold(model, x, ..., "
+        "repair='dir') (data-free, DeepInversion) or repair='data' with your data")
+
+
+__all__ = ["channel_groups", "compress", "fold", "prune", "REPAIRS"]

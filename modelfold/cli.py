@@ -13,6 +13,8 @@ from . import api, io
 from .errors import ModelFoldError
 from .repair.ar import RHO_MODES
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
+
 EPILOG = """\
 MODEL is one of:
   a modelfold zoo name        resnet18_fmnist, vgg11_bn_fmnist (trained on Fashion-MNIST, shipped)
@@ -28,6 +30,7 @@ examples:
   modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
   modelfold inspect densenet121
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
+  modelfold fold model.gguf --ratio 0.3 --out folded.gguf --gguf-type q8_0   (GGUF in, GGUF out)
   modelfold fold path/to/big_hf_model --ratio 0.3 --stream always --out folded_dir   (layer by layer)
   modelfold eval folded_dir --compare path/to/hf_model          (perplexity / cosine / top-1, side by side)
 Reload a CNN result with torch.load(path, weights_only=False).
@@ -62,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                         "residual stream) are kept; their input channels may still fold")
 
     for name, helptext in (("fold", "fold a model (Fold-Naive/AR/DIR/R)"),
-                           ("prune", "structured magnitude pruning baseline (SP-L1/SP-L2)")):
+                           ("prune", "structured magnitude pruning baseline (SP-L1/SP-L2)"),
+                           ("compress", "best calibrated compression without user data (HF models: activation-"
+                                        "aware selection + least-squares refit, automatic per-layer budget)")):
         sp = sub.add_parser(name, help=helptext, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         common(sp)
         amount = sp.add_mutually_exclusive_group(required=True)
@@ -80,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="HF directories: fold layer by layer from the safetensors shards (same result, "
                              "memory of one layer, so checkpoints larger than RAM fold). auto (default): "
                              "whenever the directory holds safetensors; never: load the whole model")
+        sp.add_argument("--gguf-type", default="f16", choices=(*GGUF_TYPES, "source"),
+                        help="--out FILE.gguf only: tensor type of the matrices (default f16; source: the input "
+                             "GGUF's types where they can be written)")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
         sp.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -88,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--ray-address", metavar="ADDR", default=None,
                         help="with --executor ray: the cluster to join, e.g. 10.0.0.1:6379 (default: the one "
                              "RAY_ADDRESS names, else a new local one)")
+        sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
+                        help="calibration data: 'self' (the model makes it: sampled text for causal LMs, random "
+                             "vocabulary words for encoders), a .txt file of text, or a .pt tensor of token ids "
+                             "(n, L). fold/prune: enables calibrated compression; compress: default self")
+        sp.add_argument("--n-calib", type=int, default=None, metavar="N",
+                        help="calibration sequences (default 8 for causal LMs, 32 for encoders)")
+        sp.add_argument("--calib-len", type=int, default=None, metavar="L",
+                        help="tokens per calibration sequence (default 512 for causal LMs, 128 for encoders)")
+        if name == "compress":
+            sp.add_argument("--method", choices=("select", "fold"), default="select",
+                            help="select (default: keep the neurons/heads with the highest score) or fold "
+                                 "(k-means on activation features, merge)")
+            sp.add_argument("--score", choices=("act", "wanda", "flap", "magnitude"), default="act",
+                            help="selection score (default act: activation norm x consumer column norm)")
+            sp.add_argument("--budget", choices=("auto", "uniform"), default="auto",
+                            help="with --sparsity: per-layer ratios by measured sensitivity (auto, default) or "
+                                 "one ratio for every layer")
         if name == "fold":
             sp.add_argument("--repair", default="none", choices=api.REPAIRS,
                             help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free), "
@@ -128,9 +153,15 @@ def _run_hf(args: argparse.Namespace) -> int:
     from . import hf
 
     cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else ()
+    if args.command == "compress" and args.calibration is None:
+        args.calibration = "self"
     if any(v is not None for v in cnn_only):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
-    if _use_stream(args):
+    calibrated = args.command == "compress" or args.calibration is not None
+    if calibrated and args.stream == "always":
+        raise ModelFoldError("calibrated compression runs in memory (the calibration activations pass through "
+                             "the whole model); drop --stream always")
+    if not calibrated and _use_stream(args):
         return _run_stream(args)
     if args.executor != "local":
         raise ModelFoldError(f"--executor {args.executor} folds a safetensors directory layer by layer; "
@@ -138,14 +169,50 @@ def _run_hf(args: argparse.Namespace) -> int:
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
           "skip_first": args.skip_first, "skip_last": args.skip_last}
-    if args.command == "fold":
+    tok = _tokenizer(hf, args.model)
+    if args.calibration is not None:
+        kw.update(calibration=_calibration(args.calibration, tok), tokenizer=tok, n_calib=args.n_calib,
+                  calib_len=args.calib_len, progress=True)
+    if args.command == "compress":
+        kw.update(method=args.method, score=args.score, budget=args.budget)
+        out, report = api.compress(model, ratio=args.ratio, **kw)
+    elif args.command == "fold":
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, device=args.device, **kw)
     else:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
-    hf.save(out, args.out, tokenizer=_tokenizer(hf, args.model))
     print(report)
+    if args.out.endswith(".gguf"):
+        from .hf.io import _gguf
+
+        source = None if hf.is_hf_dir(args.model) else _gguf(Path(args.model))
+        print(hf.save_gguf(out, args.out, dtype=args.gguf_type, source=source, progress=True))
+        return 0
+    hf.save(out, args.out, tokenizer=tok)
     print(f"saved to {args.out}")
     return 0
+
+
+def _calibration(src: str, tokenizer: object) -> object:
+    """'self', the texts of a .txt file, or a LongTensor of token ids from a .pt file."""
+    if src == "self":
+        return src
+    path = Path(src)
+    if not path.is_file():
+        raise ModelFoldError(f"--calibration {src}: no such file; give 'self', a .txt file or a .pt tensor of ids")
+    if path.suffix in (".pt", ".pth"):
+        try:
+            ids = torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file
+            raise ModelFoldError(f"--calibration {src} is not a readable torch tensor file ({e})") from None
+        return ids
+    if tokenizer is None:
+        raise ModelFoldError(f"--calibration {src}: text calibration needs the model's tokenizer, and none was "
+                             "found beside the model; pass token ids as a .pt tensor instead")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ModelFoldError(f"--calibration {src} is not UTF-8 text; give a .txt file or a .pt tensor") from None
+    return [t for t in text.split("\n\n") if t.strip()]
 
 
 def _use_stream(args: argparse.Namespace) -> bool:
@@ -154,6 +221,11 @@ def _use_stream(args: argparse.Namespace) -> bool:
     from .hf.stream import checkpoint_bytes
 
     if args.stream == "never":
+        return False
+    if args.out.endswith(".gguf"):
+        if args.stream == "always":
+            raise ModelFoldError("--stream always writes a transformers directory; a .gguf output is written "
+                                 "from the model in memory (use --stream auto or never)")
         return False
     if not is_hf_dir(args.model) or checkpoint_bytes(args.model) == 0:
         if args.stream == "always":
@@ -218,6 +290,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command != "inspect" and _hf(args.model):
         return _run_hf(args)
     if args.command != "inspect":  # options that only Hugging Face checkpoints take
+        if args.out.endswith(".gguf"):
+            raise ModelFoldError("a .gguf output is written for transformers causal LMs (a Hugging Face directory "
+                                 "or .gguf input); save this model to a .pt file")
         if args.skip_first or args.skip_last:
             raise ModelFoldError("--skip-first/--skip-last apply to Hugging Face models; for a CNN keep layers "
                                  "with --ignore")
@@ -237,6 +312,9 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'foldable' if g.foldable else 'kept: ' + g.reason}")
         print(f"{sum(g.foldable for g in groups)} of {len(groups)} groups foldable")
         return 0
+    if args.command == "compress" or args.calibration is not None:
+        raise ModelFoldError("calibrated compression (compress, --calibration) is available for Hugging Face "
+                             "models; for a CNN use 'modelfold fold --repair dir' (data-free) or --repair data")
     repair_opts = _repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,

@@ -11,7 +11,8 @@ from typing import Any
 
 from .adapters import find_adapter
 from .attention import fold_attention, prune_attention
-from .core import HF_REPAIRS, fold_model, prune_model
+from .core import HF_REPAIRS, compress_model, fold_model, prune_model
+from .gguf_out import save_gguf
 from .io import is_hf_dir, load_any, load_pretrained, load_tokenizer, save
 from .plan import InvalidPlanError, make_plan
 from .stream import fold_checkpoint, prune_checkpoint
@@ -26,6 +27,6 @@ def is_supported(model: Any) -> bool:
     return isinstance(model, PreTrainedModel) and find_adapter(model) is not None
 
 
-__all__ = ["HF_REPAIRS", "InvalidPlanError", "fold_attention", "fold_checkpoint", "fold_model", "is_hf_dir",
+__all__ = ["HF_REPAIRS", "compress_model", "InvalidPlanError", "fold_attention", "fold_checkpoint", "fold_model", "is_hf_dir",
            "is_supported", "load_any", "load_pretrained", "load_tokenizer", "make_plan", "prune_attention",
-           "prune_checkpoint", "prune_model", "save"]
+           "prune_checkpoint", "prune_model", "save", "save_gguf"]

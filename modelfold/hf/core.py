@@ -193,3 +193,60 @@ def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, spars
                         skip_last=skip_last, progress=progress, repair="none", layer_fn=layer, sparsity=sparsity,
                         attention_mode=attention_mode)
     return (work, report) if return_report else work
+
+
+def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsity: float | None = None,
+                   calibration: Any = "self", tokenizer: Any = None, method: str = "select", score: str = "act",
+                   compensate: str = "ls", budget: str = "auto", targets: str | Iterable[str] = "mlp",
+                   skip_first: int = 0, skip_last: int = 0, n_calib: int | None = None,
+                   calib_len: int | None = None, lam: float = 1e-3, seed: int = 0, n_init: int = 3,
+                   attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
+                   return_report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Calibrated compression: activation-aware selection (or folding) + least-squares refit, sequential.
+
+    calibration: "self" (text the causal LM samples itself; random vocabulary words for encoders, which
+        need tokenizer=), a LongTensor of token ids (n, L), or a list of strings with tokenizer=.
+    method: "select" (keep the neurons/heads with the highest ``score``) or "fold" (k-means on
+        activation features, merge). compensate: "ls", "bias" or "none".
+    budget: "auto" (with sparsity=: per-layer ratios from measured sensitivity) or "uniform".
+    Other arguments as in :func:`fold_model`. See docs/calibration.md.
+    """
+    from ..calib import data as cdata
+    from .calib_layer import CalibOptions
+    from .calibrated import Calibrated, sensitivity_plan
+
+    if budget not in ("auto", "uniform"):
+        raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
+    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, attention_mode=attention_mode,
+                        seed=seed, n_init=n_init)
+    adapter = _adapter(model)
+    check_weights(model)
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    ids = cdata.resolve(model, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
+                        progress=progress, info=info)
+    info["calibration_seconds"] = round(time.perf_counter() - t0, 2)
+    info["calibration_tokens"] = int(ids.numel())
+    if budget == "auto" and sparsity is not None:
+        if ratio is not None:
+            raise InvalidRatioError("give either ratio= or sparsity=, not both")
+        if not 0.0 < sparsity < 1.0:
+            raise InvalidRatioError(f"sparsity={sparsity!r} must be in (0, 1)")
+        t1 = time.perf_counter()
+        total = count_params(model)
+        with torch.no_grad():
+            plan, _ = sensitivity_plan(model, adapter, ids, sparsity * total, opts, targets, max_ratio=max_ratio,
+                                       progress=progress)
+        info["budget_seconds"] = round(time.perf_counter() - t1, 2)
+        ratio, sparsity, skip_first, skip_last = plan, None, 0, 0
+    fn = Calibrated(ids, opts)
+    name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
+    work, report = _run(model, ratio, name, targets=targets, skip_first=skip_first, skip_last=skip_last,
+                        progress=progress, repair="none", layer_fn=fn, sparsity=sparsity,
+                        attention_mode=attention_mode)
+    report.seconds = time.perf_counter() - t0
+    report.repair = "calibrated"
+    info["calibration"] = "self" if isinstance(calibration, str) else "data"
+    info["plan"] = {g.root: g.channels_after for g in report.groups}
+    report.repair_info = info
+    return (work, report) if return_report else work

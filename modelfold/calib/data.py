@@ -1,0 +1,172 @@
+"""Calibration data: what the model makes itself (``"self"``), or what the user gives.
+
+* Causal LMs: sequences sampled from the model itself, starting at its BOS token (temperature 1,
+  no top-k/top-p), seeded and cached on disk per model hash and settings, like Fold-DIR's batch.
+* Encoders (BERT-style, no generative head): sequences of random whole-word tokens of the model's
+  own vocabulary between [CLS] and [SEP] (an encoder cannot write text; see docs/calibration.md
+  for what this recovers against real text).
+* CNNs: the DeepInversion batch (``modelfold.repair.dir``), see docs/calibration-cnn.md.
+
+User data for transformers: a LongTensor of token ids (n, L), or a list of strings together with
+``tokenizer=`` (split into ``seq_len`` token chunks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ModelFoldError
+
+
+class CalibrationError(ModelFoldError, ValueError):
+    """Calibration data that cannot be used (wrong type, empty, too short, no tokenizer...)."""
+
+
+def cache_dir() -> Path:
+    """``$MODELFOLD_CACHE/calib`` (default ``~/.cache/modelfold/calib``)."""
+    from ..repair.dir import cache_dir as dir_cache
+
+    return dir_cache().parent / "calib"
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """A cheap SHA-256 over every parameter's name, shape and a strided sample of its values."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().reshape(-1)
+        step = max(1, t.numel() // 4096)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM")
+
+
+def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int = 0, temperature: float = 1.0,
+              use_cache: bool = True, progress: bool = False, info: dict[str, Any] | None = None
+              ) -> torch.Tensor:
+    """(n_seq, seq_len) token ids sampled from the causal LM ``model`` itself, from its BOS token.
+
+    Seeded; cached on disk per (model fingerprint, settings). ``info`` receives ``source``
+    ("cache" or "sampled") and ``seconds``.
+    """
+    if not is_causal_lm(model):
+        raise CalibrationError(f"self-generated text needs a causal LM; {type(model).__name__} cannot generate. "
+                               "Encoders use calibration='self' through random_words(); or pass token ids")
+    if n_seq < 1 or seq_len < 2:
+        raise CalibrationError(f"need n_seq >= 1 and seq_len >= 2, got {n_seq} x {seq_len}")
+    cfg = model.config
+    bos = getattr(cfg, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(getattr(model, "generation_config", None), "bos_token_id", None)
+    if bos is None:
+        raise CalibrationError(f"{type(model).__name__} has no bos_token_id to start sampling from; pass "
+                               "calibration token ids (or text with tokenizer=) instead")
+    t0 = time.perf_counter()
+    key = f"text-{_fingerprint(model)}-{n_seq}x{seq_len}-s{seed}-t{temperature}"
+    path = cache_dir() / f"{key}.pt"
+    if use_cache and path.is_file():
+        try:
+            ids = torch.load(path, weights_only=True)
+            if ids.shape == (n_seq, seq_len):
+                if info is not None:
+                    info.update(source="cache", seconds=time.perf_counter() - t0)
+                return ids
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is regenerated
+            pass
+    start = torch.full((n_seq, 1), int(bos), dtype=torch.long, device=_device(model))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                             min_new_tokens=seq_len - 1, pad_token_id=int(bos), use_cache=True)
+    ids = out[:, :seq_len].cpu()
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(ids, tmp)
+        tmp.replace(path)
+    if info is not None:
+        info.update(source="sampled", seconds=time.perf_counter() - t0)
+    return ids
+
+
+def random_words(tokenizer: Any, n_seq: int = 32, seq_len: int = 128, *, seed: int = 0) -> torch.Tensor:
+    """(n_seq, seq_len) ids: [CLS] + random whole-word alphabetic vocabulary tokens + [SEP]."""
+    vocab = tokenizer.get_vocab()
+    words = sorted(i for t, i in vocab.items() if t.isalpha() and t.isascii() and len(t) > 1)
+    if not words:
+        raise CalibrationError("the tokenizer's vocabulary has no whole-word tokens to sample from")
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.tensor(words, dtype=torch.long)
+    body = table[torch.randint(len(words), (n_seq, seq_len - 2), generator=gen)]
+    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if cls is None or sep is None:
+        raise CalibrationError("the tokenizer has no [CLS]/[SEP] (or BOS/EOS) tokens")
+    return torch.cat([torch.full((n_seq, 1), cls), body, torch.full((n_seq, 1), sep)], 1)
+
+
+def text_ids(tokenizer: Any, texts: Sequence[str], n_seq: int, seq_len: int, *, bos: bool = True) -> torch.Tensor:
+    """Tokenize ``texts`` as one stream and cut ``n_seq`` chunks of ``seq_len`` ids (BOS first if ``bos``)."""
+    if tokenizer is None:
+        raise CalibrationError("calibration text needs tokenizer=; or pass token ids as a LongTensor")
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+    b = getattr(tokenizer, "bos_token_id", None) if bos else None
+    body = seq_len - (1 if b is not None else 0)
+    if len(stream) < n_seq * body:
+        raise CalibrationError(f"calibration text has {len(stream)} tokens; {n_seq} x {seq_len} need "
+                               f"{n_seq * body}: give more text or fewer/shorter sequences")
+    rows = [stream[i * body:(i + 1) * body] for i in range(n_seq)]
+    ids = torch.tensor(rows, dtype=torch.long)
+    if b is not None:
+        ids = torch.cat([torch.full((n_seq, 1), int(b)), ids], 1)
+    return ids
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def resolve(model: nn.Module, calibration: Any, tokenizer: Any = None, *, n_seq: int | None = None,
+            seq_len: int | None = None, seed: int = 0, progress: bool = False,
+            info: dict[str, Any] | None = None) -> torch.Tensor:
+    """Token ids (n, L) for ``calibration``: "self", a LongTensor of ids, or a list of strings."""
+    if isinstance(calibration, str) and calibration == "self":
+        if is_causal_lm(model):
+            return self_text(model, n_seq or 8, seq_len or 512, seed=seed, progress=progress, info=info)
+        if tokenizer is None:
+            raise CalibrationError(f"calibration='self' for the encoder {type(model).__name__} needs tokenizer= "
+                                   "(random whole-word sequences are drawn from its vocabulary)")
+        if info is not None:
+            info.update(source="random-words")
+        return random_words(tokenizer, n_seq or 32, seq_len or 128, seed=seed)
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype not in (torch.int64, torch.int32) or calibration.ndim != 2 or calibration.numel() == 0:
+            raise CalibrationError(f"calibration token ids must be a non-empty 2-D integer tensor (n, L); got "
+                                   f"{calibration.dtype} of shape {tuple(calibration.shape)}")
+        vocab = model.get_input_embeddings().num_embeddings
+        if int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
+            raise CalibrationError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary)")
+        if info is not None:
+            info.update(source="data")
+        return calibration.long()
+    if isinstance(calibration, Sequence) and not isinstance(calibration, str) and calibration \
+            and all(isinstance(t, str) for t in calibration):
+        if info is not None:
+            info.update(source="data")
+        return text_ids(tokenizer, calibration, n_seq or 8, seq_len or 512, bos=is_causal_lm(model))
+    raise CalibrationError(f"calibration={calibration!r:.60} is not understood: use 'self', a LongTensor of token "
+                           "ids (n, L), or a list of strings with tokenizer=")

@@ -1,0 +1,160 @@
+"""Calibrated compression of one transformer block: activations in, smaller block out.
+
+Pure functions of a block's tensors, a plan and that block's calibration activations, so the
+in-memory and the layer-by-layer paths call the very same code:
+
+* :func:`compress_mlp`: choose the neurons to keep by an activation-aware score (``method="select"``)
+  or cluster them on activation-aware features and merge (``method="fold"``), then refit the
+  consumer (down_proj / fc2) by least squares so the MLP's output on the calibration activations
+  matches the original's (``modelfold.calib.compensate``).
+* :func:`compress_attention`: the same for attention heads (query heads inside each KV group, or
+  whole KV groups); o_proj is refit from the heads' context vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..calib.compensate import Gram, output_error, ridge_refit, with_ones
+from ..calib.score import SCORES, FeatureStats, feature_scores, unit_scores
+from ..cluster import kmeans
+from .adapters.base import AttnSpec, MLPSpec, get, linear_like, put
+from .attention import _apply, resolve_mode, units_k
+from .mlp import fold_mlp_with_labels, prune_mlp_keep
+
+METHODS = ("select", "fold")
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """How calibrated compression chooses and repairs (see docs/calibration.md)."""
+
+    method: str = "select"  # "select": keep by score; "fold": k-means on activation features + merge
+    score: str = "act"  # see modelfold.calib.score
+    compensate: str = "ls"  # "ls" (least squares), "bias" (mean shift into an existing bias) or "none"
+    lam: float = 1e-3  # ridge, relative to the mean diagonal of the Gram matrix
+    attention_mode: str = "auto"
+    seed: int = 0
+    n_init: int = 3
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.compensate not in ("ls", "bias", "none"):
+            raise ValueError(f"compensate must be 'ls', 'bias' or 'none', got {self.compensate!r}")
+
+
+def gram(h: torch.Tensor, ones: bool) -> torch.Tensor:
+    g = Gram()
+    g.add(with_ones(h) if ones else h)
+    return g.aa
+
+
+def _refit(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch.Tensor, idx: torch.Tensor,
+           opts: CalibOptions, stats: FeatureStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Consumer reading only the features ``idx`` of ``g_full`` (which ends with the ones feature iff bias)."""
+    fit_bias = bias is not None
+    if opts.compensate == "ls":
+        sel = torch.cat([idx, torch.tensor([g_full.shape[0] - 1])]) if fit_bias else idx
+        return ridge_refit(weight, g_full[sel][:, sel], g_full[sel], opts.lam, bias, fit_bias)
+    new_w = weight[:, idx]
+    if opts.compensate == "bias" and fit_bias:  # FLAP: removed features' mean output into the bias
+        gone = torch.ones(weight.shape[1], dtype=torch.bool)
+        gone[idx] = False
+        shift = weight[:, gone].double() @ stats.mean[gone]
+        return new_w, (bias.double() + shift).to(bias.dtype)
+    return new_w, bias
+
+
+def compress_mlp(spec: MLPSpec, k: int, h: torch.Tensor, opts: CalibOptions,
+                 rerun: Callable[[], torch.Tensor] | None = None) -> float:
+    """Keep ``k`` neurons of the MLP whose consumer inputs on the calibration set are ``h`` (N, n).
+
+    ``rerun`` recomputes the consumer's inputs after the producers changed (needed by "fold").
+    Returns the relative output error of the MLP on the calibration activations.
+    """
+    cons = get(spec.consumer)
+    w = cons.weight.detach()
+    bias = None if cons.bias is None else cons.bias.detach()
+    stats = FeatureStats.of(h)
+    g = gram(h, bias is not None)
+    n = spec.width
+    if opts.method == "select":
+        keep = torch.sort(torch.topk(feature_scores(opts.score, stats, w), k).indices).values
+        prune_mlp_keep(spec, keep)
+        new_w, new_b = _refit(w, bias, g, keep, opts, stats)
+        g_new, cross = g[keep][:, keep], g[keep][:, :n]
+    else:
+        if rerun is None:
+            raise ValueError("method='fold' needs rerun= to measure the merged neurons")
+        labels = kmeans(activation_features(h, w), k, seed=opts.seed, n_init=opts.n_init).labels
+        fold_mlp_with_labels(spec, labels, k)
+        h2 = rerun()
+        ones = bias is not None
+        a, b = (with_ones(h2), with_ones(h)) if ones else (h2, h)
+        gx = Gram()
+        gx.add(a)
+        cx = Gram()
+        cx.add(a, b)
+        if opts.compensate == "ls":
+            new_w, new_b = ridge_refit(w, gx.aa, cx.ab, opts.lam, bias, ones)
+        else:
+            new_w, new_b = get(spec.consumer).weight.detach(), bias
+        g_new, cross = gx.aa[:k][:, :k], cx.ab[:k][:, :n]
+    put(spec.consumer, linear_like(new_w.to(w.dtype).contiguous(), new_b))
+    base = output_error(w, g[:n][:, :n], torch.zeros_like(new_w[:, :0]), g_new[:0, :0], cross[:0])
+    err = output_error(w, g[:n][:, :n], new_w, g_new, cross)
+    return err / base if base > 0 else 0.0
+
+
+def activation_features(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, N) per-neuron features for calibrated folding: its activations times its output norm."""
+    return (h.T.float() * weight.detach().float().norm(dim=0)[:, None]).contiguous()
+
+
+def attention_units(spec: AttnSpec, mode: str) -> tuple[int, int]:
+    """(number of units, columns of o_proj per unit)."""
+    if mode == "query":
+        return spec.num_heads, spec.head_dim
+    return spec.num_kv_heads, spec.n_rep * spec.head_dim
+
+
+def choose_heads(spec: AttnSpec, mode: str, k: int, scores: torch.Tensor) -> torch.Tensor:
+    """Sorted kept unit indices: the best ``k`` per KV group (query mode) or overall (group mode)."""
+    if mode == "query":
+        r = spec.n_rep
+        keep = torch.cat([torch.topk(scores[g * r:(g + 1) * r], k).indices + g * r
+                          for g in range(spec.num_kv_heads)])
+    else:
+        keep = torch.topk(scores, k).indices
+    return torch.sort(keep).values
+
+
+def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, opts: CalibOptions
+                       ) -> tuple[int, int, float]:
+    """Drop heads by score on the o_proj inputs ``a`` (N, heads*head_dim), then refit o_proj.
+
+    Returns (units before, units after, relative output error of o_proj on the calibration set).
+    """
+    mode = resolve_mode(spec, opts.attention_mode)
+    n_units, width = attention_units(spec, mode)
+    k = units_k(spec, mode, ratio)
+    o = get(spec.o)
+    w = o.weight.detach()
+    bias = None if o.bias is None else o.bias.detach()
+    stats = FeatureStats.of(a)
+    g = gram(a, bias is not None)
+    keep_units = choose_heads(spec, mode, k, unit_scores(feature_scores(opts.score, stats, w), width))
+    cols = (keep_units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+    _apply(spec, mode, None, keep_units, k, adapter)
+    new_w, new_b = _refit(w, bias, g, cols, opts, stats)
+    put(spec.o, linear_like(new_w.to(w.dtype).contiguous(), new_b))
+    nf = w.shape[1]
+    base = output_error(w, g[:nf][:, :nf], w[:, :0], g[:0, :0], g[:0, :nf])
+    err = output_error(w, g[:nf][:, :nf], new_w, g[cols][:, cols], g[cols][:, :nf])
+    return n_units, int(keep_units.numel()), (err / base if base > 0 else 0.0)

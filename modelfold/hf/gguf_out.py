@@ -1,0 +1,249 @@
+"""Write a (folded) transformers causal LM as a GGUF file for llama.cpp / ollama / transformers.
+
+Tensor names come from the ``gguf`` package's name map (``gguf.get_tensor_name_map``), tensors are
+quantized by ``gguf.quants``, and Q/K rows are permuted into llama.cpp's RoPE layout for the llama
+architecture (transformers un-permutes them on load). With ``source=`` (the GGUF the model was loaded
+from) every metadata field is copied (tokenizer, chat template, names), except the sizes that
+folding changes, which are re-derived from the tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError, ModelFoldError, UnsupportedModelError
+from ..io import atomic_write
+
+#: transformers ``model_type`` -> GGUF architecture (llama.cpp runs Mistral as ``llama``).
+ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PERMUTE_QK = frozenset({"llama"})
+#: Output types: names accepted by ``save_gguf(dtype=...)`` / ``--gguf-type``.
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
+
+@dataclass
+class GGUFInfo:
+    """What ``save_gguf`` wrote: tensor types and the tensors that could not take the asked type."""
+
+    path: Path
+    types: Counter = field(default_factory=Counter)
+    fallbacks: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        size = self.path.stat().st_size / 2**20
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.types.items()))
+        s = f"wrote {self.path} ({size:.1f} MiB; tensors: {types})"
+        if self.fallbacks:
+            s += (f"\n  {len(self.fallbacks)} tensors kept at a wider type, their rows do not split into the "
+                  f"quantization blocks: {', '.join(self.fallbacks[:4])}{' ...' if len(self.fallbacks) > 4 else ''}")
+        return s
+
+
+def _qtype(name: str) -> Any:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name.upper()]
+
+
+def _writable(qtype: Any) -> bool:
+    """True if ``gguf.quants`` can produce ``qtype`` in numpy."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    if qtype in (T.F32, T.F16):
+        return True
+    cls = quants._type_traits.get(qtype)  # noqa: SLF001 - the package's own registry of numpy quantizers
+    return cls is not None and "quantize_blocks" in vars(cls)
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's RoPE row order for Q/K (inverse of transformers' ``_reverse_permute_weights``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _sizes(sd: dict[str, torch.Tensor], n_layers: int, head_dim: int) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {"ffn": [], "heads": [], "kv_heads": []}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        try:
+            out["ffn"].append(sd[p + "mlp.down_proj.weight"].shape[1])
+            out["heads"].append(sd[p + "self_attn.q_proj.weight"].shape[0] // head_dim)
+            out["kv_heads"].append(sd[p + "self_attn.k_proj.weight"].shape[0] // head_dim)
+        except KeyError as e:
+            raise UnsupportedModelError(f"layer {i} has no {e.args[0]}: not a llama-style decoder layout") from None
+    return out
+
+
+def _rope_theta(config: Any) -> float:
+    theta = getattr(config, "rope_theta", None)
+    params = getattr(config, "rope_parameters", None) or {}
+    if theta is None:
+        theta = params.get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def _hparams(model: nn.Module, arch: str, sizes: dict[str, list[int]], head_dim: int) -> dict[str, Any]:
+    """Architecture key (without the ``arch.`` prefix) -> value, every size taken from the tensors."""
+    c = model.config
+    per_layer = {k: (v[0] if len(set(v)) == 1 else v) for k, v in sizes.items()}
+    hp: dict[str, Any] = {
+        "block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
+        "embedding_length": c.hidden_size, "feed_forward_length": per_layer["ffn"],
+        "attention.head_count": per_layer["heads"], "attention.head_count_kv": per_layer["kv_heads"],
+        "rope.dimension_count": head_dim, "rope.freq_base": _rope_theta(c),
+        "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "vocab_size": c.vocab_size,
+    }
+    if head_dim * max(sizes["heads"]) != c.hidden_size or head_dim * min(sizes["heads"]) != c.hidden_size:
+        hp["attention.key_length"] = hp["attention.value_length"] = head_dim
+    return hp
+
+
+def _check(model: nn.Module, source: Path | None) -> str:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ARCHES:
+        raise UnsupportedModelError(f"writing GGUF supports the model types {', '.join(ARCHES)}, not {mt!r}; save "
+                                    "a transformers directory instead (--out DIR)")
+    rope = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope != "default" and source is None:
+        raise UnsupportedModelError(f"rope scaling {rope!r} is only written when folding from a GGUF file that "
+                                    "carries it (pass source=)")
+    return ARCHES[mt]
+
+
+def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn.Module) -> None:
+    from gguf import GGUFValueType, Keys
+
+    derived = {f"{arch}.{k}" for k in hp} | {f"{arch}.attention.key_length", f"{arch}.attention.value_length"}
+    skip = derived | {Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}
+    if reader is not None:
+        for f in reader.fields.values():
+            if f.name.startswith("GGUF.") or f.name in skip:
+                continue
+            sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    else:
+        name = model.config.name_or_path or f"modelfold {model.config.model_type}"
+        writer.add_name(str(name))
+        writer.add_tokenizer_model("no_vocab")  # model only: llama.cpp takes token ids, not text
+    for k, v in hp.items():
+        key = f"{arch}.{k}"
+        if isinstance(v, list):
+            writer.add_key_value(key, v, GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
+        elif isinstance(v, float):
+            writer.add_key_value(key, v, GGUFValueType.FLOAT32)
+        else:
+            writer.add_key_value(key, int(v), GGUFValueType.UINT32)
+
+
+def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", source: str | os.PathLike | None = None,
+              progress: bool = False) -> GGUFInfo:
+    """Write ``model`` (a llama/mistral/qwen2/qwen3 causal LM, folded or not) to a GGUF file, atomically.
+
+    dtype: one of :data:`TYPES` for every matrix, or ``"source"``: each tensor in the type it has in
+    ``source`` (where ``gguf.quants`` can write it, else Q8_0). 1-D tensors (norms, biases) stay F32, as
+    llama.cpp writes them; a matrix whose rows do not split into the type's blocks (e.g. a folded FFN
+    width that is not a multiple of 32) is written as F16 and listed in ``GGUFInfo.fallbacks``.
+    source: the GGUF the model was loaded from; its metadata (tokenizer, chat template) is carried over.
+    Without it the file has no vocabulary (llama.cpp then evaluates token ids, not text).
+    Per-layer sizes (a non-uniform plan) are written as per-layer arrays, which llama.cpp reads but
+    transformers' GGUF loader does not.
+    """
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    source = None if source is None else Path(source)
+    arch = _check(model, source)
+    if dtype != "source" and dtype not in TYPES:
+        raise ModelFoldError(f"unknown GGUF type {dtype!r}; use one of {', '.join(TYPES)} or 'source'")
+    reader = None
+    if source is not None:
+        try:
+            reader = gguf.GGUFReader(source)
+        except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
+            raise CheckpointError(f"cannot read the source GGUF {source}: {type(e).__name__}: {e}") from None
+        src_arch = reader.fields["general.architecture"].contents()
+        if src_arch != arch:
+            raise CheckpointError(f"{source} is a {src_arch!r} GGUF but the model is {arch!r}")
+    elif dtype == "source":
+        raise ModelFoldError("dtype='source' needs source= (the GGUF file the model was loaded from)")
+    src_types = {t.name: t.tensor_type for t in reader.tensors} if reader is not None else {}
+
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    sd = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and c.tie_word_embeddings)}
+    sizes = _sizes(sd, c.num_hidden_layers, head_dim)
+    hp = _hparams(model, arch, sizes, head_dim)
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
+    path = Path(path)
+    info = GGUFInfo(path=path.resolve())
+    quantized = False
+
+    def write(tmp: str) -> None:
+        nonlocal quantized
+        writer = gguf.GGUFWriter(tmp, arch)
+        _metadata(writer, reader, arch, hp, model)
+        written = set()
+        for key, t in sd.items():
+            base, _, suffix = key.rpartition(".")
+            gname = names.get_name(base)
+            if gname is None:
+                raise UnsupportedModelError(f"no GGUF tensor name for {key} in the {arch} architecture")
+            gname = f"{gname}.{suffix}"
+            data = t.detach().to(torch.float32).cpu().numpy()
+            layer = int(base.split(".")[2]) if base.startswith("model.layers.") else -1
+            if arch in PERMUTE_QK and gname.endswith((".attn_q.weight", ".attn_k.weight")):
+                heads = sizes["heads" if ".attn_q." in gname else "kv_heads"][layer]
+                data = _permute(data, heads)
+            want = _qtype(dtype) if dtype != "source" else src_types.get(gname, T.F16)
+            if data.ndim == 1:
+                want = T.F32
+            elif not _writable(want):
+                want = T.Q8_0
+            block = gguf.GGML_QUANT_SIZES[want][0]
+            if data.shape[-1] % block:
+                info.fallbacks.append(gname)
+                want = T.F16
+            if want == T.F32:
+                out = data
+            elif want == T.F16:
+                out = data.astype(np.float16)
+            else:
+                out = gguf.quants.quantize(data, want)
+                quantized = quantized or want != T.BF16
+            writer.add_tensor(gname, out, raw_dtype=want)
+            info.types[want.name] += 1
+            written.add(gname)
+        for rt in reader.tensors if reader is not None else ():
+            if rt.name not in written and not rt.name.startswith(("blk.", "output")):  # e.g. rope_freqs
+                writer.add_tensor(rt.name, rt.data, raw_shape=rt.data.shape, raw_dtype=rt.tensor_type)
+                info.copied.append(rt.name)
+                info.types[rt.tensor_type.name] += 1
+        ftype = {"source": None, "f32": "ALL_F32"}.get(dtype, f"MOSTLY_{dtype.upper()}")
+        if ftype is None and reader is not None and "general.file_type" in reader.fields:
+            writer.add_file_type(int(reader.fields["general.file_type"].contents()))
+        elif ftype is not None:
+            writer.add_file_type(int(gguf.LlamaFileType[ftype]))
+        if quantized:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+
+    try:
+        atomic_write(path, write)
+    except ModelFoldError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"could not write {path}: {e}; nothing was written there") from None
+    return info

@@ -1,0 +1,137 @@
+"""GGUF output: tiny random decoders written, reloaded by transformers (gguf_file=), compared exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_models import make_model
+
+import modelfold
+import modelfold.hf
+from modelfold.errors import CheckpointError, ModelFoldError, UnsupportedModelError
+from modelfold.hf import save_gguf
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(family: str = "llama", seed: int = 0, inter: int = 128) -> torch.nn.Module:
+    """hidden 64 (two Q8_0/Q4_1 blocks per row), 4 query / 2 KV heads, head_dim 16."""
+    torch.manual_seed(seed)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    cfg = cls[0](vocab_size=64, hidden_size=64, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=family == "llama")
+    return cls[1](cfg).eval()
+
+
+def reload(path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def logits(m: torch.nn.Module) -> torch.Tensor:
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return m(x).logits
+
+
+def stored(w: torch.Tensor, qtype) -> torch.Tensor:
+    """What a tensor of type ``qtype`` holds after writing: the gguf package's own quantize -> dequantize."""
+    a = w.detach().float().numpy()
+    if qtype == T.F32:
+        return torch.from_numpy(a)
+    if qtype == T.F16:
+        return torch.from_numpy(a.astype(np.float16).astype(np.float32))
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qtype), qtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0", "q4_1"])
+def test_folded_llama_reloads_to_the_written_weights(tmp_path, dtype) -> None:
+    model = modelfold.fold(tiny(), ratio=0.5, targets="all")  # 4 -> 2 heads, FFN 128 -> 64: head_dim != hidden/heads
+    assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 64
+    info = save_gguf(model, tmp_path / "m.gguf", dtype=dtype)
+    again = reload(tmp_path / "m.gguf")
+    qtype = T[dtype.upper()]
+    got = dict(again.named_parameters())
+    for name, p in model.named_parameters():  # Q/K went through llama.cpp's RoPE permutation and back
+        want = stored(p, qtype if p.ndim == 2 else T.F32)
+        assert torch.equal(got[name].detach(), want), name
+    # 15 matrices (2 layers x 7 + the tied embedding) in the asked type, 5 norms in F32
+    assert info.types == ({"F32": 20} if dtype == "f32" else {qtype.name: 15, "F32": 5}) and not info.fallbacks
+    diff = (logits(again) - logits(model)).abs().max()
+    tol = {"f32": 0.0, "f16": 1e-3, "bf16": 1e-2, "q8_0": 2e-2, "q4_1": 0.3}[dtype]
+    assert diff <= tol
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_other_families_exact_in_f32(tmp_path, family) -> None:
+    model = tiny(family)
+    if modelfold.hf.is_supported(model):  # qwen3 folds once its adapter lands; writing does not depend on it
+        model = modelfold.fold(model, ratio=0.25, targets="mlp")
+    save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    assert torch.equal(logits(reload(tmp_path / "m.gguf")), logits(model))
+
+
+def test_unaligned_width_falls_back_to_f16_and_source_metadata_is_kept(tmp_path) -> None:
+    src = tmp_path / "src.gguf"
+    save_gguf(tiny(), src, dtype="q8_0")
+    model = modelfold.fold(reload(src), ratio=0.3, targets="mlp")  # FFN 128 -> 90: not a multiple of 32
+    info = save_gguf(model, tmp_path / "out.gguf", dtype="source", source=src)
+    assert sorted(info.fallbacks) == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    r = gguf.GGUFReader(tmp_path / "out.gguf")
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.ffn_down.weight"] == T.F16 and types["blk.0.ffn_up.weight"] == T.Q8_0
+    assert r.fields["llama.feed_forward_length"].contents() == 90
+    assert r.fields["general.name"].contents() == gguf.GGUFReader(src).fields["general.name"].contents()
+    assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    again = reload(tmp_path / "out.gguf")
+    for name, p in model.named_parameters():
+        q = T.F16 if "down_proj" in name else (T.Q8_0 if p.ndim == 2 else T.F32)
+        assert torch.equal(dict(again.named_parameters())[name].detach(), stored(p, q)), name
+
+
+def test_per_layer_sizes_are_written_as_arrays(tmp_path) -> None:
+    model = modelfold.fold(tiny(), ratio=0.5, targets="mlp", skip_first=1)  # layer 0 kept: 128, layer 1: 64
+    save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert r.fields["llama.feed_forward_length"].contents() == [128, 64]
+    assert r.fields["llama.attention.head_count"].contents() == 4
+
+
+def test_errors_write_nothing(tmp_path) -> None:
+    out = tmp_path / "m.gguf"
+    with pytest.raises(UnsupportedModelError, match="not 'bert'"):
+        save_gguf(make_model("bert"), out)
+    with pytest.raises(ModelFoldError, match="unknown GGUF type"):
+        save_gguf(tiny(), out, dtype="q3_k")
+    with pytest.raises(ModelFoldError, match="needs source="):
+        save_gguf(tiny(), out, dtype="source")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF not really")
+    with pytest.raises(CheckpointError, match="cannot read the source GGUF"):
+        save_gguf(tiny(), out, source=tmp_path / "bad.gguf")
+    save_gguf(tiny("qwen2"), tmp_path / "q.gguf", dtype="f32")
+    with pytest.raises(CheckpointError, match="is a 'qwen2' GGUF"):
+        save_gguf(tiny(), out, source=tmp_path / "q.gguf")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "q.gguf"]
+
+
+def test_cli_gguf_in_gguf_out(tmp_path, capsys) -> None:
+    from modelfold.cli import main
+    from modelfold.hf import load_any
+
+    src = tmp_path / "src.gguf"
+    save_gguf(tiny(), src, dtype="f32")
+    out = tmp_path / "folded.gguf"
+    assert main(["fold", str(src), "--ratio", "0.25", "--out", str(out), "--gguf-type", "f32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    ref = modelfold.fold(load_any(src), ratio=0.25, targets="mlp")
+    assert torch.equal(logits(reload(out)), logits(ref))
+    assert main(["fold", str(src), "--ratio", "0.25", "--out", str(out), "--stream", "always"]) == 2
+    assert "--stream always" in capsys.readouterr().err
+    assert main(["fold", "resnet18_fmnist", "--ratio", "0.25", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "transformers causal LMs" in capsys.readouterr().err
