@@ -145,7 +145,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
             kwargs.pop("calibration", None)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, device=dev, **kwargs)
-        raise checks.missing_inputs(model)
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
     if repair not in REPAIRS:
@@ -176,7 +176,7 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
             kwargs.pop("calibration", None)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
                                   return_report=return_report, **kwargs)
-        raise checks.missing_inputs(model)
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")
     out, report = _run(model, example_inputs, ratio, sparsity, magnitude_planner(norm), f"sp-l{norm}",

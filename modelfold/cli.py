@@ -144,9 +144,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _hf(spec: str) -> bool:
     from . import hf
+    from .hf.validate import looks_like_hf_dir
 
     is_dir = getattr(hf, "is_hf_dir", None)
-    return spec.endswith(".gguf") or bool(is_dir and is_dir(spec))
+    return spec.endswith(".gguf") or bool(is_dir and is_dir(spec)) or looks_like_hf_dir(spec)
 
 
 def _run_hf(args: argparse.Namespace) -> int:
@@ -157,6 +158,9 @@ def _run_hf(args: argparse.Namespace) -> int:
         args.calibration = "self"
     if any(v is not None for v in cnn_only):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
+    from .hf.validate import check_foldable
+
+    check_foldable(args.model)  # config, family, weights / GGUF architecture: fail before loading anything
     calibrated = args.command == "compress" or args.calibration is not None
     if calibrated and args.stream == "always":
         raise ModelFoldError("calibrated compression runs in memory (the calibration activations pass through "
@@ -269,7 +273,9 @@ def _inspect_hf(args: argparse.Namespace) -> int:
     from .hf.core import _adapter
     from .hf.sizing import summary
     from .hf.stream import skeleton
+    from .hf.validate import check_foldable
 
+    check_foldable(args.model, weights=False)  # inspect reads shapes from config.json only
     if args.model.endswith(".gguf"):
         from .hf import load_any
 

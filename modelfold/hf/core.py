@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..checks import check_weights
 from ..device import resolve_device
-from ..errors import InvalidRatioError, UnsupportedModelError
+from ..errors import InvalidRatioError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
 from .attention import fold_attention, prune_attention
@@ -29,10 +29,9 @@ HF_REPAIRS = ("none", "ar")
 def _adapter(model: Any) -> Adapter:
     a = find_adapter(model)
     if a is None:
-        mtype = getattr(getattr(model, "config", None), "model_type", None)
-        raise UnsupportedModelError(
-            f"no transformers adapter for model_type={mtype!r} ({type(model).__name__}); supported: "
-            "llama, mistral, qwen2, bert. For other models pass example_inputs= to use the traced engine.")
+        from .validate import unsupported_type
+
+        raise unsupported_type(getattr(getattr(model, "config", None), "model_type", None), type(model).__name__)
     return a
 
 
@@ -40,13 +39,12 @@ def record_sizes(model: nn.Module, adapter: Adapter) -> None:
     """Write the per-layer sizes into ``model.config`` (uniform -> family fields, else modelfold_layers)."""
     config = model.config
     sizes = [adapter.sizes(model, i) for i in range(len(adapter.layers(model)))]
-    orig = getattr(config, "modelfold_original", None) or {
-        "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads)}
-    uniform = all(s == sizes[0] for s in sizes)
+    orig = getattr(config, "modelfold_original", None) or adapter.config_sizes(config)
+    merged: dict[str, int] = {}
+    uniform = all(merged.setdefault(k, v) == v for s in sizes for k, v in s.items())
     heads_changed = any(s["num_attention_heads"] != orig["num_attention_heads"] for s in sizes)
     if uniform and (adapter.vanilla_heads or not heads_changed):
-        adapter.set_uniform_config(config, sizes[0])
+        adapter.set_uniform_config(config, merged)
         if hasattr(config, "modelfold_layers"):
             del config.modelfold_layers
     else:
@@ -120,8 +118,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
             done = after < before
             out.append(GroupReport(spec.name, spec.names, before, after, "folded" if done else "kept",
                                    "" if done else "ratio too small to remove a head", err if done else None))
-        if "mlp" in p:
-            spec = adapter.mlp(work, i)
+        for spec in adapter.mlps(work, i) if "mlp" in p else ():  # one per expert in MoE layers
             if repair == "ar" and len(spec.producers) > 1 and not warned:
                 warned.append(True)
                 warnings.warn("repair='ar' on a gated (SwiGLU) MLP: in our SmolLM2 benchmark it raised perplexity "
@@ -148,8 +145,7 @@ def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
             before, after = prune_attention(spec, p["attention"], adapter, mode=attention_mode, norm=norm)
             out.append(GroupReport(spec.name, spec.names, before, after,
                                    "pruned" if after < before else "kept"))
-        if "mlp" in p:
-            spec = adapter.mlp(work, i)
+        for spec in adapter.mlps(work, i) if "mlp" in p else ():  # one per expert in MoE layers
             n = spec.width
             k = max(1, round(n * (1.0 - p["mlp"])))
             if k < n:

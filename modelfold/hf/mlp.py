@@ -68,8 +68,9 @@ def prune_mlp_keep(spec: MLPSpec, keep: torch.Tensor) -> None:
 
 
 def _set_width(spec: MLPSpec, k: int) -> None:
-    if spec.owner is not None and hasattr(spec.owner, "intermediate_size"):
-        spec.owner.intermediate_size = k
+    for attr in spec.width_attrs if spec.owner is not None else ():
+        if hasattr(spec.owner, attr):
+            setattr(spec.owner, attr, k)
 
 
 def fold_mlp(spec: MLPSpec, k: int, *, seed: int = 0, n_init: int = 3, repair: str = "none",

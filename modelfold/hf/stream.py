@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 from ..report import FoldReport, GroupReport
 from .adapters import Adapter
+from .convert import disk_to_model_names, to_disk, to_model
 from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes, resolve_ratio
 from .io import _model_class, atomic_dir, is_hf_dir
 from .plan import Plan, make_plan
 from .shards import INDEX, WEIGHT_SUFFIXES, ShardReader, ShardWriter, parse_size
+from .validate import check_model_dir
 
 __all__ = ["ShardReader", "ShardWriter", "checkpoint_bytes", "fold_checkpoint", "parse_size",
            "prune_checkpoint", "skeleton"]
@@ -44,6 +46,7 @@ def skeleton(path: Path) -> nn.Module:
     """The model ``config.json`` describes, on the meta device (shapes only), at any recorded fold sizes."""
     from transformers import AutoConfig
 
+    check_model_dir(path, weights=False, foldable=True)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -99,6 +102,7 @@ def open_source(src: str | os.PathLike) -> Source:
         hint = (" GGUF files are dequantized and folded in memory: modelfold.hf.load_any + fold_model "
                 "(CLI: --stream never)") if src_p.suffix == ".gguf" else ""
         raise CheckpointError(f"{src_p} is not a transformers model directory (no config.json).{hint}")
+    check_model_dir(src_p, foldable=True)  # config, family, weights
     reader = ShardReader(src_p)
     model = skeleton(src_p)
     adapter = _adapter(model)
@@ -106,8 +110,9 @@ def open_source(src: str | os.PathLike) -> Source:
     prefixes = [names[id(layer)] + "." for layer in adapter.layers(model)]
     per_layer: list[list[str]] = [[] for _ in prefixes]
     rest: list[str] = []
+    names = disk_to_model_names(model, reader.keys())  # checkpoint layout -> the model's (MoE experts)
     for key in reader.keys():
-        hit = next((i for i, p in enumerate(prefixes) if key.startswith(p)), None)
+        hit = next((i for i, p in enumerate(prefixes) if names[key].startswith(p)), None)
         (rest if hit is None else per_layer[hit]).append(key)
     empty = [prefixes[i].rstrip(".") for i, keys in enumerate(per_layer) if not keys]
     if empty:
@@ -184,6 +189,7 @@ def _fold_one(source: Source, plan: Plan, layer_fn: LayerFn, i: int, sd: dict[st
     """Fold layer ``i`` from its tensors ``sd``; returns its output tensors (the layer goes back to meta)."""
     model, adapter, prefix = source.model, source.adapter, source.prefixes[i]
     layer = adapter.layers(model)[i]
+    sd = to_model(model, sd)  # checkpoint layout -> the model's (MoE experts)
     missing, unexpected = layer.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=False,
                                                 assign=True)
     if missing or unexpected:
@@ -193,7 +199,8 @@ def _fold_one(source: Source, plan: Plan, layer_fn: LayerFn, i: int, sd: dict[st
     with torch.no_grad():
         groups.extend(layer_fn(model, adapter, i, plan.get(i, {})))
     layer = adapter.layers(model)[i]
-    out = {prefix + k: v for k, v in layer.state_dict().items() if prefix + k in source.reader.weight_map}
+    out = to_disk(model, {prefix + k: v for k, v in layer.state_dict().items()})
+    out = {k: v for k, v in out.items() if k in source.reader.weight_map}
     layer.to("meta")  # the module lets go of this layer's tensors; ``out`` holds them until written
     return out
 
