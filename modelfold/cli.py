@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
                         help="calibration data: 'self' (the model makes it: sampled text for causal LMs, random "
                              "vocabulary words for encoders), a .txt file of text, or a .pt tensor of token ids "
-                             "(n, L). fold/prune: enables calibrated compression; compress: default self")
+                             "(n, L); CNNs: 'self' (DeepInversion images), a .pt/.pth/.npy file of inputs or "
+                             "'fmnist'. fold/prune: enables calibrated compression; compress: default self")
         sp.add_argument("--n-calib", type=int, default=None, metavar="N",
                         help="calibration sequences (default 8 for causal LMs, 32 for encoders)")
         sp.add_argument("--calib-len", type=int, default=None, metavar="L",
@@ -138,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
                                  "(a GPU if there is one); the model is read and written on the CPU")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
+        if name == "prune":
+            sp.add_argument("--merge", choices=("neuron",), default=None,
+                            help="CNNs: neuron = Neuron Merging (Kim et al. 2020, data-free): pruned channels' "
+                                 "consumer columns go to their most similar kept channel")
 
     sp = sub.add_parser("inspect", help="list the channel groups of a model and how they are coupled")
     common(sp)
@@ -159,11 +164,12 @@ def _hf(spec: str) -> bool:
 def _run_hf(args: argparse.Namespace) -> int:
     from . import hf
 
-    cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else ()
+    cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else (
+        (args.merge,) if args.command == "prune" else ())
     if args.command == "compress" and args.calibration is None:
         args.calibration = "self"
     if any(v is not None for v in cnn_only):
-        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
+        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data/--merge apply to CNNs, not Hugging Face models")
     from .hf.validate import check_foldable
 
     check_foldable(args.model)  # config, family, weights / GGUF architecture: fail before loading anything
@@ -343,21 +349,32 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'foldable' if g.foldable else 'kept: ' + g.reason}")
         print(f"{sum(g.foldable for g in groups)} of {len(groups)} groups foldable")
         return 0
-    if args.command == "compress" or args.calibration is not None:
-        raise ModelFoldError("calibrated compression (compress, --calibration) is available for Hugging Face "
-                             "models; for a CNN use 'modelfold fold --repair dir' (data-free) or --repair data")
+    if args.n_calib is not None or args.calib_len is not None:
+        raise ModelFoldError("--n-calib/--calib-len apply to Hugging Face models; a CNN takes --calibration self "
+                             "or a file of inputs")
     repair_opts = _repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True}
-    if args.command == "fold":
+    if args.calibration is not None:
+        common["calibration"] = args.calibration if args.calibration == "self" else io.load_inputs(args.calibration)
+    if args.command == "compress":
+        if args.score in ("wanda", "flap"):
+            raise ModelFoldError(f"--score {args.score} is for Hugging Face models; CNNs take act or magnitude")
+        opts = {"budget": args.budget}
+        if args.method == "fold":
+            out, report = api.fold(model, x, **common, calibration_kwargs=opts)
+        else:
+            opts["selection"] = "activation" if args.score == "act" else "magnitude"
+            out, report = api.prune(model, x, **common, calibration_kwargs=opts)
+    elif args.command == "fold":
         data = repair_opts.get("data")
         if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):
             raise ModelFoldError(f"--data inputs have shape {tuple(data.shape[1:])} per sample but the model's "
                                  f"input is {tuple(x.shape[1:])}; pass matching inputs or --input-shape")
         out, report = api.fold(model, x, repair=args.repair, device=args.device, **common, **repair_opts)
     else:
-        out, report = api.prune(model, x, norm=args.norm, **common)
+        out, report = api.prune(model, x, norm=args.norm, merge=args.merge, **common)
     io.save_model(out, args.out)
     print(report)
     print(_stage_table(model, out))
