@@ -32,6 +32,7 @@ examples:
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
   modelfold fold model.gguf --ratio 0.3 --out folded.gguf --gguf-type q8_0   (GGUF in, GGUF out)
   modelfold fold path/to/big_hf_model --ratio 0.3 --stream always --out folded_dir   (layer by layer)
+  modelfold fold /shared/hf_model --ratio 0.3 --executor ray --ray-address HEAD:6379 --out /shared/folded
   modelfold eval folded_dir --compare path/to/hf_model          (perplexity / cosine / top-1, side by side)
 Reload a CNN result with torch.load(path, weights_only=False).
 """
@@ -96,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--ray-address", metavar="ADDR", default=None,
                         help="with --executor ray: the cluster to join, e.g. 10.0.0.1:6379 (default: the one "
                              "RAY_ADDRESS names, else a new local one)")
+        sp.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                        help="with --executor ray: cores (and torch threads) per layer task (default 1)")
+        sp.add_argument("--ray-memory", default=None, metavar="SIZE",
+                        help="with --executor ray: memory each layer task reserves, e.g. 10GB, so a node runs "
+                             "no more tasks than fit (see docs/distributed.md for per-layer figures)")
         sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
                         help="calibration data: 'self' (the model makes it: sampled text for causal LMs, random "
                              "vocabulary words for encoders), a .txt file of text, or a .pt tensor of token ids "
@@ -254,7 +260,7 @@ def _run_stream(args: argparse.Namespace) -> int:
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
           "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last,
-          "executor": args.executor, "ray_address": args.ray_address}
+          "executor": args.executor, "ray_address": args.ray_address, "ray_options": _ray_options(args)}
     if args.command == "fold":
         report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed,
                                  device=args.device, **kw)
@@ -264,6 +270,25 @@ def _run_stream(args: argparse.Namespace) -> int:
     print(f"saved to {args.out} (folded layer by layer; reload with modelfold.load_pretrained or, for "
           "uniform folds, transformers' from_pretrained)")
     return 0
+
+
+def _ray_options(args: argparse.Namespace) -> dict | None:
+    """Ray task options from --ray-cpus/--ray-memory (refused without --executor ray)."""
+    from .hf.shards import parse_size
+
+    opts: dict = {}
+    if args.ray_cpus is not None:
+        if args.ray_cpus < 1:
+            raise ModelFoldError(f"--ray-cpus {args.ray_cpus}: give at least 1 core per task")
+        opts["num_cpus"] = args.ray_cpus
+    if args.ray_memory is not None:
+        try:
+            opts["memory"] = parse_size(args.ray_memory)
+        except ValueError:
+            raise ModelFoldError(f"--ray-memory {args.ray_memory!r} is not a size; write e.g. 10GB") from None
+    if opts and args.executor != "ray":
+        raise ModelFoldError("--ray-cpus/--ray-memory apply to --executor ray")
+    return opts or None
 
 
 def _tokenizer(hf: object, path: str) -> object:
@@ -310,8 +335,8 @@ def _run(args: argparse.Namespace) -> int:
                                  "with --ignore")
         if args.stream == "always":
             raise _not_streamable(args.model)
-        if args.executor != "local" or args.ray_address:
-            raise ModelFoldError("--executor/--ray-address apply to Hugging Face checkpoint directories")
+        if args.executor != "local" or args.ray_address or args.ray_cpus or args.ray_memory:
+            raise ModelFoldError("--executor/--ray-* options apply to Hugging Face checkpoint directories")
     model = io.load_model(args.model, args.weights)
     shape = args.input_shape or io.default_input_shape(args.model)
     if shape is None:
