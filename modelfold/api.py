@@ -10,6 +10,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import checks
+from .device import DeviceError, resolve_device
 from .engine import USER_REASONS, Planner, mark_user_kept
 from .engine import compress as compress_groups
 from .errors import InvalidRatioError, UnsupportedModelError
@@ -112,7 +113,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
          ignore: Iterable[nn.Module | str] = (), keep_outputs: Iterable[nn.Module | str] = (),
          strict: bool = False, seed: int = 0, n_init: int = 3, verify: bool = True, progress: bool = False,
          return_report: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
-         dir_lr: float | None = None, repair_kwargs: dict | None = None,
+         dir_lr: float | None = None, repair_kwargs: dict | None = None, device: str | Any = None,
          **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold ``model``: cluster similar channels with k-means and merge each cluster.
 
@@ -124,8 +125,11 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     channels (and every group coupled to them, e.g. a residual stream) are kept, inputs may fold.
     dir_batch/dir_iters/dir_lr: DeepInversion budget of Fold-DIR; repair_kwargs: further repair
     options (see docs/repair.md).
+    device: where k-means and DeepInversion run ("cpu", "cuda", "cuda:N" or "auto"); the model and
+        the result stay on the model's device.
     Returns a new, physically smaller module; ``model`` is not modified.
     """
+    dev = None if device is None else resolve_device(device)
     if example_inputs is None:
         from . import hf
 
@@ -134,11 +138,13 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
             if kwargs.get("calibration") is not None:  # calibrated folding: activation k-means + LS refit
                 if repair != "none":
                     raise TypeError("repair= does not apply to calibrated transformers folding (calibration=)")
+                if dev is not None and dev.type != "cpu":
+                    raise DeviceError("calibrated folding (calibration=) runs on the CPU for now; drop device=")
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
                                          n_init=n_init, progress=progress, return_report=return_report, **kwargs)
             kwargs.pop("calibration", None)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
-                                 return_report=return_report, **kwargs)
+                                 return_report=return_report, device=dev, **kwargs)
         raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
@@ -146,10 +152,11 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
         from .repair import RepairError
 
         raise RepairError(f"repair must be one of {REPAIRS}, got {repair!r}")
-    out, report = _run(model, example_inputs, ratio, sparsity, kmeans_planner(seed, n_init), "fold",
+    extra = {"device": dev} if repair == "dir" and dev is not None else {}
+    out, report = _run(model, example_inputs, ratio, sparsity, kmeans_planner(seed, n_init, device=dev), "fold",
                        ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
                        progress=progress, repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
-                                                     "dir_lr": dir_lr, **(repair_kwargs or {})})
+                                                     "dir_lr": dir_lr, **extra, **(repair_kwargs or {})})
     return (out, report) if return_report else out
 
 

@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
                              "GGUF's types where they can be written)")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
+        sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="HF directories, layer by layer: local (this process, default) or ray (one Ray "
+                             "task per layer on a cluster; see docs/distributed.md)")
+        sp.add_argument("--ray-address", metavar="ADDR", default=None,
+                        help="with --executor ray: the cluster to join, e.g. 10.0.0.1:6379 (default: the one "
+                             "RAY_ADDRESS names, else a new local one)")
         sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
                         help="calibration data: 'self' (the model makes it: sampled text for causal LMs, random "
                              "vocabulary words for encoders), a .txt file of text, or a .pt tensor of token ids "
@@ -121,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="Fold-DIR: number of synthetic images (default 128)")
             sp.add_argument("--dir-iters", type=int, default=None,
                             help="Fold-DIR: DeepInversion optimization steps (default 100)")
+            sp.add_argument("--device", default=None,
+                            help="where k-means and DeepInversion run: cpu (default), cuda, cuda:N, or auto "
+                                 "(a GPU if there is one); the model is read and written on the CPU")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
 
@@ -158,6 +167,9 @@ def _run_hf(args: argparse.Namespace) -> int:
                              "the whole model); drop --stream always")
     if not calibrated and _use_stream(args):
         return _run_stream(args)
+    if args.executor != "local":
+        raise ModelFoldError(f"--executor {args.executor} folds a safetensors directory layer by layer; "
+                             f"{args.model} is folded in memory (drop --stream never, or re-save it as safetensors)")
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
           "skip_first": args.skip_first, "skip_last": args.skip_last}
@@ -169,7 +181,7 @@ def _run_hf(args: argparse.Namespace) -> int:
         kw.update(method=args.method, score=args.score, budget=args.budget)
         out, report = api.compress(model, ratio=args.ratio, **kw)
     elif args.command == "fold":
-        out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
+        out, report = api.fold(model, ratio=args.ratio, repair=args.repair, device=args.device, **kw)
     else:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
     print(report)
@@ -235,9 +247,11 @@ def _run_stream(args: argparse.Namespace) -> int:
     from .hf.stream import fold_checkpoint, prune_checkpoint
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
-          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last}
+          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last,
+          "executor": args.executor, "ray_address": args.ray_address}
     if args.command == "fold":
-        report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
+        report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed,
+                                 device=args.device, **kw)
     else:
         report = prune_checkpoint(args.model, args.out, ratio=args.ratio, norm=args.norm, **kw)
     print(report)
@@ -290,6 +304,8 @@ def _run(args: argparse.Namespace) -> int:
                                  "with --ignore")
         if args.stream == "always":
             raise _not_streamable(args.model)
+        if args.executor != "local" or args.ray_address:
+            raise ModelFoldError("--executor/--ray-address apply to Hugging Face checkpoint directories")
     model = io.load_model(args.model, args.weights)
     shape = args.input_shape or io.default_input_shape(args.model)
     if shape is None:
@@ -314,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
         if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):
             raise ModelFoldError(f"--data inputs have shape {tuple(data.shape[1:])} per sample but the model's "
                                  f"input is {tuple(x.shape[1:])}; pass matching inputs or --input-shape")
-        out, report = api.fold(model, x, repair=args.repair, **common, **repair_opts)
+        out, report = api.fold(model, x, repair=args.repair, device=args.device, **common, **repair_opts)
     else:
         out, report = api.prune(model, x, norm=args.norm, **common)
     io.save_model(out, args.out)

@@ -16,12 +16,17 @@ def _stack(feats: dict[str, torch.Tensor], kinds: tuple[str, ...] | None = None)
     return torch.cat(blocks, dim=1)
 
 
-def kmeans_planner(seed: int = 0, n_init: int = 3, max_dim: int = 256) -> Planner:
-    """Fold: k-means over [producer rows | consumer columns | channel-wise filters] (paper §3)."""
+def kmeans_planner(seed: int = 0, n_init: int = 3, max_dim: int = 256,
+                   device: torch.device | None = None) -> Planner:
+    """Fold: k-means over [producer rows | consumer columns | channel-wise filters] (paper §3).
+
+    ``device``: where k-means runs (the labels come back to the features' device).
+    """
 
     def plan(cg: ChannelGroup, feats: dict[str, torch.Tensor], k: int) -> Plan:
-        res = kmeans(_stack(feats), k, seed=seed, n_init=n_init, max_dim=max_dim)
-        return Plan(k, labels=res.labels, rel_error=res.relative_error)
+        x = _stack(feats)
+        res = kmeans(x if device is None else x.to(device), k, seed=seed, n_init=n_init, max_dim=max_dim)
+        return Plan(k, labels=res.labels.to(x.device), rel_error=res.relative_error)
 
     return plan
 

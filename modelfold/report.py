@@ -36,6 +36,7 @@ class FoldReport:
     groups: list[GroupReport] = field(default_factory=list)
     repair: str = "none"
     repair_info: dict = field(default_factory=dict)  # e.g. {"bn_reset": 17, "dir_batch": "cache"}
+    info: dict = field(default_factory=dict)  # how it ran, e.g. {"executor": "ray", "fold_seconds": 12.3}
 
     @property
     def param_sparsity(self) -> float:

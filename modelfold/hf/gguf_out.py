@@ -119,6 +119,24 @@ def _check(model: nn.Module, source: Path | None) -> str:
     return ARCHES[mt]
 
 
+def check_readable(path: str | os.PathLike) -> None:
+    """Refuse, before transformers does with a raw error, a GGUF with per-layer sizes (a non-uniform plan)."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
+        raise CheckpointError(f"cannot read the GGUF file {path}: {type(e).__name__}: {e}") from None
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else "?"
+    keys = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+    per_layer = [k for k in keys if isinstance(getattr(fields.get(f"{arch}.{k}"), "contents", lambda: 0)(), list)]
+    if per_layer:
+        raise UnsupportedModelError(f"{path} has per-layer sizes ({', '.join(per_layer)} are arrays: a non-uniform "
+                                    "fold), which transformers' GGUF loader cannot read; run it with llama.cpp, or "
+                                    "fold the original again with --out DIR (a transformers directory keeps "
+                                    "per-layer sizes)")
+
+
 def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn.Module) -> None:
     from gguf import GGUFValueType, Keys
 

@@ -101,6 +101,8 @@ def test_per_layer_sizes_are_written_as_arrays(tmp_path) -> None:
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     assert r.fields["llama.feed_forward_length"].contents() == [128, 64]
     assert r.fields["llama.attention.head_count"].contents() == 4
+    with pytest.raises(UnsupportedModelError, match="per-layer sizes"):
+        modelfold.hf.load_any(tmp_path / "m.gguf")
 
 
 def test_errors_write_nothing(tmp_path) -> None:
