@@ -65,7 +65,8 @@ class FoldReport:
             f"  groups: {len(done)} compressed, {len(self.kept_groups)} kept intact",
         ]
         if self.repair_info:
-            lines.insert(3, "  repair: " + ", ".join(f"{k}={v if not isinstance(v, list) else len(v)}"
+            label = "calibration" if "calibration" in self.repair_info else "repair"
+            lines.insert(3, f"  {label}: " + ", ".join(f"{k}={v if not isinstance(v, list | dict) else len(v)}"
                                                        for k, v in self.repair_info.items()))
         for g in self.groups:
             err = "" if g.rel_error is None else f"  err={g.rel_error:.3f}"

@@ -113,6 +113,8 @@ def fold_on_ray(source: Source, tmp: Path, plan: Plan, method: str, options: dic
             raise ModelFoldError(f"cannot start or reach the Ray cluster {address or '(local)'}: {e}. Start one with "
                                  "`ray start --head` and pass its address (see docs/distributed.md)") from None
     opts = {"max_retries": RETRIES, "num_cpus": 1, **(options_ray or {})}
+    if str(options.get("device") or "").startswith("cuda"):
+        opts.setdefault("num_gpus", 1)  # each task folds on a GPU of its own
     threads = max(1, int(opts["num_cpus"]))
     t0 = time.perf_counter()
     try:

@@ -80,7 +80,10 @@ def test_ray_prune_and_cli_match_one_process(cluster, tmp_path, capsys):
     prune_checkpoint(src, tmp_path / "local", ratio=0.5, norm=1, targets="all", progress=False)
     prune_checkpoint(src, tmp_path / "ray", ratio=0.5, norm=1, targets="all", progress=False, executor="ray")
     _same(tmp_path / "ray", tmp_path / "local")
-    assert main(["fold", str(src), "--ratio", "0.3", "--out", str(tmp_path / "cli"), "--executor", "ray"]) == 0
+    assert main(["fold", str(src), "--ratio", "0.3", "--out", str(tmp_path / "cli"), "--executor", "ray",
+                 "--ray-cpus", "1", "--ray-memory", "200MB"]) == 0
+    assert main(["fold", str(src), "--ratio", "0.3", "--out", str(tmp_path / "x"), "--ray-memory", "1GB"]) == 2
+    assert "apply to --executor ray" in capsys.readouterr().err
     fold_checkpoint(src, tmp_path / "ref", ratio=0.3, progress=False)
     _same(tmp_path / "cli", tmp_path / "ref")
 
