@@ -26,29 +26,6 @@ def ratio_or_sparsity(ratio: float | None, sparsity: float | None) -> float:
     return float(ratio) if ratio is not None else 0.0
 
 
-def check_round_to(round_to: int | None) -> int | None:
-    """Validate ``round_to`` (None, or a positive channel multiple such as 8, 16 or 64)."""
-    if round_to is None:
-        return None
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise InvalidRatioError(f"round_to={round_to!r} must be a positive integer (e.g. 8, 16 or 64) or None")
-    return round_to
-
-
-def kept_width(n: int, ratio: float, round_to: int | None = None) -> int:
-    """Channels kept of ``n`` at ``ratio``: max(1, round(n (1 - ratio))).
-
-    With ``round_to``, the count is rounded to the nearest multiple of it (hardware-friendly widths,
-    as Torch-Pruning's ``round_to``), at least one multiple and never above n: a group whose rounded
-    width would not be narrower than n (e.g. one narrower than ``round_to``) keeps all n channels, and
-    a group nothing is removed from (ratio 0) stays whole.
-    """
-    k = max(1, round(n * (1.0 - ratio)))
-    if not round_to or round_to == 1 or k >= n:  # ratio 0 stays the identity
-        return k
-    return min(n, max(round_to, round_to * math.floor(k / round_to + 0.5)))
-
-
 def smallest_ratio(removed: Callable[[float], float], sparsity: float, hi: float, steps: int) -> float:
     """Bisect the smallest ratio in (0, hi] with ``removed(ratio) >= sparsity`` (removed is monotone)."""
     lo = 0.0
