@@ -294,7 +294,7 @@ def compress(model: nn.Module, example_inputs: Any = None, ratio: float | None =
         return hf.compress_model(model, ratio=ratio, sparsity=sparsity, calibration=calibration,
                                  return_report=return_report, **kwargs)
     if example_inputs is None:
-        raise checks.missing_inputs(model)
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     # CNNs: calibrated selection (activation scores + least-squares refit; automatic budgets for sparsity=).
     return prune(model, example_inputs, ratio, sparsity=sparsity, calibration=calibration,
                  return_report=return_report, **kwargs)

@@ -141,3 +141,32 @@ def test_decoder_families_generate_with_the_kv_cache_after_a_per_layer_fold(fami
     cached = f.generate(inputs()[:1, :4], use_cache=True, **kw)
     assert cached.shape == (1, 8)
     assert torch.equal(cached, f.generate(inputs()[:1, :4], use_cache=False, **kw))
+
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f not in MOE])
+def test_family_calibrated_compression(family, tmp_path):
+    """Calibrated folding finds the duplicated neurons (exact), and the result saves and reloads."""
+    m = make_model(family, layers=2)
+    duplicate(m)
+    ids = torch.randint(2, 58, (4, 12), generator=torch.Generator().manual_seed(0))
+    x = inputs()
+    f = mh.compress_model(m, ratio=0.5, calibration=ids, method="fold", compensate="none", targets="mlp", n_init=1)
+    assert torch.allclose(out(f, x), out(m, x), atol=5e-5, rtol=1e-4)
+    g = mh.compress_model(m, ratio={0: {"attention": 0.5}, 1: {"mlp": 0.25}}, calibration=ids)
+    mh.save(g, tmp_path / "g")
+    assert torch.equal(out(mh.load_pretrained(tmp_path / "g", attn_implementation="eager"), x), out(g, x))
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_calibrated_compression_of_experts_is_refused(family):
+    from modelfold.errors import UnsupportedModelError
+
+    m = make_model(family, layers=2)
+    ids = torch.randint(2, 58, (4, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*data-free fold"):
+        mh.compress_model(m, ratio=0.5, calibration=ids, targets="mlp")
+    g = mh.compress_model(m, ratio=0.5, calibration=ids, targets="attention")  # attention still calibrates
+    assert find_adapter(g).attention(g, 1).num_heads == 2

@@ -58,7 +58,7 @@ def test_unknown_family_is_named_with_the_supported_ones_and_no_image_inputs_hin
     m = _bloom()
     assert mh.is_transformers(m) and not mh.is_supported(m)
     for call in (lambda: modelfold.fold(m, ratio=0.3), lambda: modelfold.prune(m, ratio=0.3),
-                 lambda: mh.fold_model(m, ratio=0.3)):
+                 lambda: modelfold.compress(m, ratio=0.3), lambda: mh.fold_model(m, ratio=0.3)):
         with pytest.raises(UnsupportedModelError) as e:
             call()
         msg = str(e.value)

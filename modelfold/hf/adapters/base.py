@@ -29,6 +29,21 @@ def put(ref: Ref, module: nn.Linear) -> None:
         setattr(ref[0], ref[1], module)
 
 
+def hook_module(ref: Ref) -> nn.Module | None:
+    """The model's own module whose input is what ``ref`` reads (for activation hooks), or None.
+
+    A part of a fused projection reads the fused module's input; a Conv1D is its own module; one
+    expert of a stacked expert tensor sees only its routed tokens, which no module boundary shows.
+    """
+    from .refs import Conv1DRef, PartRef
+
+    if isinstance(ref, PartRef):
+        return hook_module(ref.fused.base)
+    if isinstance(ref, Conv1DRef):
+        return getattr(ref.parent, ref.attr)
+    return None if isinstance(ref, View) else getattr(ref[0], ref[1])
+
+
 def ref_name(ref: Ref) -> str:
     return ref.name if isinstance(ref, View) else ref[1]
 
