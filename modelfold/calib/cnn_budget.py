@@ -24,7 +24,7 @@ from ..groups import ChannelGroup, build_graph, iter_groups
 from ..policies import activation_scores
 from .budget import allocate
 
-CANDIDATES = (0.15, 0.3, 0.5, 0.7)
+CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
 
 
 def _channel_params(model: nn.Module, cg: ChannelGroup) -> int:
