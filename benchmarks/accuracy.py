@@ -11,9 +11,11 @@ synthesis time is recorded separately as ``synthesis_seconds``). ``tp-magnitude`
 Torch-Pruning's own MagnitudePruner at the same number of channels removed per group (a
 cross-check of SP-L2). Results are appended incrementally to ``--out`` (JSON), so an
 interrupted run resumes; ``--plot-only`` rebuilds the PNG and markdown from the JSON.
-Extra studies: ``--dir-budgets`` (Fold-DIR accuracy vs synthesis budget) and ``--rho-study``
-(which slices enter Fold-AR's ρ̄), added to ``accuracy.dir_budget.json`` / ``accuracy.rho.json``
-(earlier records of other models, checkpoints or settings are kept).
+Extra studies: ``--dir-budgets`` (Fold-DIR accuracy vs synthesis budget), ``--rho-study``
+(which slices enter Fold-AR's ρ̄) and ``--calibrated`` (calibrated compression, self-calibrated and
+with data, Neuron Merging; docs/calibration-cnn.md), added to ``accuracy.dir_budget.json`` /
+``accuracy.rho.json`` / ``accuracy.calibrated.json`` (earlier records of other models, checkpoints
+or settings are kept).
 """
 
 from __future__ import annotations
@@ -309,6 +311,57 @@ def rho_study(args: argparse.Namespace) -> None:
                 save_study(rows, RESULTS / "accuracy.rho.json", STUDY_KEY + ("ar_rho",))
 
 
+CALIBRATED = ("sp-act+ls:self", "fold-act+ls:self", "fold+ls:self", "neuron-merging", "sp-act+ls:data",
+              "fold-act+ls:data")
+
+
+def calibrated(method: str, model: nn.Module, amount: dict, ctx: dict) -> tuple[nn.Module, Any]:
+    """One calibrated row: ``base:source`` with source self (DeepInversion batch) or data (Fold-R's
+    training images); ``amount`` is {"ratio": r} or {"sparsity": s} (automatic per-group budget)."""
+    base, _, source = method.partition(":")
+    if base == "neuron-merging":
+        return modelfold.prune(model, EXAMPLE, merge="neuron", return_report=True, **amount)
+    cal = ctx["fold_r_data"] if source == "data" else "self"
+    opts: dict[str, Any] = {"grouping": "weight"} if base == "fold+ls" else {}
+    if source == "self":
+        opts.update(self_batch=ctx["dir"].batch, self_iters=ctx["dir"].iters)
+    fn = modelfold.prune if base.startswith("sp-") else modelfold.fold
+    return fn(model, EXAMPLE, calibration=cal, calibration_kwargs=opts, seed=ctx["seed"], return_report=True,
+              **amount)
+
+
+def calibrated_study(args: argparse.Namespace) -> None:
+    """Calibrated rows (docs/calibration-cnn.md) at the given ratios (uniform) and sparsities (automatic
+    per-group budgets), to ``accuracy.calibrated.json``; earlier records of other settings are kept."""
+    import warnings
+
+    out = RESULTS / "accuracy.calibrated.json"
+    rows: list[dict] = []
+    for name in args.models:
+        model, ctx = context(name, args)
+        ensure_dir_batch(model, ctx)
+        todo = [(m, {"ratio": r}) for r in args.ratios for m in args.cal_methods]
+        todo += [(m, {"sparsity": s}) for s in args.cal_sparsities for m in args.cal_methods
+                 if m != "neuron-merging"]
+        for method, amount in todo:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m, rep = calibrated(method, model, amount, ctx)
+            source = method.partition(":")[2] or "none"
+            rec = {"model": name, "method": method.partition(":")[0] + ("+auto" if "sparsity" in amount else ""),
+                   "calibration": source, "ratio": amount.get("ratio"), "target_sparsity": amount.get("sparsity"),
+                   "param_sparsity": rep.param_sparsity, "accuracy": evaluate(m, *ctx["test"]),
+                   "seconds": time.perf_counter() - t0, "checkpoint": ctx["checkpoint"],
+                   "test_size": len(ctx["test"][0]), "plan": rep.repair_info.get("plan"),
+                   "calibration_samples": rep.repair_info.get("samples")}
+            rows.append(rec)
+            save_study(rows, out, ("model", "method", "calibration", "ratio", "target_sparsity", "checkpoint",
+                                   "test_size"))
+            print(f"{name:16s} {rec['method']:18s} {source:5s} sparsity={rec['param_sparsity']:.3f} "
+                  f"acc={rec['accuracy']:.4f} {rec['seconds']:.0f}s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS))
@@ -329,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", nargs="+", default=["64x50", "128x200", "256x400"])
     p.add_argument("--rho-study", action="store_true", help="run the Fold-AR ρ̄ study instead")
     p.add_argument("--rho-modes", nargs="+", default=["pooled", "producer", "all", "bn"])
+    p.add_argument("--calibrated", action="store_true",
+                   help="run the calibrated rows instead (accuracy.calibrated.json; docs/calibration-cnn.md)")
+    p.add_argument("--cal-methods", nargs="+", default=list(CALIBRATED), choices=CALIBRATED)
+    p.add_argument("--cal-sparsities", nargs="*", type=float, default=[0.7],
+                   help="--calibrated: parameter sparsities for automatic per-group budgets")
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -338,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
         dir_budgets(args)
     elif args.rho_study:
         rho_study(args)
+    elif args.calibrated:
+        calibrated_study(args)
     else:
         sweep(args)
 

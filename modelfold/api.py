@@ -10,14 +10,25 @@ from typing import Any
 import torch.nn as nn
 
 from . import checks
+from .device import DeviceError, resolve_device
 from .engine import USER_REASONS, Planner, mark_user_kept
 from .engine import compress as compress_groups
 from .errors import InvalidRatioError, UnsupportedModelError
 from .groups import ChannelGroup, build_graph, iter_groups
-from .policies import first_k_planner, kmeans_planner, magnitude_planner
+from .policies import (
+    activation_kmeans_planner,
+    activation_planner,
+    first_k_planner,
+    kmeans_planner,
+    magnitude_planner,
+    neuron_merging_planner,
+)
 from .report import FoldReport, count_macs, count_params
 
 REPAIRS = ("none", "ar", "dir", "data")
+DEFAULT_GROUPING = "activation"  # calibrated folding; see docs/calibration-cnn.md for the measurement
+CALIBRATION_OPTIONS = {"lam", "bn_reset", "compensate", "samples", "self_batch", "self_iters", "grouping",
+                       "selection", "budget", "score_samples", "self_shape", "prior"}
 
 
 def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Module | str] = (),
@@ -70,18 +81,63 @@ def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
     return checks.smallest_ratio(removed, sparsity, 0.95, steps=12)
 
 
+def _calibration_options(calibration: Any, options: dict | None, repair: str) -> dict:
+    from .calib.cnn_sources import CalibrationError
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - CALIBRATION_OPTIONS)
+    if unknown:
+        raise CalibrationError(f"unknown calibration_kwargs {unknown}; known: {sorted(CALIBRATION_OPTIONS)}")
+    if options and calibration is None:
+        raise CalibrationError("calibration_kwargs= needs calibration= ('self', a tensor or a DataLoader)")
+    if calibration is not None and repair != "none":
+        raise CalibrationError(f"calibration= replaces repair={repair!r}: calibrated compression refits the "
+                               "layers itself (and can re-estimate BatchNorm statistics with "
+                               "calibration_kwargs={'bn_reset': True}); drop one of the two")
+    return options
+
+
+def _calibrator(model: nn.Module, example_inputs: Any, calibration: Any, opts: dict, seed: int,
+                progress: bool) -> tuple[Any, dict]:
+    """(CNNCalibrator, info) for ``calibration``, or (None, {}) without one."""
+    if calibration is None:
+        return None, {}
+    from .calib.cnn import CNNCalibrator
+    from .calib.cnn_sources import calibration_batches
+
+    batches, info = calibration_batches(calibration, model, example_inputs, seed,
+                                        max_samples=opts.get("samples", 1024), progress=progress,
+                                        self_batch=opts.get("self_batch"), self_iters=opts.get("self_iters"),
+                                        self_shape=opts.get("self_shape"))
+    calib = CNNCalibrator(batches, lam=opts.get("lam", 1e-3), seed=seed, bn_reset=opts.get("bn_reset", False),
+                          prior=opts.get("prior", True),
+                          compensate=opts.get("compensate", True), score_samples=opts.get("score_samples", 128))
+    return calib, info
+
+
 def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: float | None,
          planner: Planner, method: str, *, ignore: Iterable[nn.Module | str], strict: bool,
          verify: bool, seed: int, progress: bool, repair: str = "none",
          repair_kwargs: dict | None = None,
-         keep_outputs: Iterable[nn.Module | str] = ()) -> tuple[nn.Module, FoldReport]:
+         keep_outputs: Iterable[nn.Module | str] = (), calibration: Any = None,
+         calib_opts: dict | None = None) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     ratio = checks.ratio_or_sparsity(ratio, sparsity)
+    calib_opts = calib_opts or {}
     work = checks.prepare(model, example_inputs)
     names = checks.ignore_names(work, model, ignore)
     kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
-    if sparsity is not None:
-        ratio = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept)
+    calib, calib_info = _calibrator(model, example_inputs, calibration, calib_opts, seed, progress)
+    plan: float | dict[str, float] = ratio
+    if sparsity is not None and calib is not None and calib_opts.get("budget", "auto") == "auto":
+        from .calib.cnn_budget import auto_budget, counter
+
+        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept,
+                                        counter(work, example_inputs, names, kept))
+        calib_info.update(budget_info)
+        ratio = sum(plan.values()) / max(1, len(plan))
+    elif sparsity is not None:
+        ratio = plan = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept)
     params0, macs0 = count_params(work), count_macs(work, example_inputs)
 
     from .repair import make_repair
@@ -97,13 +153,15 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                 f"Pass ignore=[...] with the modules named there to keep them intact, or strict=False "
                 "to leave such groups unfolded and listed in the report.")
 
-    groups = compress_groups(work, example_inputs, ratio, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
-                      seed=seed, progress=progress, on_kept=on_kept)
+    groups = compress_groups(work, example_inputs, plan, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
+                      seed=seed, progress=progress, on_kept=on_kept, calib=calib)
     work = fixer.after(work)
     work.eval()
+    info = dict(fixer.summary)
+    if calib is not None:
+        info.update(calib_info, refit=calib.info["refit"], refit_skipped=calib.info["refit_skipped"])
     report = FoldReport(method, ratio, params0, count_params(work), macs0,
-                        count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair,
-                        dict(fixer.summary))
+                        count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair, info)
     return work, report
 
 
@@ -112,7 +170,8 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
          ignore: Iterable[nn.Module | str] = (), keep_outputs: Iterable[nn.Module | str] = (),
          strict: bool = False, seed: int = 0, n_init: int = 3, verify: bool = True, progress: bool = False,
          return_report: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
-         dir_lr: float | None = None, repair_kwargs: dict | None = None,
+         dir_lr: float | None = None, repair_kwargs: dict | None = None, device: str | Any = None,
+         calibration: Any = None, calibration_kwargs: dict | None = None,
          **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold ``model``: cluster similar channels with k-means and merge each cluster.
 
@@ -124,57 +183,96 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     channels (and every group coupled to them, e.g. a residual stream) are kept, inputs may fold.
     dir_batch/dir_iters/dir_lr: DeepInversion budget of Fold-DIR; repair_kwargs: further repair
     options (see docs/repair.md).
+    calibration: "self" (inputs the model makes itself, no user data), a tensor of inputs or a
+    DataLoader: calibrated folding (CNNs: activation-aware grouping, least-squares refit of the
+    consumers, automatic per-group budgets for ``sparsity=``, see docs/calibration-cnn.md;
+    transformers: docs/calibration.md). calibration_kwargs (CNNs): grouping="activation"|"weight",
+    lam, bn_reset, budget="auto"|"uniform", self_batch/self_iters/self_shape, samples.
+    device: where k-means and DeepInversion run ("cpu", "cuda", "cuda:N" or "auto"); the model and
+        the result stay on the model's device.
     Returns a new, physically smaller module; ``model`` is not modified.
     """
+    dev = None if device is None else resolve_device(device)
     if example_inputs is None:
         from . import hf
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
-            if kwargs.get("calibration") is not None:  # calibrated folding: activation k-means + LS refit
+            _reject_cnn_only(calibration_kwargs=calibration_kwargs or {})
+            if calibration is not None:  # calibrated folding: activation k-means + LS refit
                 if repair != "none":
                     raise TypeError("repair= does not apply to calibrated transformers folding (calibration=)")
+                if dev is not None and dev.type != "cpu":
+                    raise DeviceError("calibrated folding (calibration=) runs on the CPU for now; drop device=")
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
-                                         n_init=n_init, progress=progress, return_report=return_report, **kwargs)
-            kwargs.pop("calibration", None)
+                                         n_init=n_init, progress=progress, return_report=return_report,
+                                         calibration=calibration, **kwargs)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
-                                 return_report=return_report, **kwargs)
-        raise checks.missing_inputs(model)
+                                 return_report=return_report, device=dev, **kwargs)
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
     if repair not in REPAIRS:
         from .repair import RepairError
 
         raise RepairError(f"repair must be one of {REPAIRS}, got {repair!r}")
-    out, report = _run(model, example_inputs, ratio, sparsity, kmeans_planner(seed, n_init), "fold",
+    opts = _calibration_options(calibration, calibration_kwargs, repair)
+    if calibration is not None and dev is not None and dev.type != "cpu":
+        raise DeviceError("calibrated folding (calibration=) runs on the CPU for now; drop device=")
+    planner, method = kmeans_planner(seed, n_init, device=dev), "fold"
+    if calibration is not None and opts.get("grouping", DEFAULT_GROUPING) == "activation":
+        planner, method = activation_kmeans_planner(seed, n_init), "fold-act"
+    extra = {"device": dev} if repair == "dir" and dev is not None else {}
+    out, report = _run(model, example_inputs, ratio, sparsity, planner, method,
                        ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
                        progress=progress, repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
-                                                     "dir_lr": dir_lr, **(repair_kwargs or {})})
+                                                     "dir_lr": dir_lr, **extra, **(repair_kwargs or {})},
+                       calibration=calibration, calib_opts=opts)
     return (out, report) if return_report else out
 
 
 def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = None, *,
           sparsity: float | None = None, norm: int = 2, ignore: Iterable[nn.Module | str] = (),
           keep_outputs: Iterable[nn.Module | str] = (), strict: bool = False, seed: int = 0, verify: bool = True, progress: bool = False,
-          return_report: bool = False, **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold``."""
+          return_report: bool = False, merge: str | None = None, merge_threshold: float = 0.45,
+          calibration: Any = None, calibration_kwargs: dict | None = None,
+          **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold``.
+
+    merge="neuron" (CNNs): Neuron Merging (Kim et al. 2020, data-free): each pruned channel's consumer
+    columns go to its most similar kept channel (cosine of the effective producer rows >=
+    ``merge_threshold``). calibration: "self", a tensor or a DataLoader: calibrated selection
+    (activation-aware scores, least-squares refit of the consumers, automatic budgets for
+    ``sparsity=``; CNNs: docs/calibration-cnn.md, transformers: docs/calibration.md).
+    """
     if example_inputs is None:
         from . import hf
 
         if hf.is_supported(model):
             _reject_cnn_only(ignore=ignore, keep_outputs=keep_outputs)
-            if kwargs.get("calibration") is not None:  # activation-aware selection + LS refit
+            _reject_cnn_only(calibration_kwargs=calibration_kwargs or {}, merge=[merge] if merge else [])
+            if calibration is not None:  # activation-aware selection + LS refit
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="select", seed=seed,
-                                         progress=progress, return_report=return_report, **kwargs)
-            kwargs.pop("calibration", None)
+                                         progress=progress, return_report=return_report, calibration=calibration,
+                                         **kwargs)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
                                   return_report=return_report, **kwargs)
-        raise checks.missing_inputs(model)
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")
-    out, report = _run(model, example_inputs, ratio, sparsity, magnitude_planner(norm), f"sp-l{norm}",
+    opts = _calibration_options(calibration, calibration_kwargs, "none")
+    planner, method = magnitude_planner(norm), f"sp-l{norm}"
+    if merge not in (None, "neuron"):
+        from .errors import ModelFoldError
+
+        raise ModelFoldError(f"merge={merge!r}: the only merge is 'neuron' (Neuron Merging); or leave it None")
+    if merge == "neuron":
+        planner, method = neuron_merging_planner(merge_threshold), "neuron-merging"
+    elif calibration is not None and opts.get("selection", "activation") == "activation":
+        planner, method = activation_planner(), "sp-act"
+    out, report = _run(model, example_inputs, ratio, sparsity, planner, method,
                        ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
-                       progress=progress)
+                       progress=progress, calibration=calibration, calib_opts=opts)
     return (out, report) if return_report else out
 
 
@@ -187,7 +285,8 @@ def compress(model: nn.Module, example_inputs: Any = None, ratio: float | None =
     random vocabulary words for encoders with ``tokenizer=``); pass token ids or texts (with
     ``tokenizer=``) to calibrate on your own data. With ``sparsity=`` the per-layer ratios come from
     measured sensitivity (``budget="auto"``). Transformers models: activation-aware selection of
-    MLP neurons / heads with a least-squares refit of their consumers (docs/calibration.md).
+    MLP neurons / heads with a least-squares refit of their consumers (docs/calibration.md). CNNs
+    (with ``example_inputs``): ``prune(..., calibration=...)``, see docs/calibration-cnn.md.
     """
     from . import hf
 
@@ -195,10 +294,10 @@ def compress(model: nn.Module, example_inputs: Any = None, ratio: float | None =
         return hf.compress_model(model, ratio=ratio, sparsity=sparsity, calibration=calibration,
                                  return_report=return_report, **kwargs)
     if example_inputs is None:
-        raise checks.missing_inputs(model)
-    raise UnsupportedModelError(
-        "modelfold.compress() calibrates transformers models; for CNNs use modelfold.fold(model, x, ..., "
-        "repair='dir') (data-free, DeepInversion) or repair='data' with your data")
+        raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
+    # CNNs: calibrated selection (activation scores + least-squares refit; automatic budgets for sparsity=).
+    return prune(model, example_inputs, ratio, sparsity=sparsity, calibration=calibration,
+                 return_report=return_report, **kwargs)
 
 
 __all__ = ["channel_groups", "compress", "fold", "prune", "REPAIRS"]

@@ -32,6 +32,7 @@ examples:
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
   modelfold fold model.gguf --ratio 0.3 --out folded.gguf --gguf-type q8_0   (GGUF in, GGUF out)
   modelfold fold path/to/big_hf_model --ratio 0.3 --stream always --out folded_dir   (layer by layer)
+  modelfold fold /shared/hf_model --ratio 0.3 --executor ray --ray-address HEAD:6379 --out /shared/folded
   modelfold eval folded_dir --compare path/to/hf_model          (perplexity / cosine / top-1, side by side)
 Reload a CNN result with torch.load(path, weights_only=False).
 """
@@ -90,10 +91,22 @@ def _parser() -> argparse.ArgumentParser:
                              "GGUF's types where they can be written)")
         sp.add_argument("--max-shard-size", default="2GB",
                         help="HF directories, layer by layer: output shard size limit (default 2GB)")
+        sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="HF directories, layer by layer: local (this process, default) or ray (one Ray "
+                             "task per layer on a cluster; see docs/distributed.md)")
+        sp.add_argument("--ray-address", metavar="ADDR", default=None,
+                        help="with --executor ray: the cluster to join, e.g. 10.0.0.1:6379 (default: the one "
+                             "RAY_ADDRESS names, else a new local one)")
+        sp.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                        help="with --executor ray: cores (and torch threads) per layer task (default 1)")
+        sp.add_argument("--ray-memory", default=None, metavar="SIZE",
+                        help="with --executor ray: memory each layer task reserves, e.g. 10GB, so a node runs "
+                             "no more tasks than fit (see docs/distributed.md for per-layer figures)")
         sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
                         help="calibration data: 'self' (the model makes it: sampled text for causal LMs, random "
                              "vocabulary words for encoders), a .txt file of text, or a .pt tensor of token ids "
-                             "(n, L). fold/prune: enables calibrated compression; compress: default self")
+                             "(n, L); CNNs: 'self' (DeepInversion images), a .pt/.pth/.npy file of inputs or "
+                             "'fmnist'. fold/prune: enables calibrated compression; compress: default self")
         sp.add_argument("--n-calib", type=int, default=None, metavar="N",
                         help="calibration sequences (default 8 for causal LMs, 32 for encoders)")
         sp.add_argument("--calib-len", type=int, default=None, metavar="L",
@@ -121,8 +134,15 @@ def _parser() -> argparse.ArgumentParser:
                             help="Fold-DIR: number of synthetic images (default 128)")
             sp.add_argument("--dir-iters", type=int, default=None,
                             help="Fold-DIR: DeepInversion optimization steps (default 100)")
+            sp.add_argument("--device", default=None,
+                            help="where k-means and DeepInversion run: cpu (default), cuda, cuda:N, or auto "
+                                 "(a GPU if there is one); the model is read and written on the CPU")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
+        if name == "prune":
+            sp.add_argument("--merge", choices=("neuron",), default=None,
+                            help="CNNs: neuron = Neuron Merging (Kim et al. 2020, data-free): pruned channels' "
+                                 "consumer columns go to their most similar kept channel")
 
     sp = sub.add_parser("inspect", help="list the channel groups of a model and how they are coupled")
     common(sp)
@@ -135,21 +155,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def _hf(spec: str) -> bool:
     from . import hf
+    from .hf.validate import looks_like_hf_dir
 
     is_dir = getattr(hf, "is_hf_dir", None)
-    return spec.endswith(".gguf") or bool(is_dir and is_dir(spec))
+    return spec.endswith(".gguf") or bool(is_dir and is_dir(spec)) or looks_like_hf_dir(spec)
 
 
 def _run_hf(args: argparse.Namespace) -> int:
     from . import hf
 
-    cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else ()
+    cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else (
+        (args.merge,) if args.command == "prune" else ())
     if args.command == "compress" and args.calibration is None:
         args.calibration = "self"
     if any(v is not None for v in cnn_only):
-        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data apply to CNNs, not Hugging Face models")
+        raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data/--merge apply to CNNs, not Hugging Face models")
+    from .hf.validate import check_foldable
+
+    check_foldable(args.model)  # config, family, weights / GGUF architecture: fail before loading anything
     if _use_stream(args):
         return _run_stream(args)
+    if args.executor != "local":
+        raise ModelFoldError(f"--executor {args.executor} folds a safetensors directory layer by layer; "
+                             f"{args.model} is folded in memory (drop --stream never, or re-save it as safetensors)")
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
           "skip_first": args.skip_first, "skip_last": args.skip_last}
@@ -161,7 +189,7 @@ def _run_hf(args: argparse.Namespace) -> int:
         kw.update(method=args.method, score=args.score, budget=args.budget)
         out, report = api.compress(model, ratio=args.ratio, **kw)
     elif args.command == "fold":
-        out, report = api.fold(model, ratio=args.ratio, repair=args.repair, **kw)
+        out, report = api.fold(model, ratio=args.ratio, repair=args.repair, device=args.device, **kw)
     else:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
     print(report)
@@ -232,20 +260,47 @@ def _run_stream(args: argparse.Namespace) -> int:
         from . import hf
         from .hf.stream_calib import compress_checkpoint
 
+        if args.executor != "local":
+            raise ModelFoldError("calibrated compression runs its layers in order (the calibration activations "
+                                 "flow from layer to layer); drop --executor ray")
         tok = _tokenizer(hf, args.model)
         method = {"compress": getattr(args, "method", "select"), "fold": "fold", "prune": "select"}[args.command]
         extra = {"score": args.score, "budget": args.budget} if args.command == "compress" else {}
         report = compress_checkpoint(args.model, args.out, ratio=args.ratio, seed=args.seed, method=method,
                                      calibration=_calibration(args.calibration, tok), tokenizer=tok,
                                      n_calib=args.n_calib, calib_len=args.calib_len, **extra, **kw)
-    elif args.command == "fold":
-        report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed, **kw)
+        print(report)
+        print(f"saved to {args.out} (compressed layer by layer; reload with modelfold.load_pretrained)")
+        return 0
+    kw.update(executor=args.executor, ray_address=args.ray_address, ray_options=_ray_options(args))
+    if args.command == "fold":
+        report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed,
+                                 device=args.device, **kw)
     else:
         report = prune_checkpoint(args.model, args.out, ratio=args.ratio, norm=args.norm, **kw)
     print(report)
     print(f"saved to {args.out} (folded layer by layer; reload with modelfold.load_pretrained or, for "
           "uniform folds, transformers' from_pretrained)")
     return 0
+
+
+def _ray_options(args: argparse.Namespace) -> dict | None:
+    """Ray task options from --ray-cpus/--ray-memory (refused without --executor ray)."""
+    from .hf.shards import parse_size
+
+    opts: dict = {}
+    if args.ray_cpus is not None:
+        if args.ray_cpus < 1:
+            raise ModelFoldError(f"--ray-cpus {args.ray_cpus}: give at least 1 core per task")
+        opts["num_cpus"] = args.ray_cpus
+    if args.ray_memory is not None:
+        try:
+            opts["memory"] = parse_size(args.ray_memory)
+        except ValueError:
+            raise ModelFoldError(f"--ray-memory {args.ray_memory!r} is not a size; write e.g. 10GB") from None
+    if opts and args.executor != "ray":
+        raise ModelFoldError("--ray-cpus/--ray-memory apply to --executor ray")
+    return opts or None
 
 
 def _tokenizer(hf: object, path: str) -> object:
@@ -261,7 +316,9 @@ def _inspect_hf(args: argparse.Namespace) -> int:
     from .hf.core import _adapter
     from .hf.sizing import summary
     from .hf.stream import skeleton
+    from .hf.validate import check_foldable
 
+    check_foldable(args.model, weights=False)  # inspect reads shapes from config.json only
     if args.model.endswith(".gguf"):
         from .hf import load_any
 
@@ -290,6 +347,8 @@ def _run(args: argparse.Namespace) -> int:
                                  "with --ignore")
         if args.stream == "always":
             raise _not_streamable(args.model)
+        if args.executor != "local" or args.ray_address or args.ray_cpus or args.ray_memory:
+            raise ModelFoldError("--executor/--ray-* options apply to Hugging Face checkpoint directories")
     model = io.load_model(args.model, args.weights)
     shape = args.input_shape or io.default_input_shape(args.model)
     if shape is None:
@@ -302,21 +361,32 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'foldable' if g.foldable else 'kept: ' + g.reason}")
         print(f"{sum(g.foldable for g in groups)} of {len(groups)} groups foldable")
         return 0
-    if args.command == "compress" or args.calibration is not None:
-        raise ModelFoldError("calibrated compression (compress, --calibration) is available for Hugging Face "
-                             "models; for a CNN use 'modelfold fold --repair dir' (data-free) or --repair data")
+    if args.n_calib is not None or args.calib_len is not None:
+        raise ModelFoldError("--n-calib/--calib-len apply to Hugging Face models; a CNN takes --calibration self "
+                             "or a file of inputs")
     repair_opts = _repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True}
-    if args.command == "fold":
+    if args.calibration is not None:
+        common["calibration"] = args.calibration if args.calibration == "self" else io.load_inputs(args.calibration)
+    if args.command == "compress":
+        if args.score in ("wanda", "flap"):
+            raise ModelFoldError(f"--score {args.score} is for Hugging Face models; CNNs take act or magnitude")
+        opts = {"budget": args.budget}
+        if args.method == "fold":
+            out, report = api.fold(model, x, **common, calibration_kwargs=opts)
+        else:
+            opts["selection"] = "activation" if args.score == "act" else "magnitude"
+            out, report = api.prune(model, x, **common, calibration_kwargs=opts)
+    elif args.command == "fold":
         data = repair_opts.get("data")
         if data is not None and tuple(data.shape[1:]) != tuple(x.shape[1:]):
             raise ModelFoldError(f"--data inputs have shape {tuple(data.shape[1:])} per sample but the model's "
                                  f"input is {tuple(x.shape[1:])}; pass matching inputs or --input-shape")
-        out, report = api.fold(model, x, repair=args.repair, **common, **repair_opts)
+        out, report = api.fold(model, x, repair=args.repair, device=args.device, **common, **repair_opts)
     else:
-        out, report = api.prune(model, x, norm=args.norm, **common)
+        out, report = api.prune(model, x, norm=args.norm, merge=args.merge, **common)
     io.save_model(out, args.out)
     print(report)
     print(_stage_table(model, out))

@@ -7,8 +7,9 @@ Torch-Pruning physically removing the non-kept channels from every coupled tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,7 @@ from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad
 from .merge import gather_features, merge_tensor, representatives
 from .report import GroupReport
 
+NORM = "norm"  # feature kind of BatchNorm parameters (never clustered)
 IGNORED = "ignored by the user"
 KEPT_OUTPUTS = "output channels kept by the user (keep_outputs)"
 USER_REASONS = (IGNORED, KEPT_OUTPUTS)
@@ -43,6 +45,7 @@ class Plan:
     rel_error: float | None = None
     channel_scale: torch.Tensor | None = None  # (k,) factor on merged norm scales (repairs)
     module_scale: dict[str, torch.Tensor] | None = None  # per-norm-module (k,) factor, overrides channel_scale
+    absorb: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (src, dst, scale): see apply_absorb
 
 
 Planner = Callable[[ChannelGroup, dict[str, torch.Tensor], int], Plan]
@@ -65,19 +68,24 @@ def group_features(model: nn.Module, cg: ChannelGroup) -> dict[str, torch.Tensor
     """Per-channel feature blocks (n, d_i) of a group, keyed "module:kind:attr".
 
     Producers (weight rows and bias), consumers (weight columns) and channel-wise
-    convolution filters (depthwise) enter; norm parameters do not.
+    convolution filters (depthwise) are weight features; BatchNorm parameters come as kind
+    ``"norm"`` (not clustered; read by neuron merging).
     """
     feats: dict[str, torch.Tensor] = {}
     for sl in cg.slices:
         owner = resolve(model, sl.module)
         is_conv_channel = sl.kind == CHANNEL and isinstance(owner, nn.modules.conv._ConvNd)
-        if sl.kind not in (PRODUCER, CONSUMER) and not is_conv_channel:
+        is_bn = sl.kind == CHANNEL and isinstance(owner, nn.modules.batchnorm._BatchNorm)
+        if sl.kind not in (PRODUCER, CONSUMER) and not is_conv_channel and not is_bn:
             continue
         table = sl.table(cg.size)
+        kind = NORM if is_bn else sl.kind
         for attr, dim in sl.tensors:
             t = _tensor(owner, attr)
             if t is not None:
-                feats[f"{sl.module}:{sl.kind}:{attr}"] = gather_features(t, dim, table)
+                feats[f"{sl.module}:{kind}:{attr}"] = gather_features(t, dim, table)
+        if is_bn:
+            feats[f"{sl.module}:{NORM}:eps"] = torch.full((cg.size, 1), float(owner.eps))
     return feats
 
 
@@ -98,6 +106,30 @@ def apply_labels(model: nn.Module, cg: ChannelGroup, plan: Plan) -> None:
                 if is_norm and attr == "weight":
                     scale = (plan.module_scale or {}).get(sl.module, plan.channel_scale)
                 t.data.copy_(merge_tensor(t.data, dim, table, plan.labels, plan.k, mode, scale))
+
+
+def apply_absorb(model: nn.Module, cg: ChannelGroup, plan: Plan) -> None:
+    """Neuron-merging step: consumer column dst += scale * column src, in every consumer slice."""
+    assert plan.absorb is not None
+    src, dst, scale = plan.absorb
+    if src.numel() == 0:
+        return
+    with torch.no_grad():
+        for sl in cg.slices:
+            if sl.kind != CONSUMER:
+                continue
+            owner = resolve(model, sl.module)
+            table = sl.table(cg.size)
+            for attr, dim in sl.tensors:
+                t = _tensor(owner, attr)
+                if t is None:
+                    continue
+                m = table.shape[1]
+                s_pos, d_pos = table[src].reshape(-1).to(t.device), table[dst].reshape(-1).to(t.device)
+                view = [1] * t.ndim
+                view[dim] = -1
+                vals = t.data.index_select(dim, s_pos) * scale.to(t).repeat_interleave(m).view(view)
+                t.data.index_add_(dim, d_pos, vals)
 
 
 def permute(model: nn.Module, cg: ChannelGroup, perm: torch.Tensor) -> None:
@@ -152,7 +184,7 @@ def verify_coupling(model: nn.Module, cg: ChannelGroup, inputs: object, seed: in
 def compress(
     model: nn.Module,
     example_inputs: object,
-    ratio: float,
+    ratio: float | Mapping[str, float],
     planner: Planner,
     *,
     ignore: Sequence[str] = (),
@@ -161,11 +193,15 @@ def compress(
     seed: int = 0,
     progress: bool = False,
     on_kept: Callable[[ChannelGroup], None] | None = None,
+    calib: Any = None,
 ) -> list[GroupReport]:
     """Compress ``model`` in place; returns one report per group.
 
-    ``ignore`` are qualified module names whose slices must stay intact; ``keep_outputs`` names
-    modules whose output channels must stay intact (their input channels may still fold).
+    ``ratio`` is one fraction for every group, or a mapping from group root to its ratio (groups
+    not named are left unchanged). ``ignore`` are qualified module names whose slices must stay
+    intact; ``keep_outputs`` names modules whose output channels must stay intact (their input
+    channels may still fold). ``calib`` (a :class:`modelfold.calib.cnn.CNNCalibrator`) adds
+    activation features for the planner and refits consumers by least squares at the end.
     """
     dg = build_graph(model, example_inputs)
     ignore_set = set(ignore)
@@ -188,6 +224,8 @@ def compress(
             reports.append(GroupReport(cg.root, cg.members, cg.size, cg.size, "kept", cg.reason))
 
     # Pass 2: fold/prune lazily, so that each group sees the sizes left by the previous.
+    if calib is not None:
+        calib.start(model)
     bar = tqdm(total=len(accepted), desc="folding groups", disable=not progress, leave=False)
     with grad_enabled():
         for group, cg in iter_groups(dg, ignored_mods):
@@ -195,11 +233,17 @@ def compress(
                 continue
             bar.update(1)
             n = cg.size
-            k = max(1, round(n * (1.0 - ratio)))
+            r = ratio.get(cg.root, 0.0) if isinstance(ratio, Mapping) else ratio
+            k = max(1, round(n * (1.0 - r)))
             if k >= n:
                 reports.append(GroupReport(cg.root, cg.members, n, n, "unchanged"))
                 continue
-            plan = planner(cg, group_features(model, cg), k)
+            feats = group_features(model, cg)
+            if calib is not None:
+                feats.update(calib.activation_features(model, cg))
+            plan = planner(cg, feats, k)
+            if plan.absorb is not None:
+                apply_absorb(model, cg, plan)
             if plan.labels is not None:
                 apply_labels(model, cg, plan)
                 keep = representatives(plan.labels, plan.k)
@@ -209,6 +253,8 @@ def compress(
                 keep = plan.keep
                 status = "pruned"
             drop = sorted(set(range(n)) - {int(i) for i in keep})
+            if calib is not None and drop:
+                calib.record(model, cg, torch.as_tensor(keep), plan.labels, plan.k)
             if drop:
                 try:
                     group.prune(idxs=drop)
@@ -218,4 +264,6 @@ def compress(
                         f"({type(e).__name__}: {e}); pass ignore=['{cg.root}'] to keep it intact") from e
             reports.append(GroupReport(cg.root, cg.members, n, n - len(drop), status, "", plan.rel_error))
     bar.close()
+    if calib is not None:
+        calib.finish(model)
     return reports

@@ -36,6 +36,7 @@ class FoldReport:
     groups: list[GroupReport] = field(default_factory=list)
     repair: str = "none"
     repair_info: dict = field(default_factory=dict)  # e.g. {"bn_reset": 17, "dir_batch": "cache"}
+    info: dict = field(default_factory=dict)  # how it ran, e.g. {"executor": "ray", "fold_seconds": 12.3}
 
     @property
     def param_sparsity(self) -> float:
@@ -64,7 +65,8 @@ class FoldReport:
             f"  groups: {len(done)} compressed, {len(self.kept_groups)} kept intact",
         ]
         if self.repair_info:
-            lines.insert(3, "  repair: " + ", ".join(f"{k}={v if not isinstance(v, list) else len(v)}"
+            label = "calibration" if "calibration" in self.repair_info else "repair"
+            lines.insert(3, f"  {label}: " + ", ".join(f"{k}={v if not isinstance(v, list | dict) else len(v)}"
                                                        for k, v in self.repair_info.items()))
         for g in self.groups:
             err = "" if g.rel_error is None else f"  err={g.rel_error:.3f}"

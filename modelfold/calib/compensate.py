@@ -49,7 +49,7 @@ def with_ones(h: torch.Tensor) -> torch.Tensor:
 
 
 def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tensor, lam: float = 1e-3,
-                bias: torch.Tensor | None = None, fit_bias: bool = False
+                bias: torch.Tensor | None = None, fit_bias: bool = False, prior: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New consumer (weight', bias') that reads k features instead of n.
 
@@ -57,6 +57,9 @@ def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tenso
     cross = H'^T H, both built from rows with a constant 1 appended to h' and h (:func:`with_ones`)
     when ``fit_bias``: then bias' absorbs the mean shift, else bias is kept as it is. ``lam`` is
     relative to the mean diagonal of the feature part of ``gram_new``. Float64 math, cast back.
+    ``prior`` (d, k): weights the ridge term pulls towards (``lam ||W' - prior||^2``; default zero), e.g.
+    the plainly pruned/folded consumer, so that few or unrepresentative samples cannot drag the refit
+    far from it.
     """
     d, n = weight.shape
     w = weight.double()
@@ -72,7 +75,12 @@ def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tenso
     reg = lam * float(diag.mean().clamp_min(1e-12)) if k else 0.0
     idx = torch.arange(k, device=g.device)
     g[idx, idx] += reg
-    sol = _solve_psd(g, cross.double() @ w.T).T  # (d, k[+1])
+    rhs = cross.double() @ w.T
+    if prior is not None:
+        if prior.shape != (d, k):
+            raise ValueError(f"ridge_refit: prior {tuple(prior.shape)} must be ({d}, {k})")
+        rhs[:k] += reg * prior.double().T.to(rhs.device)
+    sol = _solve_psd(g, rhs).T  # (d, k[+1])
     if fit_bias:
         return sol[:, :k].to(weight.dtype), sol[:, k].to(weight.dtype if bias is None else bias.dtype)
     return sol.to(weight.dtype), bias

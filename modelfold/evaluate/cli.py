@@ -166,7 +166,8 @@ def _table(res: dict) -> str:
         lines.append(f"  embedding cosine to {Path(ms[1]['name']).name}: mean {res['cosine_mean']:.4f}, "
                      f"min {res['cosine_min']:.4f} over {res['sentences']} sentences")
     else:
-        lines.append(row(f"top-1 ({res['n_labelled']} labelled)", [m["top1"] for m in ms]))
+        lines.append(row(f"top-1 ({res['n_labelled']} labelled)",
+                         [None if m["top1"] is None else f"{m['top1']:.1%}" for m in ms]))
         if "agreement" in res:
             lines.append(f"  top-1 agreement {res['agreement']:.2%}, mean KL {res['kl']:.4g} nats "
                          f"over {res['n']} images ({res['images']})")

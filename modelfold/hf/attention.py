@@ -121,10 +121,12 @@ def fold_attention_with_labels(spec: AttnSpec, mode: str, labels: torch.Tensor, 
 
 
 def fold_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto", seed: int = 0,
-                   n_init: int = 3) -> tuple[int, int, float]:
-    """Cluster and merge heads; returns (units before, units after, relative k-means error)."""
+                   n_init: int = 3, device: torch.device | None = None) -> tuple[int, int, float]:
+    """Cluster (on ``device``) and merge heads; returns (units before, units after, relative k-means error)."""
     mode = resolve_mode(spec, mode)
     feats = attention_features(spec, mode)
+    home = feats.device
+    feats = feats if device is None else feats.to(device)
     k = units_k(spec, mode, ratio)
     if mode == "query":
         r = spec.n_rep
@@ -141,7 +143,7 @@ def fold_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto",
     else:
         res = kmeans(feats, k, seed=seed, n_init=n_init)
         lab, rel, n_before = res.labels, res.relative_error, spec.num_kv_heads
-    fold_attention_with_labels(spec, mode, lab, adapter)
+    fold_attention_with_labels(spec, mode, lab.to(home), adapter)
     return n_before, int(lab.max()) + 1, rel
 
 

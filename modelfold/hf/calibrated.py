@@ -19,9 +19,10 @@ import torch.nn as nn
 from ..calib.budget import allocate
 from ..calib.compensate import output_error
 from ..calib.score import FeatureStats, feature_scores, unit_scores
+from ..errors import UnsupportedModelError
 from ..report import GroupReport
 from .adapters import Adapter
-from .adapters.base import get
+from .adapters.base import MLPSpec, get, hook_module
 from .attention import resolve_mode, units_k
 from .calib_layer import CalibOptions, attention_units, choose_heads, compress_attention, compress_mlp, gram
 from .plan import Plan, parse_targets
@@ -30,6 +31,17 @@ from .sizing import attention_removed, mlp_removed
 
 class _Caught(Exception):
     pass
+
+
+def _mlp(adapter: Adapter, model: nn.Module, i: int) -> MLPSpec:
+    """Layer ``i``'s one MLP; mixture-of-experts layers are refused (no module shows an expert's input)."""
+    specs = adapter.mlps(model, i)
+    if len(specs) > 1:
+        raise UnsupportedModelError(
+            f"calibrated compression of mixture-of-experts MLPs ({specs[0].name.rsplit('.', 2)[0]}: "
+            f"{len(specs)} experts) is not supported; use the data-free fold/prune for targets='mlp', or "
+            "calibrate only the attention (targets='attention')")
+    return specs[0]
 
 
 @dataclass
@@ -112,19 +124,19 @@ class Calibrated:
         out = []
         if p.get("attention", 0) > 0:
             spec = adapter.attention(work, i)
-            a = record(block, self.inputs, {"o": get(spec.o)})["o"]
+            a = record(block, self.inputs, {"o": hook_module(spec.o)})["o"]
             before, after, err = compress_attention(spec, p["attention"], a, adapter, self.opts)
             out.append(GroupReport(spec.name, spec.names, before, after,
                                    "pruned" if after < before else "kept", "", err))
         if p.get("mlp", 0) > 0:
-            spec = adapter.mlp(work, i)
+            spec = _mlp(adapter, work, i)
             n = spec.width
             k = max(1, round(n * (1.0 - p["mlp"])))
             if k < n:
-                h = record(block, self.inputs, {"c": get(spec.consumer)})["c"]
+                h = record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
 
                 def rerun() -> torch.Tensor:
-                    return record(block, self.inputs, {"c": get(spec.consumer)})["c"]
+                    return record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
 
                 err = compress_mlp(spec, k, h, self.opts, rerun)
                 out.append(GroupReport(spec.name, spec.member_names(), n, k,
@@ -204,12 +216,12 @@ class Sensitivity:
         energy = float(sum((x.double() ** 2).sum() for x in self.inputs.xs)) or 1.0
         mods = {}
         if "mlp" in self.targets:
-            mods["mlp"] = get(adapter.mlp(model, i).consumer)
+            mods["mlp"] = hook_module(_mlp(adapter, model, i).consumer)
         if "attention" in self.targets:
-            mods["attention"] = get(adapter.attention(model, i).o)
+            mods["attention"] = hook_module(adapter.attention(model, i).o)
         acts = record(block, self.inputs, mods)
         if "mlp" in acts:
-            self.curves[f"{i}:mlp"] = _mlp_curve(adapter.mlp(model, i), acts["mlp"], self.opts, energy, self.grid)
+            self.curves[f"{i}:mlp"] = _mlp_curve(_mlp(adapter, model, i), acts["mlp"], self.opts, energy, self.grid)
         if "attention" in acts:
             self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["attention"], self.opts,
                                                         energy, self.grid)

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_weights
-from ..errors import InvalidRatioError, UnsupportedModelError
+from ..device import resolve_device
+from ..errors import InvalidRatioError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
 from .attention import fold_attention, prune_attention
@@ -28,10 +29,9 @@ HF_REPAIRS = ("none", "ar")
 def _adapter(model: Any) -> Adapter:
     a = find_adapter(model)
     if a is None:
-        mtype = getattr(getattr(model, "config", None), "model_type", None)
-        raise UnsupportedModelError(
-            f"no transformers adapter for model_type={mtype!r} ({type(model).__name__}); supported: "
-            "llama, mistral, qwen2, bert. For other models pass example_inputs= to use the traced engine.")
+        from .validate import unsupported_type
+
+        raise unsupported_type(getattr(getattr(model, "config", None), "model_type", None), type(model).__name__)
     return a
 
 
@@ -39,13 +39,12 @@ def record_sizes(model: nn.Module, adapter: Adapter) -> None:
     """Write the per-layer sizes into ``model.config`` (uniform -> family fields, else modelfold_layers)."""
     config = model.config
     sizes = [adapter.sizes(model, i) for i in range(len(adapter.layers(model)))]
-    orig = getattr(config, "modelfold_original", None) or {
-        "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", config.num_attention_heads)}
-    uniform = all(s == sizes[0] for s in sizes)
+    orig = getattr(config, "modelfold_original", None) or adapter.config_sizes(config)
+    merged: dict[str, int] = {}
+    uniform = all(merged.setdefault(k, v) == v for s in sizes for k, v in s.items())
     heads_changed = any(s["num_attention_heads"] != orig["num_attention_heads"] for s in sizes)
     if uniform and (adapter.vanilla_heads or not heads_changed):
-        adapter.set_uniform_config(config, sizes[0])
+        adapter.set_uniform_config(config, merged)
         if hasattr(config, "modelfold_layers"):
             del config.modelfold_layers
     else:
@@ -99,7 +98,7 @@ LayerFn = Callable[[nn.Module, Adapter, int, dict], list[GroupReport]]
 
 
 def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
-                  attention_mode: str = "auto") -> LayerFn:
+                  attention_mode: str = "auto", device: str | torch.device | None = None) -> LayerFn:
     """The per-layer step of ``fold_model``: fold layer ``i`` of ``work`` in place by its plan entry.
 
     A pure function of that layer's tensors and the plan, shared by the in-memory path and the
@@ -107,6 +106,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
     """
     if repair not in HF_REPAIRS:
         raise ValueError(f"repair={repair!r} is not available for transformers models; use one of {HF_REPAIRS}")
+    device = None if device is None else resolve_device(device)  # clustering runs there
     warned = []
 
     def layer(work: nn.Module, adapter: Adapter, i: int, p: dict[str, float]) -> list[GroupReport]:
@@ -114,19 +114,18 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
         if "attention" in p:
             spec = adapter.attention(work, i)
             before, after, err = fold_attention(spec, p["attention"], adapter, mode=attention_mode, seed=seed,
-                                                n_init=n_init)
+                                                n_init=n_init, device=device)
             done = after < before
             out.append(GroupReport(spec.name, spec.names, before, after, "folded" if done else "kept",
                                    "" if done else "ratio too small to remove a head", err if done else None))
-        if "mlp" in p:
-            spec = adapter.mlp(work, i)
+        for spec in adapter.mlps(work, i) if "mlp" in p else ():  # one per expert in MoE layers
             if repair == "ar" and len(spec.producers) > 1 and not warned:
                 warned.append(True)
                 warnings.warn("repair='ar' on a gated (SwiGLU) MLP: in our SmolLM2 benchmark it raised perplexity "
                               "by orders of magnitude; prefer repair='none' (see docs/transformers.md)", stacklevel=4)
             n = spec.width
             k = max(1, round(n * (1.0 - p["mlp"])))
-            err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair) if k < n else None
+            err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair, device=device) if k < n else None
             out.append(GroupReport(spec.name, spec.member_names(), n, k if k < n else n,
                                    "folded" if k < n else "kept", "" if k < n else "ratio 0", err))
         return out
@@ -146,8 +145,7 @@ def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
             before, after = prune_attention(spec, p["attention"], adapter, mode=attention_mode, norm=norm)
             out.append(GroupReport(spec.name, spec.names, before, after,
                                    "pruned" if after < before else "kept"))
-        if "mlp" in p:
-            spec = adapter.mlp(work, i)
+        for spec in adapter.mlps(work, i) if "mlp" in p else ():  # one per expert in MoE layers
             n = spec.width
             k = max(1, round(n * (1.0 - p["mlp"])))
             if k < n:
@@ -162,7 +160,7 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
                repair: str = "none", seed: int = 0,
                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
-               ) -> nn.Module | tuple[nn.Module, FoldReport]:
+               device: str | torch.device | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
 
     ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
@@ -171,8 +169,9 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
     repair: "none" or "ar" (rescale merged gate/up/fc1 rows, see docs/transformers.md). "ar" helped the
         GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
     attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
+    device: where k-means runs ("cpu", "cuda", "cuda:N", "auto"); the model stays where it is.
     """
-    layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)
+    layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode, device=device)
     work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
                         progress=progress, repair=repair, layer_fn=layer, sparsity=sparsity,
                         attention_mode=attention_mode)

@@ -94,7 +94,7 @@ def _rope_theta(config: Any) -> float:
 def _hparams(model: nn.Module, arch: str, sizes: dict[str, list[int]], head_dim: int) -> dict[str, Any]:
     """Architecture key (without the ``arch.`` prefix) -> value, every size taken from the tensors."""
     c = model.config
-    per_layer = {k: (v[0] if len(set(v)) == 1 else v) for k, v in sizes.items()}
+    per_layer = {k: v[0] for k, v in sizes.items()}  # uniform (checked by save_gguf)
     hp: dict[str, Any] = {
         "block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
         "embedding_length": c.hidden_size, "feed_forward_length": per_layer["ffn"],
@@ -119,6 +119,24 @@ def _check(model: nn.Module, source: Path | None) -> str:
     return ARCHES[mt]
 
 
+def check_readable(path: str | os.PathLike) -> None:
+    """Refuse, before transformers does with a raw error, a GGUF with per-layer sizes (a non-uniform plan)."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
+        raise CheckpointError(f"cannot read the GGUF file {path}: {type(e).__name__}: {e}") from None
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else "?"
+    keys = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+    per_layer = [k for k in keys if isinstance(getattr(fields.get(f"{arch}.{k}"), "contents", lambda: 0)(), list)]
+    if per_layer:
+        raise UnsupportedModelError(f"{path} has per-layer sizes ({', '.join(per_layer)} are arrays: a non-uniform "
+                                    "fold), which transformers' GGUF loader cannot read; run it with llama.cpp, or "
+                                    "fold the original again with --out DIR (a transformers directory keeps "
+                                    "per-layer sizes)")
+
+
 def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn.Module) -> None:
     from gguf import GGUFValueType, Keys
 
@@ -136,9 +154,7 @@ def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn
         writer.add_tokenizer_model("no_vocab")  # model only: llama.cpp takes token ids, not text
     for k, v in hp.items():
         key = f"{arch}.{k}"
-        if isinstance(v, list):
-            writer.add_key_value(key, v, GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
-        elif isinstance(v, float):
+        if isinstance(v, float):
             writer.add_key_value(key, v, GGUFValueType.FLOAT32)
         else:
             writer.add_key_value(key, int(v), GGUFValueType.UINT32)
@@ -154,8 +170,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     width that is not a multiple of 32) is written as F16 and listed in ``GGUFInfo.fallbacks``.
     source: the GGUF the model was loaded from; its metadata (tokenizer, chat template) is carried over.
     Without it the file has no vocabulary (llama.cpp then evaluates token ids, not text).
-    Per-layer sizes (a non-uniform plan) are written as per-layer arrays, which llama.cpp reads but
-    transformers' GGUF loader does not.
+    Per-layer sizes (a non-uniform plan) are refused: llama.cpp's loaders build every layer at one size.
     """
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -181,6 +196,13 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     sd = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and c.tie_word_embeddings)}
     sizes = _sizes(sd, c.num_hidden_layers, head_dim)
+    uneven = {k: v for k, v in sizes.items() if len(set(v)) > 1}
+    if uneven:
+        raise UnsupportedModelError(
+            f"per-layer sizes ({'; '.join(f'{k}: {v}' for k, v in uneven.items())}) cannot be written as GGUF: "
+            f"llama.cpp reads per-layer arrays but its {arch} loader builds every layer at one size (it refuses "
+            "such a file). Fold uniformly (no --skip-first/--skip-last or per-layer plan) for GGUF, or save a "
+            "transformers directory (--out DIR), which keeps per-layer sizes")
     hp = _hparams(model, arch, sizes, head_dim)
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)

@@ -105,9 +105,10 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """
     from transformers import AutoConfig
 
+    from .validate import check_model_dir
+
     path = Path(path)
-    if not is_hf_dir(path):
-        raise CheckpointError(f"{path} is not a transformers model directory (no config.json)")
+    check_model_dir(path)  # config.json readable, a model_type transformers knows, weights present
     config = AutoConfig.from_pretrained(path)
     cls = _model_class(config)
     layers = getattr(config, "modelfold_layers", None)
@@ -129,7 +130,9 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     for i, sizes in enumerate(layers):
         adapter.resize(model, i, sizes)
     resized = {id(p) for i in range(len(layers)) for p in adapter.layers(model)[i].parameters()}
-    sd = _state_dict(path)
+    from .convert import to_model
+
+    sd = to_model(model, _state_dict(path))  # checkpoint layout -> the model's (stacked MoE experts, prefixes)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = [k for k in missing if k in params and id(params[k]) in resized]
@@ -151,8 +154,10 @@ def _gguf(path: Path) -> Path | None:
 
 def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a transformers directory (via ``load_pretrained``) or a ``.gguf`` file (dequantized)."""
+    from .validate import check_gguf, looks_like_hf_dir
+
     path = Path(path)
-    if is_hf_dir(path):
+    if is_hf_dir(path) or (looks_like_hf_dir(path) and _gguf(path) is None):
         return load_pretrained(path)
     g = _gguf(path)
     if g is None:
@@ -160,6 +165,10 @@ def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
                               "(or a directory holding exactly one)")
     from transformers import AutoModelForCausalLM
 
+    from .gguf_out import check_readable
+
+    check_gguf(g)  # an architecture transformers can dequantize, else a clean refusal
+    check_readable(g)  # no per-layer size arrays (a non-uniform fold written for llama.cpp)
     model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=dtype)
     drop_gguf_quantizer(model)
     return model.eval()
@@ -180,13 +189,19 @@ def drop_gguf_quantizer(model: nn.Module) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer stored with a transformers directory or a ``.gguf`` file."""
+    """The tokenizer stored with a transformers directory or a ``.gguf`` file (CheckpointError if none)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if is_hf_dir(path):
-        return AutoTokenizer.from_pretrained(path)
-    g = _gguf(path)
-    if g is None:
-        raise CheckpointError(f"no tokenizer found at {path}")
-    return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+    g = None if is_hf_dir(path) else _gguf(path)
+    if not is_hf_dir(path) and g is None:
+        raise CheckpointError(f"no tokenizer found at {path}: it is neither a transformers directory nor a .gguf file")
+    try:
+        if g is None:
+            return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/TypeError here
+        raise CheckpointError(
+            f"no usable tokenizer at {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+            "Copy the tokenizer files of the original model (tokenizer.json, tokenizer_config.json, ...) into the "
+            "directory; folding never changes the tokenizer.") from None

@@ -68,14 +68,17 @@ def prune_mlp_keep(spec: MLPSpec, keep: torch.Tensor) -> None:
 
 
 def _set_width(spec: MLPSpec, k: int) -> None:
-    if spec.owner is not None and hasattr(spec.owner, "intermediate_size"):
-        spec.owner.intermediate_size = k
+    for attr in spec.width_attrs if spec.owner is not None else ():
+        if hasattr(spec.owner, attr):
+            setattr(spec.owner, attr, k)
 
 
-def fold_mlp(spec: MLPSpec, k: int, *, seed: int = 0, n_init: int = 3, repair: str = "none") -> float:
-    """Cluster the MLP's neurons into ``k`` and merge; returns the k-means relative error."""
-    res = kmeans(mlp_features(spec), k, seed=seed, n_init=n_init)
-    fold_mlp_with_labels(spec, res.labels, k, repair)
+def fold_mlp(spec: MLPSpec, k: int, *, seed: int = 0, n_init: int = 3, repair: str = "none",
+             device: torch.device | None = None) -> float:
+    """Cluster the MLP's neurons into ``k`` (on ``device``) and merge; returns the k-means relative error."""
+    feats = mlp_features(spec)
+    res = kmeans(feats if device is None else feats.to(device), k, seed=seed, n_init=n_init)
+    fold_mlp_with_labels(spec, res.labels.to(feats.device), k, repair)
     return res.relative_error
 
 

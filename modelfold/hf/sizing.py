@@ -48,15 +48,37 @@ def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto") -> int:
     return (spec.num_kv_heads - k) * per_group
 
 
+class Geometry:
+    """Per-layer shapes read once (MLP widths and per-neuron sizes, attention specs) for fast counting."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+        self.model, self.adapter = model, adapter
+        self._mlp: dict[int, list[tuple[int, int]]] = {}
+        self._attn: dict[int, AttnSpec] = {}
+
+    def mlps(self, i: int) -> list[tuple[int, int]]:
+        if i not in self._mlp:
+            self._mlp[i] = [(m.width, _per_neuron(m)) for m in self.adapter.mlps(self.model, i)]
+        return self._mlp[i]
+
+    def attention(self, i: int) -> AttnSpec:
+        if i not in self._attn:
+            self._attn[i] = self.adapter.attention(self.model, i)
+        return self._attn[i]
+
+    def removed(self, plan: Plan, attention_mode: str = "auto") -> int:
+        total = 0
+        for i, p in plan.items():
+            if p.get("mlp", 0) > 0:
+                total += sum((n - max(1, round(n * (1.0 - p["mlp"])))) * per for n, per in self.mlps(i))
+            if p.get("attention", 0) > 0:
+                total += attention_removed(self.attention(i), p["attention"], attention_mode)
+        return total
+
+
 def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode: str = "auto") -> int:
     """Parameters ``plan`` removes from ``model`` (fold and magnitude pruning remove the same)."""
-    total = 0
-    for i, p in plan.items():
-        if p.get("mlp", 0) > 0:
-            total += mlp_removed(adapter.mlp(model, i), p["mlp"])
-        if p.get("attention", 0) > 0:
-            total += attention_removed(adapter.attention(model, i), p["attention"], attention_mode)
-    return total
+    return Geometry(model, adapter).removed(plan, attention_mode)
 
 
 def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
@@ -68,10 +90,10 @@ def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
                                 "removed, e.g. 0.2 removes 20%")
     n_layers = len(adapter.layers(model))
     total = count_params(model)
+    geo = Geometry(model, adapter)
 
     def removed(r: float) -> float:
-        return plan_removed(model, adapter, make_plan(r, n_layers, targets, skip_first, skip_last),
-                            attention_mode) / total
+        return geo.removed(make_plan(r, n_layers, targets, skip_first, skip_last), attention_mode) / total
 
     most = removed(MAX_RATIO)
     if sparsity > most + 1e-12:
@@ -88,15 +110,19 @@ def summary(model: nn.Module, adapter: Adapter) -> str:
     n = len(adapter.layers(model))
     lines = [f"{type(model).__name__}: {n} layers, {total / 1e6:,.2f}M parameters"]
     mlp_p = attn_p = 0
+    geo = Geometry(model, adapter)
     for i in range(n):
-        m, a = adapter.mlp(model, i), adapter.attention(model, i)
-        mlp_p += m.width * _per_neuron(m)
+        ms, a = adapter.mlps(model, i), geo.attention(i)
+        mlp_p += sum(n_ * per for n_, per in geo.mlps(i))
         attn_p += sum(count_params(get(r)) for r in (a.q, a.k, a.v, a.o))
-        lines.append(f"  {m.name.rsplit('.', 1)[0]:<24} MLP {m.width:>6} neurons   "
+        experts = [m for m in ms if m.size_key != "shared_expert_intermediate_size"]
+        what = f"MLP {experts[0].width:>6} neurons" + (f" x {len(experts)} experts" if len(experts) > 1 else "")
+        what += "".join(f" + shared expert {m.width}" for m in ms if m not in experts)
+        lines.append(f"  {a.name.rsplit('.', 1)[0]:<24} {what}   "
                      f"heads {a.num_heads:>3} query / {a.num_kv_heads:>3} KV (head_dim {a.head_dim})")
     lines.append(f"  MLPs {mlp_p / total:.1%}, attention {attn_p / total:.1%}, other (embeddings, norms, head) "
                  f"{1 - (mlp_p + attn_p) / total:.1%} of the parameters")
     for targets in ("mlp", "attention", "all"):
-        most = plan_removed(model, adapter, make_plan(MAX_RATIO, n, targets)) / total
+        most = geo.removed(make_plan(MAX_RATIO, n, targets)) / total
         lines.append(f"  targets={targets!r:<12} sparsity= reaches at most {most:.1%} (ratio {MAX_RATIO})")
     return "\n".join(lines)

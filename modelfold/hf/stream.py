@@ -4,21 +4,22 @@ The model is built on the ``meta`` device from ``config.json`` (no memory), so t
 can name every projection. Then, for each decoder/encoder layer, only that layer's tensors are
 read from the memory-mapped safetensors shards, folded by the very step ``fold_model`` uses
 (``core.fold_layer_fn``), written to the output shards and released. Embeddings, norms and the
-LM head are copied through tensor by tensor. Peak memory is about one layer's tensors, whatever the
-size of the checkpoint or of the output shards.
+LM head are copied through tensor by tensor. Reading the next layer and writing the previous one
+run in two threads while the current one folds. Peak memory is about three layers' tensors plus
+the folding temporaries of one, whatever the size of the checkpoint or of the output shards.
+With ``executor="ray"`` the layers are folded by Ray tasks (``modelfold.hf.distributed``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import os
-import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,189 +28,26 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, InvalidWeightsError
+from ..errors import CheckpointError
 from ..report import FoldReport, GroupReport
+from .adapters import Adapter
+from .convert import disk_to_model_names, to_disk, to_model
 from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes, resolve_ratio
 from .io import _model_class, atomic_dir, is_hf_dir
-from .plan import make_plan
+from .plan import Plan, make_plan
+from .shards import INDEX, WEIGHT_SUFFIXES, ShardReader, ShardWriter, parse_size
+from .validate import check_model_dir
 
-INDEX = "model.safetensors.index.json"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "500MB", "2GB", "1GiB"."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        n = size
-    else:
-        m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMG]I?B|B)?", str(size).strip().upper())
-        n = int(float(m.group(1)) * _UNITS[m.group(2) or ""]) if m else 0
-    if n <= 0:
-        raise ValueError(f"max_shard_size={size!r} is not a positive size; write e.g. 2GB or 500MB")
-    return n
-
-
-class ShardReader:
-    """Tensors of a safetensors checkpoint (one file or an index of shards), read one at a time."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        index = self.path / INDEX
-        if index.is_file():
-            try:
-                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e}); the checkpoint "
-                                      "may be corrupt, re-save it with save_pretrained") from None
-        elif (self.path / "model.safetensors").is_file():
-            self.weight_map = {}
-            files = ["model.safetensors"]
-        else:
-            other = sorted(p.name for p in self.path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
-            raise CheckpointError(f"{self.path} has no safetensors weights (found {other or 'none'}); "
-                                  "layer-by-layer folding reads safetensors only: load the model and "
-                                  "save_pretrained() it (safetensors is the default), or fold in memory")
-        self._open = safe_open
-        self._files: dict[str, object] = {}
-        if not self.weight_map:
-            self.weight_map = {k: f for f in files for k in self._file(f).keys()}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for key, fname in self.weight_map.items():
-            try:
-                self.shapes[key] = tuple(self._file(fname).get_slice(key).get_shape())
-            except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"{self.path / fname}: tensor {key!r} listed in the index cannot be "
-                                      f"read ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
-
-    def _file(self, fname: str) -> object:
-        if fname not in self._files:
-            f = self.path / fname
-            if not f.is_file():
-                raise CheckpointError(f"shard {f} named in {INDEX} is missing; the checkpoint is incomplete")
-            try:
-                self._files[fname] = self._open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                                      "the checkpoint is corrupt or truncated") from None
-        return self._files[fname]
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def release(self) -> None:
-        """Close the memory maps: the pages read so far stop counting against this process."""
-        self._files.clear()
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor; raises if it cannot be read or holds NaN/Inf (folding would spread them)."""
-        try:
-            t = self._file(self.weight_map[key]).get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.path / self.weight_map[key]}: cannot read tensor {key!r} "
-                                  f"({type(e).__name__}: {e}); the checkpoint is corrupt") from None
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InvalidWeightsError(f"tensor '{key}' in {self.path / self.weight_map[key]} contains NaN or Inf "
-                                      "values; folding would spread them into merged neurons. Repair or "
-                                      "re-export the checkpoint first.")
-        return t
-
-    def numel(self) -> int:
-        return sum(_prod(s) for s in self.shapes.values())
-
-
-def _prod(shape: Iterable[int]) -> int:
-    n = 1
-    for v in shape:
-        n *= int(v)
-    return n
-
-
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most ``max_bytes`` (a larger tensor gets its own).
-
-    Each tensor goes to disk as soon as it is added (safetensors' own ``save_file`` needs a whole
-    shard in memory), so memory stays at one tensor whatever the shard size: the data is appended to
-    a body file and, when the shard is full, the header is written and the body appended to it.
-    The layout (8-byte little-endian header length, JSON header padded to 8 bytes, raw data) is the
-    safetensors format; the tests read every shard back with ``safetensors.torch.load_file``.
-    """
-
-    def __init__(self, out: Path, max_bytes: int) -> None:
-        self.out, self.max_bytes = out, max_bytes
-        self.entries: dict[str, dict] = {}
-        self.offset = 0
-        self.body = None
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
-        self.numel = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu").contiguous()
-        if t.dtype not in _DTYPES:
-            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        nb = t.numel() * t.element_size()
-        if self.entries and self.offset + nb > self.max_bytes:
-            self._flush()
-        if self.body is None:
-            self.body = open(self.out / f".body-{len(self.files):05d}", "wb")  # noqa: SIM115 - closed in _flush
-        self.body.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if nb else b"")
-        self.entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self.offset, self.offset + nb]}
-        self.offset += nb
-        self.total += nb
-        self.numel += t.numel()
-
-    def _flush(self) -> None:
-        name = f"part-{len(self.files):05d}.safetensors"
-        body_path = self.out / f".body-{len(self.files):05d}"
-        if self.body is None:
-            self.body = open(body_path, "wb")  # noqa: SIM115
-        self.body.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        with open(self.out / name, "wb") as f, open(body_path, "rb") as body:
-            f.write(len(header).to_bytes(8, "little"))
-            f.write(header)
-            shutil.copyfileobj(body, f, 16 << 20)
-        body_path.unlink()
-        self.files.append((name, list(self.entries)))
-        self.entries, self.offset, self.body = {}, 0, None
-
-    def close(self) -> None:
-        """Write the last shard, give the shards their transformers names and write the index."""
-        if self.entries or not self.files:
-            self._flush()
-        n = len(self.files)
-        if n == 1:
-            os.rename(self.out / self.files[0][0], self.out / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (tmp, keys) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(self.out / tmp, self.out / final)
-            weight_map.update(dict.fromkeys(keys, final))
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+__all__ = ["ShardReader", "ShardWriter", "checkpoint_bytes", "fold_checkpoint", "parse_size",
+           "prune_checkpoint", "skeleton"]
+EXECUTORS = ("local", "ray")
 
 
 def skeleton(path: Path) -> nn.Module:
     """The model ``config.json`` describes, on the meta device (shapes only), at any recorded fold sizes."""
     from transformers import AutoConfig
 
+    check_model_dir(path, weights=False, foldable=True)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -245,24 +83,147 @@ def _trim_heap() -> None:
         lib.malloc_trim(0)
 
 
-def _layer_prefixes(model: nn.Module, layers: list[nn.Module]) -> list[str]:
+@dataclass
+class Source:
+    """A checkpoint directory opened for layer-by-layer work: its reader, meta skeleton and tensor names."""
+
+    path: Path
+    reader: ShardReader
+    model: nn.Module
+    adapter: Adapter
+    prefixes: list[str]  # "model.layers.3." for every layer
+    per_layer: list[list[str]]  # tensor names of every layer
+    rest: list[str]  # embeddings, final norm, LM head ...
+
+
+def open_source(src: str | os.PathLike) -> Source:
+    """Open ``src`` (a transformers directory with safetensors weights); no weights are read."""
+    src_p = Path(src).resolve()
+    if not is_hf_dir(src_p):
+        hint = (" GGUF files are dequantized and folded in memory: modelfold.hf.load_any + fold_model "
+                "(CLI: --stream never)") if src_p.suffix == ".gguf" else ""
+        raise CheckpointError(f"{src_p} is not a transformers model directory (no config.json).{hint}")
+    check_model_dir(src_p, foldable=True)  # config, family, weights
+    reader = ShardReader(src_p)
+    model = skeleton(src_p)
+    adapter = _adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(layer)] + "." for layer in layers]
+    prefixes = [names[id(layer)] + "." for layer in adapter.layers(model)]
+    per_layer: list[list[str]] = [[] for _ in prefixes]
+    rest: list[str] = []
+    names = disk_to_model_names(model, reader.keys())  # checkpoint layout -> the model's (MoE experts)
+    for key in reader.keys():
+        hit = next((i for i, p in enumerate(prefixes) if names[key].startswith(p)), None)
+        (rest if hit is None else per_layer[hit]).append(key)
+    empty = [prefixes[i].rstrip(".") for i, keys in enumerate(per_layer) if not keys]
+    if empty:
+        raise CheckpointError(f"{src_p}: no tensors for {empty[:3]} in the checkpoint; its tensor names do not "
+                              "follow the model config.json describes (re-save it with save_pretrained)")
+    return Source(src_p, reader, model, adapter, prefixes, per_layer, rest)
 
 
-def _load_layer(layer: nn.Module, prefix: str, reader: ShardReader, keys: list[str]) -> None:
-    sd = {k[len(prefix):]: reader.get(k) for k in keys}
-    missing, unexpected = layer.load_state_dict(sd, strict=False, assign=True)
+def layer_fn_for(method: str, options: Mapping) -> LayerFn:
+    """The per-layer step of ``method`` ("fold" or "sp-l1"/"sp-l2") with its keyword options."""
+    return fold_layer_fn(**options) if method == "fold" else prune_layer_fn(**options)
+
+
+def fold_layers(source: Source, plan: Plan, layer_fn: LayerFn, writer: ShardWriter, ids: Sequence[int], *,
+                rest: bool = False, progress: bool = False, desc: str = "") -> tuple[list[GroupReport], dict]:
+    """Read, fold and write layers ``ids`` (first the non-layer tensors if ``rest``), in order.
+
+    A reader thread loads the next layer and a writer thread writes the previous one while this
+    thread folds; outputs go to ``writer`` in order, so the result does not depend on the timing.
+    Returns the group reports and the seconds spent reading, folding and writing.
+    """
+    reader = source.reader
+    stages = {"read": 0.0, "fold": 0.0, "write": 0.0}
+    items: list[int | None] = ([None] if rest else []) + list(ids)
+
+    def read(item: int | None) -> dict[str, torch.Tensor]:
+        t = time.perf_counter()
+        sd = {k: reader.get(k) for k in (source.rest if item is None else source.per_layer[item])}
+        reader.release()  # pages read so far stop counting against this process
+        stages["read"] += time.perf_counter() - t
+        return sd
+
+    def write(sd: dict[str, torch.Tensor]) -> None:
+        t = time.perf_counter()
+        for k, v in sd.items():
+            writer.add(k, v)
+        stages["write"] += time.perf_counter() - t
+
+    groups: list[GroupReport] = []
+    bar = tqdm(total=len(ids), desc=desc, disable=not progress, file=sys.stderr)
+    try:
+        with ThreadPoolExecutor(1, "modelfold-read") as rd, ThreadPoolExecutor(1, "modelfold-write") as wr:
+            pending: Future | None = None
+            nxt = rd.submit(read, items[0]) if items else None
+            for j, item in enumerate(items):
+                sd = nxt.result()
+                if j + 1 < len(items):
+                    nxt = rd.submit(read, items[j + 1])
+                if item is None:
+                    out = sd
+                else:
+                    t = time.perf_counter()
+                    out = _fold_one(source, plan, layer_fn, item, sd, groups)
+                    stages["fold"] += time.perf_counter() - t
+                    bar.update()
+                del sd
+                if pending is not None:
+                    pending.result()
+                pending = wr.submit(write, out)
+                del out
+                _trim_heap()
+            if pending is not None:
+                pending.result()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return groups, stages
+
+
+def load_layer(source: Source, i: int) -> None:
+    """Materialise layer ``i`` of the skeleton from the shards (``release_layer`` undoes it)."""
+    prefix = source.prefixes[i]
+    sd = to_model(source.model, {k: source.reader.get(k) for k in source.per_layer[i]})
+    source.adapter.layers(source.model)[i].load_state_dict({k[len(prefix):]: v for k, v in sd.items()},
+                                                           strict=False, assign=True)
+
+
+def release_layer(source: Source, i: int) -> None:
+    source.adapter.layers(source.model)[i].to("meta")
+    source.reader.release()
+    _trim_heap()
+
+
+def _fold_one(source: Source, plan: Plan, layer_fn: LayerFn, i: int, sd: dict[str, torch.Tensor],
+              groups: list[GroupReport]) -> dict[str, torch.Tensor]:
+    """Fold layer ``i`` from its tensors ``sd``; returns its output tensors (the layer goes back to meta)."""
+    model, adapter, prefix = source.model, source.adapter, source.prefixes[i]
+    layer = adapter.layers(model)[i]
+    sd = to_model(model, sd)  # checkpoint layout -> the model's (MoE experts)
+    missing, unexpected = layer.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=False,
+                                                assign=True)
     if missing or unexpected:
-        raise CheckpointError(f"{reader.path}: the tensors of {prefix.rstrip('.')} do not match the model "
+        raise CheckpointError(f"{source.path}: the tensors of {prefix.rstrip('.')} do not match the model "
                               f"config.json describes (missing {missing[:4]}, unexpected {unexpected[:4]}); "
                               "the checkpoint and its config disagree")
+    with torch.no_grad():
+        groups.extend(layer_fn(model, adapter, i, plan.get(i, {})))
+    layer = adapter.layers(model)[i]
+    out = to_disk(model, {prefix + k: v for k, v in layer.state_dict().items()})
+    out = {k: v for k, v in out.items() if k in source.reader.weight_map}
+    layer.to("meta")  # the module lets go of this layer's tensors; ``out`` holds them until written
+    return out
 
 
 def _copy_extras(src: Path, dst: Path) -> None:
     """Tokenizer, generation config and other non-weight files travel with the model."""
     for p in sorted(src.iterdir()):
-        if p.name in ("config.json", INDEX) or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
+        if p.name in ("config.json", INDEX) or p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
             continue
         if p.is_file():
             shutil.copy2(p, dst / p.name)
@@ -270,119 +231,97 @@ def _copy_extras(src: Path, dst: Path) -> None:
             shutil.copytree(p, dst / p.name)
 
 
-@dataclass
-class StreamContext:
-    """What a ``prepare`` step of the layer-by-layer path may use: the meta skeleton and the shard reader."""
-
-    src: Path
-    model: nn.Module
-    adapter: Any
-    reader: ShardReader
-    prefixes: list[str]
-    per_layer: list[list[str]]
-    rest: list[str]
-
-    def load_layer(self, i: int) -> None:
-        """Materialise layer ``i`` of the skeleton from the shards."""
-        _load_layer(self.adapter.layers(self.model)[i], self.prefixes[i], self.reader, self.per_layer[i])
-
-    def release_layer(self, i: int) -> None:
-        """Put layer ``i`` back on the meta device and give its memory back."""
-        self.adapter.layers(self.model)[i].to("meta")
-        self.reader.release()
-        _trim_heap()
-
-
 def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None, method: str,
-            layer_fn: LayerFn, *, targets: str | Iterable[str], skip_first: int, skip_last: int,
+            options: dict, *, targets: str | Iterable[str], skip_first: int, skip_last: int,
             repair: str, max_shard_size: int | str, progress: bool, sparsity: float | None,
-            attention_mode: str, prepare: Callable[[StreamContext], Any] | None = None) -> FoldReport:
-    t0 = time.perf_counter()
+            attention_mode: str, executor: str, ray_address: str | None, ray_options: Mapping | None,
+            layer_fn: LayerFn | None = None, prepare: Callable[[Source], Any] | None = None) -> FoldReport:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not one of {EXECUTORS}: 'local' folds in this process, "
+                         "'ray' spreads the layers over a Ray cluster")
+    # check the options before any file is touched; Ray workers resolve the device themselves
+    if layer_fn is None:
+        layer_fn = layer_fn_for(method, {**options, "device": None} if executor == "ray" and "device" in options
+                                else options)
+    elif executor != "local":
+        raise ValueError("this compression runs its layers in order (calibration activations flow from layer "
+                         "to layer); use executor='local'")
     src_p, dst_p = Path(src).resolve(), Path(dst).resolve()
-    if not is_hf_dir(src_p):
-        hint = (" GGUF files are dequantized and folded in memory: modelfold.hf.load_any + fold_model "
-                "(CLI: --stream never)") if src_p.suffix == ".gguf" else ""
-        raise CheckpointError(f"{src_p} is not a transformers model directory (no config.json).{hint}")
     if dst_p == src_p or src_p in dst_p.parents:
         raise CheckpointError(f"the output {dst_p} must be outside the input checkpoint {src_p}; "
                               "choose another output directory (the input is never overwritten)")
     max_bytes = parse_size(max_shard_size)
-    reader = ShardReader(src_p)
-    model = skeleton(src_p)
-    adapter = _adapter(model)
-    layers = adapter.layers(model)
-    prefixes = _layer_prefixes(model, layers)
-    per_layer: list[list[str]] = [[] for _ in layers]
-    rest: list[str] = []
-    for key in reader.keys():
-        hit = next((i for i, p in enumerate(prefixes) if key.startswith(p)), None)
-        (rest if hit is None else per_layer[hit]).append(key)
-    empty = [prefixes[i].rstrip(".") for i, keys in enumerate(per_layer) if not keys]
-    if empty:
-        raise CheckpointError(f"{src_p}: no tensors for {empty[:3]} in the checkpoint; its tensor names do not "
-                              "follow the model config.json describes (re-save it with save_pretrained)")
+    source = open_source(src_p)
+    model, adapter = source.model, source.adapter
+    n_layers = len(source.prefixes)
     if prepare is not None:  # e.g. calibration: may measure the layers first and return a per-layer plan
-        ctx = StreamContext(src_p, model, adapter, reader, prefixes, per_layer, rest)
-        plan_override = prepare(ctx)
-        if plan_override is not None:
-            ratio, sparsity, skip_first, skip_last = plan_override, None, 0, 0
+        override = prepare(source)
+        if override is not None:
+            ratio, sparsity, skip_first, skip_last = override, None, 0, 0
     ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
                           skip_last=skip_last, attention_mode=attention_mode)
-    plan = make_plan(ratio, len(layers), targets, skip_first, skip_last)
-    groups: list[GroupReport] = []
+    plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
     with atomic_dir(dst_p, "the folded checkpoint") as tmp:
-        writer = ShardWriter(tmp, max_bytes)
-        for key in rest:
-            writer.add(key, reader.get(key))
-            reader.release()
-        bar = tqdm(range(len(layers)), desc=f"{method} layer by layer", disable=not progress, file=sys.stderr)
-        with torch.no_grad():
-            for i in bar:
-                layer, prefix = layers[i], prefixes[i]
-                _load_layer(layer, prefix, reader, per_layer[i])
-                groups.extend(layer_fn(model, adapter, i, plan.get(i, {})))
-                layer = adapter.layers(model)[i]
-                for k, v in layer.state_dict().items():
-                    if prefix + k in reader.weight_map:
-                        writer.add(prefix + k, v)
-                layer.to("meta")  # release this layer's tensors before the next one is read
-                reader.release()
-                _trim_heap()
-        writer.close()
+        if executor == "ray":
+            from .distributed import fold_on_ray
+
+            groups, total, numel, stages = fold_on_ray(source, tmp, plan, method, options, max_bytes,
+                                                       address=ray_address, options_ray=ray_options,
+                                                       progress=progress)
+        else:
+            writer = ShardWriter(tmp, max_bytes, expected=source.reader.shapes)
+            groups, stages = fold_layers(source, plan, layer_fn, writer, range(n_layers), rest=True,
+                                         progress=progress, desc=f"{method} layer by layer")
+            writer.close()
+            total, numel = writer.total, writer.numel
         record_sizes(model, adapter)
         model.config.save_pretrained(tmp)
         _copy_extras(src_p, tmp)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
-    return FoldReport(method, rmax, reader.numel(), writer.numel, None, None, time.perf_counter() - t0,
-                      groups, repair)
+    info = {"executor": executor, "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
+            **{f"{k}_seconds": round(v, 2) for k, v in stages.items()}}
+    return FoldReport(method, rmax, source.reader.numel(), numel, None, None, time.perf_counter() - t0,
+                      groups, repair, info=info)
 
 
 def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
-                    sparsity: float | None = None, targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
-                    repair: str = "none", seed: int = 0, n_init: int = 3, attention_mode: str = "auto",
-                    max_shard_size: int | str = "2GB", progress: bool = True) -> FoldReport:
+                    sparsity: float | None = None, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
+                    skip_last: int = 0, repair: str = "none", seed: int = 0, n_init: int = 3,
+                    attention_mode: str = "auto", max_shard_size: int | str = "2GB", progress: bool = True,
+                    executor: str = "local", ray_address: str | None = None,
+                    ray_options: Mapping | None = None, device: str | torch.device | None = None) -> FoldReport:
     """Fold the transformers checkpoint directory ``src`` into ``dst`` one layer at a time.
 
-    Same arguments and bit-identical result as ``fold_model`` + ``save``, but only one layer's tensors
+    Same arguments and bit-identical result as ``fold_model`` + ``save``, but only a few layers' tensors
     are in memory at once, so checkpoints larger than RAM fold; output shards hold at most
-    ``max_shard_size`` bytes. Reads safetensors (single file or sharded with an index); tensors keep their stored
-    dtype; tokenizer and other files are copied. ``dst`` is written atomically; ``src`` is never modified.
+    ``max_shard_size`` bytes. Reads safetensors (single file or sharded with an index); tensors keep their
+    stored dtype; tokenizer and other files are copied. ``dst`` is written atomically; ``src`` is never
+    modified. ``executor="ray"`` folds the layers as Ray tasks on the cluster at ``ray_address`` (a local
+    one if None and none is running; ``src`` and ``dst`` must be on storage every node sees);
+    ``ray_options`` go to the tasks' ``.options()`` (e.g. ``{"num_cpus": 4, "memory": 40e9}``). See
+    docs/distributed.md. ``device``: where k-means runs ("cpu", "cuda", "cuda:N", "auto"; on Ray, each
+    worker resolves it, so give GPU tasks ``ray_options={"num_gpus": 1}``).
     """
-    fn = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode)
-    return _stream(src, dst, ratio, "fold", fn, targets=targets, skip_first=skip_first, skip_last=skip_last,
-                   repair=repair, max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
-                   attention_mode=attention_mode)
+    options = {"repair": repair, "seed": seed, "n_init": n_init, "attention_mode": attention_mode,
+               "device": None if device is None else str(device)}
+    return _stream(src, dst, ratio, "fold", options, targets=targets, skip_first=skip_first,
+                   skip_last=skip_last, repair=repair, max_shard_size=max_shard_size, progress=progress,
+                   sparsity=sparsity, attention_mode=attention_mode, executor=executor,
+                   ray_address=ray_address, ray_options=ray_options)
 
 
 def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
-                     sparsity: float | None = None, norm: int = 2, targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
-                     attention_mode: str = "auto", max_shard_size: int | str = "2GB",
-                     progress: bool = True) -> FoldReport:
+                     sparsity: float | None = None, norm: int = 2, targets: str | Iterable[str] = "mlp",
+                     skip_first: int = 0, skip_last: int = 0, attention_mode: str = "auto",
+                     max_shard_size: int | str = "2GB", progress: bool = True, executor: str = "local",
+                     ray_address: str | None = None, ray_options: Mapping | None = None) -> FoldReport:
     """Magnitude-prune (SP-L1/L2) a checkpoint directory layer by layer; see ``fold_checkpoint``."""
-    fn = prune_layer_fn(norm=norm, attention_mode=attention_mode)
-    return _stream(src, dst, ratio, f"sp-l{norm}", fn, targets=targets, skip_first=skip_first,
-                   skip_last=skip_last, repair="none", max_shard_size=max_shard_size, progress=progress,
-                   sparsity=sparsity, attention_mode=attention_mode)
+    return _stream(src, dst, ratio, f"sp-l{norm}", {"norm": norm, "attention_mode": attention_mode},
+                   targets=targets, skip_first=skip_first, skip_last=skip_last, repair="none",
+                   max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
+                   attention_mode=attention_mode, executor=executor, ray_address=ray_address,
+                   ray_options=ray_options)
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:

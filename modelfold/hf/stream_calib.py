@@ -25,10 +25,10 @@ from ..errors import InvalidRatioError
 from ..report import FoldReport
 from .calib_layer import CalibOptions
 from .calibrated import Calibrated, Sensitivity, capture
-from .stream import StreamContext, _stream
+from .stream import Source, _stream, load_layer, release_layer
 
 
-def _front(ctx: StreamContext) -> nn.Module:
+def _front(ctx: Source) -> nn.Module:
     """The model with a single block, on CPU, holding the checkpoint's non-block tensors."""
     from .io import _model_class
 
@@ -41,7 +41,9 @@ def _front(ctx: StreamContext) -> nn.Module:
     build = getattr(cls, "_from_config", None) or cls.from_config
     dtype = next((ctx.reader.get(k).dtype for k in ctx.rest if ctx.reader.get(k).is_floating_point()), None)
     front = build(config, dtype=dtype) if dtype is not None else build(config)
-    front.load_state_dict({k: ctx.reader.get(k) for k in ctx.rest}, strict=False, assign=True)
+    from .convert import to_model
+
+    front.load_state_dict(to_model(front, {k: ctx.reader.get(k) for k in ctx.rest}), strict=False, assign=True)
     ctx.reader.release()
     return front.eval()
 
@@ -72,10 +74,10 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
     info: dict[str, Any] = {}
     fn = Calibrated(torch.empty(0, dtype=torch.long), opts)
 
-    def prepare(ctx: StreamContext) -> Any:
+    def prepare(ctx: Source) -> Any:
         front = _front(ctx)
         if isinstance(calibration, str) and calibration == "self" and cdata.is_causal_lm(front):
-            whole = _full_model(ctx.src)
+            whole = _full_model(ctx.path)
             ids = cdata.resolve(whole, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
                                 progress=progress, info=info)
             del whole
@@ -98,17 +100,18 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
             n = len(ctx.per_layer)
             with torch.no_grad():
                 for i in tqdm(range(n), desc="measuring sensitivity", disable=not progress, leave=False):
-                    ctx.load_layer(i)
+                    load_layer(ctx, i)
                     sens.step(ctx.model, ctx.adapter, i)
-                    ctx.release_layer(i)
+                    release_layer(ctx, i)
             plan = sens.plan(sparsity * ctx.reader.numel())
         fn.inputs = start
         return plan
 
     name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
-    report = _stream(src, dst, ratio, name, fn, targets=targets, skip_first=skip_first, skip_last=skip_last,
+    report = _stream(src, dst, ratio, name, {}, targets=targets, skip_first=skip_first, skip_last=skip_last,
                      repair="calibrated", max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
-                     attention_mode=attention_mode, prepare=prepare)
+                     attention_mode=attention_mode, executor="local", ray_address=None, ray_options=None,
+                     layer_fn=fn, prepare=prepare)
     info["plan"] = {g.root: g.channels_after for g in report.groups}
     report.repair_info = info
     report.seconds = time.perf_counter() - t0

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..engine import Planner
 from ..errors import InputShapeError
 from . import Repair, RepairError
@@ -94,23 +95,24 @@ def _tv(x: torch.Tensor) -> torch.Tensor:
 
 
 def synthesize(model: nn.Module, input_shape: tuple[int, ...], settings: DIRSettings = DIRSettings(),
-               progress: bool = False) -> tuple[torch.Tensor, list[float]]:
+               progress: bool = False, device: str | torch.device | None = None) -> tuple[torch.Tensor, list[float]]:
     """DeepInversion: (batch, *input_shape) inputs whose BN statistics match ``model``'s.
 
-    Returns the inputs and the per-step BN-matching loss (sum over BN layers).
+    Runs on ``device`` (a copy of the model goes there; ``model`` is not moved). Returns the inputs
+    (on the CPU) and the per-step BN-matching loss (sum over BN layers).
     """
     with torch.inference_mode(False), torch.enable_grad():
-        return _synthesize(model, input_shape, settings, progress)
+        return _synthesize(model, input_shape, settings, progress, resolve_device(device))
 
 
 def _synthesize(model: nn.Module, input_shape: tuple[int, ...], settings: DIRSettings,
-                progress: bool) -> tuple[torch.Tensor, list[float]]:
-    work = _frozen_copy(model)
-    gen = torch.Generator().manual_seed(settings.seed)
-    x = torch.randn((settings.batch, *input_shape), generator=gen).requires_grad_(True)
+                progress: bool, device: torch.device) -> tuple[torch.Tensor, list[float]]:
+    work = _frozen_copy(model).to(device)
+    gen = torch.Generator().manual_seed(settings.seed)  # random draws on the CPU: the same on every device
+    x = torch.randn((settings.batch, *input_shape), generator=gen).to(device).requires_grad_(True)
     with torch.no_grad():
         n_cls = _forward(work, x[:1]).shape[-1]
-    targets = (torch.arange(settings.batch) % n_cls)[torch.randperm(settings.batch, generator=gen)]
+    targets = (torch.arange(settings.batch) % n_cls)[torch.randperm(settings.batch, generator=gen)].to(device)
     opt = torch.optim.Adam([x], lr=settings.lr, betas=(0.5, 0.9), eps=1e-8)
     losses, handles = _bn_losses(work)
     if not handles:
@@ -144,7 +146,7 @@ def _synthesize(model: nn.Module, input_shape: tuple[int, ...], settings: DIRSet
         for h in handles:
             h.remove()
         bar.close()
-    return x.detach(), history
+    return x.detach().cpu(), history
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -157,15 +159,18 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def synthetic_batch(model: nn.Module, input_shape: tuple[int, ...], settings: DIRSettings,
-                    progress: bool = False, use_cache: bool = True, info: dict[str, Any] | None = None
-                    ) -> torch.Tensor:
-    """:func:`synthesize`, cached on disk per (model hash, input shape, settings).
+                    progress: bool = False, use_cache: bool = True, info: dict[str, Any] | None = None,
+                    device: str | torch.device | None = None) -> torch.Tensor:
+    """:func:`synthesize`, cached on disk per (model hash, input shape, settings, device type).
 
     ``info`` (if given) receives ``source`` ("cache" or "synthesized") and ``seconds``.
     """
     info = {} if info is None else info
     t0 = time.perf_counter()
+    device = resolve_device(device)
     meta = {"v": CACHE_VERSION, "shape": list(input_shape), **dataclasses.asdict(settings)}
+    if device.type != "cpu":  # GPU arithmetic differs in the last bits: its batches are cached apart
+        meta["device"] = device.type
     key = hashlib.sha256((model_hash(model) + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.pt"
     if use_cache and path.is_file():
@@ -175,7 +180,7 @@ def synthetic_batch(model: nn.Module, input_shape: tuple[int, ...], settings: DI
             return x
         except Exception:  # noqa: BLE001 - a corrupt cache entry is regenerated
             pass
-    x, history = synthesize(model, input_shape, settings, progress)
+    x, history = synthesize(model, input_shape, settings, progress, device)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -191,7 +196,8 @@ class FoldDIR(Repair):
     name = "dir"
 
     def __init__(self, original: nn.Module, input_shape: tuple[int, ...], settings: DIRSettings,
-                 progress: bool = False, use_cache: bool = True) -> None:
+                 progress: bool = False, use_cache: bool = True, device: torch.device | None = None) -> None:
+        self.device = resolve_device(device)
         self.original = original
         self.input_shape = input_shape
         self.settings = settings
@@ -204,7 +210,7 @@ class FoldDIR(Repair):
     def from_kwargs(cls, model: nn.Module | None = None, example_inputs: Any = None, seed: int = 0,
                     progress: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
                     dir_lr: float | None = None, dir_settings: DIRSettings | None = None,
-                    dir_cache: bool = True, **kwargs: Any) -> FoldDIR:
+                    dir_cache: bool = True, device: str | torch.device | None = None, **kwargs: Any) -> FoldDIR:
         from .data import _reject
 
         _reject(kwargs, "dir")
@@ -218,7 +224,7 @@ class FoldDIR(Repair):
         if any((not isinstance(v, int | float)) or v <= 0 for v in over.values()):
             raise RepairError(f"dir_batch/dir_iters/dir_lr must be positive, got {over}")
         s = dataclasses.replace(s, **over)
-        return cls(model, tuple(example_inputs.shape[1:]), s, progress, dir_cache)
+        return cls(model, tuple(example_inputs.shape[1:]), s, progress, dir_cache, device)
 
     def wrap(self, planner: Planner) -> Planner:
         return self.log.wrap(planner)
@@ -227,7 +233,8 @@ class FoldDIR(Repair):
         from .data import restore_statistics
 
         info: dict[str, Any] = {}
-        x = synthetic_batch(self.original, self.input_shape, self.settings, self.progress, self.use_cache, info)
+        x = synthetic_batch(self.original, self.input_shape, self.settings, self.progress, self.use_cache, info,
+                            self.device)
         self.summary = {"dir_batch": info["source"], "dir_seconds": round(info["seconds"], 2),
                         **restore_statistics(model, self.original, self.log, list(x.split(256)))}
         return model

@@ -135,10 +135,11 @@ def test_bad_targets_and_plans():
 
 
 def test_unsupported_model():
-    cfg = pytest.importorskip("transformers").GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=11)
-    m = pytest.importorskip("transformers").GPT2LMHeadModel(cfg).eval()
+    transformers = pytest.importorskip("transformers")
+    m = transformers.BloomForCausalLM(transformers.BloomConfig(n_layer=1, hidden_size=16, n_head=2,
+                                                               vocab_size=11)).eval()
     assert not mh.is_supported(m)
-    with pytest.raises(UnsupportedModelError):
+    with pytest.raises(UnsupportedModelError, match="model_type='bloom'"):
         mh.fold_model(m, ratio=0.3)
 
 

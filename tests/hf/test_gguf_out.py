@@ -95,12 +95,31 @@ def test_unaligned_width_falls_back_to_f16_and_source_metadata_is_kept(tmp_path)
         assert torch.equal(dict(again.named_parameters())[name].detach(), stored(p, q)), name
 
 
-def test_per_layer_sizes_are_written_as_arrays(tmp_path) -> None:
+def test_per_layer_sizes_are_refused(tmp_path) -> None:
+    from gguf import GGUFValueType
+
     model = modelfold.fold(tiny(), ratio=0.5, targets="mlp", skip_first=1)  # layer 0 kept: 128, layer 1: 64
-    save_gguf(model, tmp_path / "m.gguf", dtype="f32")
-    r = gguf.GGUFReader(tmp_path / "m.gguf")
-    assert r.fields["llama.feed_forward_length"].contents() == [128, 64]
-    assert r.fields["llama.attention.head_count"].contents() == 4
+    with pytest.raises(UnsupportedModelError, match=r"ffn: \[128, 64\].*Fold uniformly"):
+        save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    assert not (tmp_path / "m.gguf").exists()
+    # Such a file from another tool: load_any refuses it cleanly instead of transformers' validation error.
+    save_gguf(tiny(), tmp_path / "u.gguf", dtype="f32")
+    r = gguf.GGUFReader(tmp_path / "u.gguf")
+    w = gguf.GGUFWriter(tmp_path / "a.gguf", "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        value = [128, 128] if f.name == "llama.feed_forward_length" else f.contents()
+        vtype = GGUFValueType.ARRAY if f.name == "llama.feed_forward_length" else f.types[0]
+        w.add_key_value(f.name, value, vtype, sub_type=GGUFValueType.UINT32 if vtype == GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="per-layer sizes"):
+        modelfold.hf.load_any(tmp_path / "a.gguf")
 
 
 def test_errors_write_nothing(tmp_path) -> None:

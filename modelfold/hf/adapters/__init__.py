@@ -4,25 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Adapter, AttnSpec, MLPSpec
-from .bert import BertAdapter
-from .decoder import DecoderAdapter
+from .base import Adapter, AttnSpec, MLPSpec, get, put, ref_name
+from .families import Family, StructuredAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (DecoderAdapter(), BertAdapter())
+_NO_KV = {"num_key_value_heads": None}
+_ENCODER = dict(layers=("encoder.layer",), mlp="", producers=("intermediate.dense",), consumer="output.dense",
+                attn="attention", qkvo=("self.query", "self.key", "self.value", "output.dense"),
+                attn_module="self", vanilla_heads=False, config_fields=_NO_KV)
+
+FAMILIES: tuple[Family, ...] = (
+    Family(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")),
+    Family(("gemma3",), layers=("language_model.layers",), text_config=True),
+    Family(("mixtral",)),
+    Family(("qwen2_moe", "qwen3_moe"), expert_key="moe_intermediate_size"),
+    Family(("phi3",), fused_mlp="gate_up_proj", fused_qkv="qkv_proj", heads_in_config=True),
+    Family(("gpt2",), layers=("h",), producers=("c_fc",), consumer="c_proj", attn="attn",
+           qkvo=("q", "k", "v", "c_proj"), fused_qkv="c_attn", conv1d=True, vanilla_heads=False,
+           config_fields={"intermediate_size": "n_inner", "num_attention_heads": "n_head", **_NO_KV}),
+    Family(("opt",), layers=("decoder.layers",), mlp="", producers=("fc1",), consumer="fc2",
+           qkvo=("q_proj", "k_proj", "v_proj", "out_proj"), vanilla_heads=False,
+           config_fields={"intermediate_size": "ffn_dim", **_NO_KV}),
+    Family(("gpt_neox",), producers=("dense_h_to_4h",), consumer="dense_4h_to_h", attn="attention",
+           qkvo=("q", "k", "v", "dense"), fused_qkv="query_key_value", interleaved_qkv=True,
+           vanilla_heads=False, config_fields=_NO_KV),
+    Family(("bert", "roberta", "xlm-roberta"), **_ENCODER),
+    Family(("distilbert",), layers=("transformer.layer",), mlp="ffn", producers=("lin1",), consumer="lin2",
+           attn="attention", qkvo=("q_lin", "k_lin", "v_lin", "out_lin"), vanilla_heads=False,
+           config_fields={"intermediate_size": "hidden_dim", "num_attention_heads": "n_heads", **_NO_KV}),
+)
+ADAPTERS: tuple[Adapter, ...] = tuple(StructuredAdapter(f) for f in FAMILIES)
+SUPPORTED: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for_type(model_type: str | None) -> Adapter | None:
+    return next((a for a in ADAPTERS if model_type in a.model_types), None)
 
 
 def find_adapter(model: Any) -> Adapter | None:
     """The adapter for ``model``'s family, or None."""
     config = getattr(model, "config", None)
-    mtype = getattr(config, "model_type", None)
-    for a in ADAPTERS:
-        if mtype in a.model_types:
-            try:
-                a.layers(model)
-            except AttributeError:
-                return None
-            return a
-    return None
+    a = adapter_for_type(getattr(config, "model_type", None))
+    if a is None:
+        return None
+    try:
+        a.layers(model)
+    except AttributeError:
+        return None
+    return a
 
 
-__all__ = ["ADAPTERS", "Adapter", "AttnSpec", "MLPSpec", "find_adapter"]
+__all__ = ["ADAPTERS", "FAMILIES", "SUPPORTED", "Adapter", "AttnSpec", "Family", "MLPSpec", "adapter_for_type",
+           "find_adapter", "get", "put", "ref_name"]

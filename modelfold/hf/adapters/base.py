@@ -7,15 +7,45 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-Ref = tuple[nn.Module, str]  # (parent module, attribute name) of an nn.Linear
+from .refs import View
+
+# (parent module, attribute name) of an nn.Linear, or a View (Conv1D, part of a fused projection,
+# one expert of a stacked expert tensor) that reads and writes like one.
+Ref = tuple[nn.Module, str] | View
 
 
 def get(ref: Ref) -> nn.Linear:
+    """The projection ``ref`` names, as an ``nn.Linear`` (views share storage with the model)."""
+    if isinstance(ref, View):
+        return ref.get()
     return getattr(ref[0], ref[1])
 
 
 def put(ref: Ref, module: nn.Linear) -> None:
-    setattr(ref[0], ref[1], module)
+    """Store ``module`` (possibly resized) where ``ref`` points."""
+    if isinstance(ref, View):
+        ref.put(module)
+    else:
+        setattr(ref[0], ref[1], module)
+
+
+def hook_module(ref: Ref) -> nn.Module | None:
+    """The model's own module whose input is what ``ref`` reads (for activation hooks), or None.
+
+    A part of a fused projection reads the fused module's input; a Conv1D is its own module; one
+    expert of a stacked expert tensor sees only its routed tokens, which no module boundary shows.
+    """
+    from .refs import Conv1DRef, PartRef
+
+    if isinstance(ref, PartRef):
+        return hook_module(ref.fused.base)
+    if isinstance(ref, Conv1DRef):
+        return getattr(ref.parent, ref.attr)
+    return None if isinstance(ref, View) else getattr(ref[0], ref[1])
+
+
+def ref_name(ref: Ref) -> str:
+    return ref.name if isinstance(ref, View) else ref[1]
 
 
 def linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -44,14 +74,16 @@ class MLPSpec:
     name: str
     producers: list[Ref]
     consumer: Ref
-    owner: nn.Module | None = None  # module whose ``intermediate_size`` attribute is updated
+    owner: nn.Module | None = None  # module whose ``width_attrs`` attributes are updated
+    size_key: str = "intermediate_size"  # key of this MLP's width in Adapter.sizes()
+    width_attrs: tuple[str, ...] = ("intermediate_size",)
 
     @property
     def width(self) -> int:
         return get(self.consumer).in_features
 
     def member_names(self) -> list[str]:
-        return [f"{self.name}.{r[1]}" for r in self.producers] + [f"{self.name}.{self.consumer[1]}"]
+        return [f"{self.name}.{ref_name(r)}" for r in self.producers] + [f"{self.name}.{ref_name(self.consumer)}"]
 
 
 @dataclass
@@ -74,17 +106,31 @@ class AttnSpec:
         return self.num_heads // self.num_kv_heads
 
 
+HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")
+
+
 class Adapter:
-    """Per-family knowledge: where layers, MLPs and attention blocks live, which attributes to update."""
+    """Per-family knowledge: where layers, MLPs and attention blocks live, which attributes to update.
+
+    ``sizes()`` uses canonical keys ("intermediate_size", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "num_attention_heads", "num_key_value_heads");
+    ``config_fields`` maps them to the family's own config attributes (None: not expressible).
+    """
 
     model_types: tuple[str, ...] = ()
     vanilla_heads = True  # can a uniform head fold be expressed in the family's own config?
+    config_fields: dict[str, str | None] = {}
+    text_config = False  # sizes live in config.text_config (multimodal wrappers)
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
 
+    def mlps(self, model: nn.Module, i: int) -> list[MLPSpec]:
+        """Every MLP of layer ``i``: one, or one per expert (and the shared expert) in MoE layers."""
+        return [self.mlp(model, i)]
+
     def mlp(self, model: nn.Module, i: int) -> MLPSpec:
-        raise NotImplementedError
+        return self.mlps(model, i)[0]
 
     def attention(self, model: nn.Module, i: int) -> AttnSpec:
         raise NotImplementedError
@@ -93,25 +139,49 @@ class Adapter:
         """Update the attention module's attributes after its projections were resized."""
         raise NotImplementedError
 
+    def config_of(self, config: object) -> object:
+        """The config object holding the layer sizes."""
+        return getattr(config, "text_config", config) if self.text_config else config
+
+    def field(self, key: str) -> str | None:
+        return self.config_fields.get(key, key)
+
+    def config_sizes(self, config: object) -> dict[str, int]:
+        """Head counts as the family's config states them."""
+        c = self.config_of(config)
+        hq = getattr(c, self.field("num_attention_heads"))
+        kv = self.field("num_key_value_heads")
+        return {"num_attention_heads": hq, "num_key_value_heads": (getattr(c, kv, None) if kv else None) or hq}
+
     def set_uniform_config(self, config: object, sizes: dict[str, int]) -> None:
         """Write uniform per-layer sizes into the family's own config fields."""
-        raise NotImplementedError
+        c = self.config_of(config)
+        if self.vanilla_heads:  # keep head_dim explicit: it must not follow the head count
+            c.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        elif sizes["num_attention_heads"] != self.config_sizes(config)["num_attention_heads"]:
+            raise ValueError(f"{type(self).__name__}: head folds cannot be expressed in the family's config")
+        for key, val in sizes.items():
+            f = self.field(key)
+            if f is not None and (self.vanilla_heads or key not in HEAD_KEYS):
+                setattr(c, f, val)
 
     def sizes(self, model: nn.Module, i: int) -> dict[str, int]:
-        """Current intermediate width and head counts of layer ``i``."""
+        """Current MLP widths and head counts of layer ``i``."""
         a = self.attention(model, i)
-        return {"intermediate_size": self.mlp(model, i).width, "num_attention_heads": a.num_heads,
-                "num_key_value_heads": a.num_kv_heads}
+        out = {m.size_key: m.width for m in self.mlps(model, i)}
+        out.update({"num_attention_heads": a.num_heads, "num_key_value_heads": a.num_kv_heads})
+        return out
 
     def resize(self, model: nn.Module, i: int, sizes: dict[str, int]) -> None:
         """Give layer ``i`` empty projections of the recorded sizes (before loading its weights)."""
-        m = self.mlp(model, i)
-        n = int(sizes["intermediate_size"])
-        for ref in m.producers:
-            put(ref, resized(get(ref), out_features=n))
-        put(m.consumer, resized(get(m.consumer), in_features=n))
-        if m.owner is not None and hasattr(m.owner, "intermediate_size"):
-            m.owner.intermediate_size = n
+        for m in self.mlps(model, i):
+            n = int(sizes[m.size_key])
+            for ref in m.producers:
+                put(ref, resized(get(ref), out_features=n))
+            put(m.consumer, resized(get(m.consumer), in_features=n))
+            for attr in m.width_attrs if m.owner is not None else ():
+                if hasattr(m.owner, attr):
+                    setattr(m.owner, attr, n)
         a = self.attention(model, i)
         hq, hkv = int(sizes["num_attention_heads"]), int(sizes["num_key_value_heads"])
         put(a.q, resized(get(a.q), out_features=hq * a.head_dim))
