@@ -36,7 +36,7 @@ from modelfold.calib.data import random_words, self_text, text_ids  # noqa: E402
 from modelfold.evaluate import text as ev  # noqa: E402
 from modelfold.hf.adapters import find_adapter  # noqa: E402
 from modelfold.hf.calib_layer import CalibOptions  # noqa: E402
-from modelfold.hf.calibrated import Sensitivity, capture  # noqa: E402
+from modelfold.hf.calibrated import Sensitivity  # noqa: E402
 from modelfold.hf.core import compress_model  # noqa: E402
 from modelfold.report import count_params  # noqa: E402
 
@@ -74,12 +74,12 @@ def last_word_accuracy(model, items) -> float:
     return hits / len(items)
 
 
-def plans(model, ids, score: str, sparsities, targets="mlp") -> dict[float, dict]:
+def plans(model, ids, score: str, sparsities, targets="mlp", weighting="token") -> dict[float, dict]:
     """Automatic per-layer budgets for every sparsity from one sensitivity pass."""
     a = find_adapter(model)
-    s = Sensitivity(CalibOptions(score=score), targets)
+    s = Sensitivity(CalibOptions(score=score, weighting=weighting), targets)
     with torch.no_grad():
-        s.inputs = capture(model, a, ids)
+        s.start(model, a, ids)
         for i in range(len(a.layers(model))):
             s.step(model, a, i)
     total = count_params(model)
@@ -106,14 +106,14 @@ def smollm(args, rec) -> None:
 
     row("original", "none", model)
     t = time.perf_counter()
-    self_ids = self_text(model, 8, 512, seed=0, progress=True)
+    self_ids = self_text(model, 8, 512, seed=0, progress=True, use_cache=False)  # timed: sample afresh
     t_self = time.perf_counter() - t
     real_ids = text_ids(tok, ev.wiki_split("calib", tok), 8, 512)
     t = time.perf_counter()
     auto_self = plans(model, self_ids, "act", args.sparsities)
     t_budget = time.perf_counter() - t
     auto_real = plans(model, real_ids, "act", args.sparsities)
-    auto_flap = plans(model, real_ids, "flap", args.sparsities)
+    auto_flap = plans(model, real_ids, "flap", args.sparsities, weighting="none")
     print(f"self text {t_self:.1f}s, one sensitivity pass {t_budget:.1f}s", flush=True)
     for sp in args.sparsities:
         runs = [
@@ -129,10 +129,10 @@ def smollm(args, rec) -> None:
                                     skip_last=4), {}),
             ("wanda-sp", "data",
              lambda: compress_model(model, sparsity=sp, calibration=real_ids, score="wanda", compensate="none",
-                                    budget="uniform"), {}),
+                                    budget="uniform", weighting="none"), {}),
             ("flap (fluctuation, error-based budget)", "data",
              lambda: compress_model(model, ratio=auto_flap[sp], calibration=real_ids, score="flap",
-                                    compensate="bias", budget="uniform"), {}),
+                                    compensate="bias", budget="uniform", weighting="none"), {}),
             ("select+ls, auto budget", "data",
              lambda: compress_model(model, ratio=auto_real[sp], calibration=real_ids, budget="uniform"), {}),
         ]
@@ -156,7 +156,7 @@ def minilm(args, rec) -> None:
     later = ev.wiki_articles()[50:]  # disjoint from the 50 evaluation sentences' articles
     real = text_ids(tok, later, 32, 128, bos=False)
     real = torch.cat([torch.full((32, 1), tok.cls_token_id), real[:, :126], torch.full((32, 1), tok.sep_token_id)], 1)
-    words = random_words(tok, 32, 128, seed=0)
+    words = random_words(tok, seed=0)  # the encoder default of calibration="self": 128 x 32
 
     def row(method, calib, m, seconds, **extra):
         rec({"model": MINI, "method": method, "calibration": calib,
@@ -165,15 +165,20 @@ def minilm(args, rec) -> None:
              "compress_seconds": round(seconds, 1), **extra})
 
     for r in (0.1, 0.3, 0.5):
+        sp = 1 - count_params(modelfold.prune(model, ratio=r)) / total
         runs = [("magnitude", "none", lambda: modelfold.prune(model, ratio=r)),
                 ("fold", "none", lambda: modelfold.fold(model, ratio=r)),
                 ("select+ls (random vocabulary words)", "self",
                  lambda: compress_model(model, ratio=r, calibration=words)),
                 ("fold+ls (random vocabulary words)", "self",
                  lambda: compress_model(model, ratio=r, calibration=words, method="fold")),
+                ("select+ls, auto budget (mlp + heads, random vocabulary words)", "self",
+                 lambda: compress_model(model, sparsity=sp, calibration=words, targets="all")),
+                ("select+ls (obs score, random vocabulary words)", "self",
+                 lambda: compress_model(model, ratio=r, calibration=words, score="obs")),
                 ("select+ls", "data", lambda: compress_model(model, ratio=r, calibration=real)),
                 ("wanda-sp", "data", lambda: compress_model(model, ratio=r, calibration=real, score="wanda",
-                                                            compensate="none"))]
+                                                            compensate="none", weighting="none"))]
         for method, calib, fn in runs:
             t = time.perf_counter()
             m = fn()
@@ -207,7 +212,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     OUT.mkdir(exist_ok=True)
     path = OUT / "calibration.json"
-    records: list = []
+    keep = {m for m, off in ((MINI, args.no_minilm), (SMOL, args.no_smollm)) if off}
+    old = json.loads(path.read_text()) if path.is_file() else []
+    records: list = [r for r in old if r.get("model") in keep]  # rows of the models not re-run stay
 
     def rec(r: dict) -> None:
         records.append(r)

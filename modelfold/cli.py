@@ -108,15 +108,16 @@ def _parser() -> argparse.ArgumentParser:
                              "(n, L); CNNs: 'self' (DeepInversion images), a .pt/.pth/.npy file of inputs or "
                              "'fmnist'. fold/prune: enables calibrated compression; compress: default self")
         sp.add_argument("--n-calib", type=int, default=None, metavar="N",
-                        help="calibration sequences (default 8 for causal LMs, 32 for encoders)")
+                        help="calibration sequences (default 8 for causal LMs, 128 for encoders)")
         sp.add_argument("--calib-len", type=int, default=None, metavar="L",
-                        help="tokens per calibration sequence (default 512 for causal LMs, 128 for encoders)")
+                        help="tokens per calibration sequence (default 512 for causal LMs, 32 for encoders)")
         if name == "compress":
             sp.add_argument("--method", choices=("select", "fold"), default="select",
                             help="select (default: keep the neurons/heads with the highest score) or fold "
                                  "(k-means on activation features, merge)")
-            sp.add_argument("--score", choices=("act", "wanda", "flap", "magnitude"), default="act",
-                            help="selection score (default act: activation norm x consumer column norm)")
+            sp.add_argument("--score", choices=("act", "wanda", "flap", "magnitude", "obs"), default="act",
+                            help="selection score (default act: activation norm x consumer column norm; obs: "
+                                 "greedy structured OBS, transformers only)")
             sp.add_argument("--budget", choices=("auto", "uniform"), default="auto",
                             help="with --sparsity: per-layer ratios by measured sensitivity (auto, default) or "
                                  "one ratio for every layer")
@@ -371,7 +372,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.calibration is not None:
         common["calibration"] = args.calibration if args.calibration == "self" else io.load_inputs(args.calibration)
     if args.command == "compress":
-        if args.score in ("wanda", "flap"):
+        if args.score in ("wanda", "flap", "obs"):
             raise ModelFoldError(f"--score {args.score} is for Hugging Face models; CNNs take act or magnitude")
         opts = {"budget": args.budget}
         if args.method == "fold":

@@ -43,14 +43,16 @@ class Gram:
         self.n += a.shape[0]
 
 
-def with_ones(h: torch.Tensor) -> torch.Tensor:
-    """``h`` (N, k) with a constant-1 column appended (the bias feature)."""
-    return torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)], dim=1)
+def with_ones(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``h`` (N, k) with a constant-1 column appended (the bias feature); with row weights, the rows of
+    ``h`` already scaled by ``scale`` (N,), the bias feature is ``scale`` itself."""
+    col = torch.ones(h.shape[0], dtype=h.dtype, device=h.device) if scale is None else scale.to(h.dtype)
+    return torch.cat([h, col[:, None]], dim=1)
 
 
-def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tensor, lam: float = 1e-3,
-                bias: torch.Tensor | None = None, fit_bias: bool = False, prior: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tensor | None, lam: float = 1e-3,
+                bias: torch.Tensor | None = None, fit_bias: bool = False, prior: torch.Tensor | None = None,
+                target_cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New consumer (weight', bias') that reads k features instead of n.
 
     weight: (d, n) original consumer and ``bias`` (d,) its bias or None. gram_new = H'^T H' and
@@ -59,14 +61,19 @@ def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tenso
     relative to the mean diagonal of the feature part of ``gram_new``. Float64 math, cast back.
     ``prior`` (d, k): weights the ridge term pulls towards (``lam ||W' - prior||^2``; default zero), e.g.
     the plainly pruned/folded consumer, so that few or unrepresentative samples cannot drag the refit
-    far from it.
+    far from it. ``target_cross`` = H'^T Y (k[+1], d) fits ``H' W'^T ~ Y`` for any target outputs Y
+    (e.g. what the original model's residual stream needs) instead of ``H W^T``; ``cross`` is then unused.
     """
     d, n = weight.shape
     w = weight.double()
     if fit_bias:
         b = torch.zeros(d, dtype=w.dtype, device=w.device) if bias is None else bias.double()
         w = torch.cat([w, b[:, None]], dim=1)
-    if cross.shape[1] != w.shape[1] or gram_new.shape[0] != cross.shape[0]:
+    if target_cross is not None:
+        if target_cross.shape != (gram_new.shape[0], d):
+            raise ValueError(f"ridge_refit: target_cross {tuple(target_cross.shape)} must be "
+                             f"({gram_new.shape[0]}, {d})")
+    elif cross.shape[1] != w.shape[1] or gram_new.shape[0] != cross.shape[0]:
         raise ValueError(f"ridge_refit: weight {tuple(weight.shape)}, gram {tuple(gram_new.shape)} and cross "
                          f"{tuple(cross.shape)} do not fit (fit_bias={fit_bias})")
     g = gram_new.double().clone()
@@ -75,7 +82,7 @@ def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tenso
     reg = lam * float(diag.mean().clamp_min(1e-12)) if k else 0.0
     idx = torch.arange(k, device=g.device)
     g[idx, idx] += reg
-    rhs = cross.double() @ w.T
+    rhs = target_cross.double().clone() if target_cross is not None else cross.double() @ w.T
     if prior is not None:
         if prior.shape != (d, k):
             raise ValueError(f"ridge_refit: prior {tuple(prior.shape)} must be ({d}, {k})")

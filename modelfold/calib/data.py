@@ -112,7 +112,7 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
     return ids
 
 
-def random_words(tokenizer: Any, n_seq: int = 32, seq_len: int = 128, *, seed: int = 0) -> torch.Tensor:
+def random_words(tokenizer: Any, n_seq: int = 128, seq_len: int = 32, *, seed: int = 0) -> torch.Tensor:
     """(n_seq, seq_len) ids: [CLS] + random whole-word alphabetic vocabulary tokens + [SEP]."""
     vocab = tokenizer.get_vocab()
     words = sorted(i for t, i in vocab.items() if t.isalpha() and t.isascii() and len(t) > 1)
@@ -164,7 +164,7 @@ def resolve(model: nn.Module, calibration: Any, tokenizer: Any = None, *, n_seq:
                                    "(random whole-word sequences are drawn from its vocabulary)")
         if info is not None:
             info.update(source="random-words")
-        return random_words(tokenizer, n_seq or 32, seq_len or 128, seed=seed)
+        return random_words(tokenizer, n_seq or 128, seq_len or 32, seed=seed)
     if isinstance(calibration, torch.Tensor):
         if calibration.dtype not in (torch.int64, torch.int32) or calibration.ndim != 2 or calibration.numel() == 0:
             raise CalibrationError(f"calibration token ids must be a non-empty 2-D integer tensor (n, L); got "

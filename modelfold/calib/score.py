@@ -7,6 +7,9 @@ All scores are "keep the largest". ``stats`` are per-feature sums over the calib
 * ``"wanda"`` ||h_j|| * sum_i |W_ij|   — Wanda-sp (An et al. 2024's structured Wanda).
 * ``"flap"``  Var(h_j) * ||W[:, j]||^2 — FLAP's fluctuation metric (An et al., AAAI 2024).
 * ``"magnitude"`` ||W[:, j]||_2 only (no activations; for comparison).
+* ``"obs"``   greedy structured Optimal Brain Surgeon on the Gram matrix (:mod:`modelfold.calib.obs`):
+  the error a least-squares refit cannot undo, correlations included. Needs the Gram matrix, so
+  it is a *selection* (:func:`unit_importance`) rather than a per-feature score.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCORES = ("act", "wanda", "flap", "magnitude")
+SCORES = ("act", "wanda", "flap", "magnitude", "obs")
 
 
 @dataclass
@@ -51,9 +54,28 @@ def feature_scores(kind: str, stats: FeatureStats, weight: torch.Tensor) -> torc
         return stats.var * w.pow(2).sum(0)
     if kind == "magnitude":
         return w.norm(dim=0)
+    if kind == "obs":
+        raise ValueError("score 'obs' needs the Gram matrix: use unit_importance()")
     raise ValueError(f"unknown score {kind!r}; choose one of {SCORES}")
 
 
 def unit_scores(scores: torch.Tensor, width: int) -> torch.Tensor:
     """Sum feature scores over consecutive blocks of ``width`` features (e.g. the columns of a head)."""
     return scores.reshape(-1, width).sum(1)
+
+
+def unit_importance(kind: str, stats: FeatureStats, weight: torch.Tensor, gram: torch.Tensor, width: int = 1,
+                    lam: float = 1e-3, bias: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
+    """(units,) keep-the-largest importance of blocks of ``width`` features read by ``weight`` (d, n).
+
+    ``gram`` is the features' Gram matrix, with the constant feature last when ``bias`` is given
+    (the refit then fits the bias too); only ``"obs"`` uses it, and with ``keep`` it ranks only as far
+    as needed to pick the best ``keep`` or more units.
+    """
+    if kind == "obs":
+        from .obs import obs_rank
+
+        w = weight if bias is None else torch.cat([weight, bias[:, None].to(weight.dtype)], 1)
+        return obs_rank(w, gram, lam, width, protect=0 if bias is None else 1,
+                        n_remove=None if keep is None else weight.shape[1] // width - keep)
+    return unit_scores(feature_scores(kind, stats, weight), width)

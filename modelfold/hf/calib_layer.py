@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calib.compensate import Gram, output_error, ridge_refit, with_ones
-from ..calib.score import SCORES, FeatureStats, feature_scores, unit_scores
+from ..calib.score import SCORES, FeatureStats, unit_importance
 from ..cluster import kmeans
 from .adapters.base import AttnSpec, MLPSpec, get, linear_like, put
 from .attention import _apply, resolve_mode, units_k
@@ -39,29 +39,50 @@ class CalibOptions:
     attention_mode: str = "auto"
     seed: int = 0
     n_init: int = 3
+    feedback: bool = False  # refit MLP consumers towards the original model's residual stream
+    weighting: str = "token"  # "token": each token's error relative to its residual norm; "none": plain sums
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.weighting not in ("token", "none"):
+            raise ValueError(f"weighting must be 'token' or 'none', got {self.weighting!r}")
         if self.compensate not in ("ls", "bias", "none"):
             raise ValueError(f"compensate must be 'ls', 'bias' or 'none', got {self.compensate!r}")
 
 
-def gram(h: torch.Tensor, ones: bool) -> torch.Tensor:
+def gram(h: torch.Tensor, ones: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
     g = Gram()
-    g.add(with_ones(h) if ones else h)
+    g.add(with_ones(h, scale) if ones else h)
     return g.aa
 
 
+def target_cross(h: torch.Tensor, target: torch.Tensor, ones: bool, block: int = 8192,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``[h, 1]^T target`` (float64), block by block (rows already weighted by ``scale``, if given)."""
+    out = None
+    for s in range(0, h.shape[0], block):
+        a = h[s:s + block].double()
+        a = with_ones(a, None if scale is None else scale[s:s + block]) if ones else a
+        part = a.T @ target[s:s + block].double()
+        out = part if out is None else out + part
+    return out
+
+
 def _refit(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch.Tensor, idx: torch.Tensor,
-           opts: CalibOptions, stats: FeatureStats) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Consumer reading only the features ``idx`` of ``g_full`` (which ends with the ones feature iff bias)."""
+           opts: CalibOptions, stats: FeatureStats, tc: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Consumer reading only the features ``idx`` of ``g_full`` (which ends with the ones feature iff bias).
+
+    ``tc``: ``[h, 1]^T Y`` over all features, to fit target outputs Y instead of the original's.
+    """
     fit_bias = bias is not None
     if opts.compensate == "ls":
         sel = torch.cat([idx, torch.tensor([g_full.shape[0] - 1])]) if fit_bias else idx
-        return ridge_refit(weight, g_full[sel][:, sel], g_full[sel], opts.lam, bias, fit_bias)
+        return ridge_refit(weight, g_full[sel][:, sel], g_full[sel], opts.lam, bias, fit_bias,
+                           target_cross=None if tc is None else tc[sel])
     new_w = weight[:, idx]
     if opts.compensate == "bias" and fit_bias:  # FLAP: removed features' mean output into the bias
         gone = torch.ones(weight.shape[1], dtype=torch.bool)
@@ -72,37 +93,48 @@ def _refit(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch.Tensor
 
 
 def compress_mlp(spec: MLPSpec, k: int, h: torch.Tensor, opts: CalibOptions,
-                 rerun: Callable[[], torch.Tensor] | None = None) -> float:
+                 rerun: Callable[[], torch.Tensor] | None = None, target: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> float:
     """Keep ``k`` neurons of the MLP whose consumer inputs on the calibration set are ``h`` (N, n).
 
     ``rerun`` recomputes the consumer's inputs after the producers changed (needed by "fold").
+    ``target`` (N, d): the outputs the least-squares refit aims at (default: the consumer's own
+    outputs on ``h``; feedback passes what the original model's residual stream needs).
+    ``scale`` (N,): per-row weights (square roots), so every sum over samples is a weighted one.
     Returns the relative output error of the MLP on the calibration activations.
     """
     cons = get(spec.consumer)
     w = cons.weight.detach()
     bias = None if cons.bias is None else cons.bias.detach()
+    h_raw = h  # k-means features stay unweighted (weighted ones merge duplicates less reliably)
+    if scale is not None:
+        h = h * scale[:, None].to(h.dtype)
+        target = None if target is None else target * scale[:, None].to(target.dtype)
     stats = FeatureStats.of(h)
-    g = gram(h, bias is not None)
+    g = gram(h, bias is not None, scale)
     n = spec.width
     if opts.method == "select":
-        keep = torch.sort(torch.topk(feature_scores(opts.score, stats, w), k).indices).values
+        keep = torch.sort(torch.topk(unit_importance(opts.score, stats, w, g, 1, opts.lam, bias, k), k).indices).values
         prune_mlp_keep(spec, keep)
-        new_w, new_b = _refit(w, bias, g, keep, opts, stats)
+        tc = None if target is None else target_cross(h, target, bias is not None, scale=scale)
+        new_w, new_b = _refit(w, bias, g, keep, opts, stats, tc)
         g_new, cross = g[keep][:, keep], g[keep][:, :n]
     else:
         if rerun is None:
             raise ValueError("method='fold' needs rerun= to measure the merged neurons")
-        labels = kmeans(activation_features(h, w), k, seed=opts.seed, n_init=opts.n_init).labels
+        labels = kmeans(activation_features(h_raw, w), k, seed=opts.seed, n_init=opts.n_init).labels
         fold_mlp_with_labels(spec, labels, k)
         h2 = rerun()
+        h2 = h2 if scale is None else h2 * scale[:, None].to(h2.dtype)
         ones = bias is not None
-        a, b = (with_ones(h2), with_ones(h)) if ones else (h2, h)
+        a, b = (with_ones(h2, scale), with_ones(h, scale)) if ones else (h2, h)
         gx = Gram()
         gx.add(a)
         cx = Gram()
         cx.add(a, b)
         if opts.compensate == "ls":
-            new_w, new_b = ridge_refit(w, gx.aa, cx.ab, opts.lam, bias, ones)
+            tc = None if target is None else target_cross(h2, target, ones, scale=scale)
+            new_w, new_b = ridge_refit(w, gx.aa, cx.ab, opts.lam, bias, ones, target_cross=tc)
         else:
             new_w, new_b = get(spec.consumer).weight.detach(), bias
         g_new, cross = gx.aa[:k][:, :k], cx.ab[:k][:, :n]
@@ -135,10 +167,11 @@ def choose_heads(spec: AttnSpec, mode: str, k: int, scores: torch.Tensor) -> tor
     return torch.sort(keep).values
 
 
-def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, opts: CalibOptions
-                       ) -> tuple[int, int, float]:
+def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, opts: CalibOptions,
+                       scale: torch.Tensor | None = None) -> tuple[int, int, float]:
     """Drop heads by score on the o_proj inputs ``a`` (N, heads*head_dim), then refit o_proj.
 
+    ``scale`` (N,): per-row weights (square roots), as in :func:`compress_mlp`.
     Returns (units before, units after, relative output error of o_proj on the calibration set).
     """
     mode = resolve_mode(spec, opts.attention_mode)
@@ -147,9 +180,10 @@ def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, o
     o = get(spec.o)
     w = o.weight.detach()
     bias = None if o.bias is None else o.bias.detach()
+    a = a if scale is None else a * scale[:, None].to(a.dtype)
     stats = FeatureStats.of(a)
-    g = gram(a, bias is not None)
-    keep_units = choose_heads(spec, mode, k, unit_scores(feature_scores(opts.score, stats, w), width))
+    g = gram(a, bias is not None, scale)
+    keep_units = choose_heads(spec, mode, k, unit_importance(opts.score, stats, w, g, width, opts.lam, bias))
     cols = (keep_units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
     _apply(spec, mode, None, keep_units, k, adapter)
     new_w, new_b = _refit(w, bias, g, cols, opts, stats)

@@ -9,6 +9,7 @@ so every block is calibrated on what the already-compressed blocks before it pro
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import torch.nn as nn
 
 from ..calib.budget import allocate
 from ..calib.compensate import output_error
-from ..calib.score import FeatureStats, feature_scores, unit_scores
+from ..calib.score import FeatureStats, unit_importance
 from ..errors import UnsupportedModelError
 from ..report import GroupReport
 from .adapters import Adapter
@@ -107,12 +108,52 @@ def record(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module])
     return {k: torch.cat(v) for k, v in acc.items()}
 
 
+def sum_point(block: nn.Module, inputs: BlockInputs, at: nn.Module | None, consumer: nn.Module | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, d) residual + MLP output as the block computes it (the input of ``at``, else the block's
+    output), and the consumer's own output (N, d) when ``consumer`` is given."""
+    got: dict[str, list[torch.Tensor]] = {"s": [], "z": []}
+
+    def keep(key: str, t: Any) -> None:
+        t = t[0] if isinstance(t, tuple | list) else t
+        got[key].append(t.detach().reshape(-1, t.shape[-1]).float())
+
+    hs = [at.register_forward_pre_hook(lambda m, a: keep("s", a)) if at is not None
+          else block.register_forward_hook(lambda m, a, o: keep("s", o))]
+    if consumer is not None:
+        hs.append(consumer.register_forward_hook(lambda m, a, o: keep("z", o)))
+    try:
+        with torch.no_grad():
+            for x, kw in zip(inputs.xs, inputs.kwargs, strict=True):
+                _call(block, x, kw)
+    finally:
+        for h in hs:
+            h.remove()
+    return torch.cat(got["s"]), (torch.cat(got["z"]) if consumer is not None else None)
+
+
+def token_scale(block: nn.Module, inputs: BlockInputs, at: nn.Module | None) -> torch.Tensor:
+    """(N,) row weights (square roots) 1/||r_t||, normalised to mean square 1: r_t is token t's residual
+    sum after the block (``sum_point``). Errors then count relative to each token's own residual norm,
+    which the next norm layer divides by, so the few tokens with massive activations (the BOS
+    attention sink: 98% of SmolLM2's residual energy from layer 12 on) cannot dominate the fit."""
+    r, _ = sum_point(block, inputs, at)
+    w = 1.0 / r.double().pow(2).sum(1).clamp_min(1e-12)
+    return (w / w.mean()).sqrt().float()
+
+
 class Calibrated:
-    """The per-layer step of calibrated compression (a LayerFn), carrying the activations along."""
+    """The per-layer step of calibrated compression (a LayerFn), carrying the activations along.
+
+    With ``opts.feedback`` it also carries the *original* model's activations, and refits each MLP
+    consumer so that the compressed stream's residual sum matches the original's: later layers
+    then correct the drift of earlier ones instead of only matching their own outputs.
+    """
 
     def __init__(self, ids: torch.Tensor, opts: CalibOptions, micro_batch: int = 4) -> None:
         self.ids, self.opts, self.micro_batch = ids, opts, micro_batch
         self.inputs: BlockInputs | None = None
+        self.orig: BlockInputs | None = None
 
     def start(self, model: nn.Module, adapter: Adapter) -> None:
         self.inputs = capture(model, adapter, self.ids, self.micro_batch)
@@ -122,10 +163,20 @@ class Calibrated:
             self.start(work, adapter)
         block = adapter.layers(work)[i]
         out = []
+        feedback = self.opts.feedback and adapter.mlp_feedback
+        goal = next_orig = None
+        scale = None
+        if self.opts.weighting == "token" and (p.get("mlp", 0) > 0 or p.get("attention", 0) > 0):
+            scale = token_scale(block, self.inputs, adapter.mlp_sum(work, i))
+        if feedback:  # block i is still the original here
+            self.orig = self.inputs if self.orig is None else self.orig
+            if p.get("mlp", 0) > 0:
+                goal, _ = sum_point(block, self.orig, adapter.mlp_sum(work, i))
+            next_orig = run_block(block, self.orig)
         if p.get("attention", 0) > 0:
             spec = adapter.attention(work, i)
             a = record(block, self.inputs, {"o": hook_module(spec.o)})["o"]
-            before, after, err = compress_attention(spec, p["attention"], a, adapter, self.opts)
+            before, after, err = compress_attention(spec, p["attention"], a, adapter, self.opts, scale)
             out.append(GroupReport(spec.name, spec.names, before, after,
                                    "pruned" if after < before else "kept", "", err))
         if p.get("mlp", 0) > 0:
@@ -138,10 +189,16 @@ class Calibrated:
                 def rerun() -> torch.Tensor:
                     return record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
 
-                err = compress_mlp(spec, k, h, self.opts, rerun)
+                target = None
+                if goal is not None:
+                    s_c, z_c = sum_point(block, self.inputs, adapter.mlp_sum(work, i), hook_module(spec.consumer))
+                    target = goal - (s_c - z_c)  # what the consumer must add to land on the original's sum
+                    del s_c, z_c
+                err = compress_mlp(spec, k, h, self.opts, rerun, target, scale)
                 out.append(GroupReport(spec.name, spec.member_names(), n, k,
                                        "folded" if self.opts.method == "fold" else "pruned", "", err))
         self.inputs = run_block(block, self.inputs)
+        self.orig = next_orig
         return out
 
 
@@ -149,11 +206,13 @@ RATIO_GRID = tuple(round(0.05 * i, 2) for i in range(17))  # 0 .. 0.8
 
 
 def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:
+    grid = list(grid)
     cons = get(spec.consumer)
     w = cons.weight.detach()
     stats = FeatureStats.of(h)
     g = gram(h, False)
-    order = torch.argsort(feature_scores(opts.score, stats, w), descending=True)
+    least = max(1, round(spec.width * (1.0 - max(grid))))
+    order = torch.argsort(unit_importance(opts.score, stats, w, g, 1, opts.lam, keep=least), descending=True)
     n = spec.width
     curve = []
     for r in grid:
@@ -179,7 +238,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
     w = get(spec.o).weight.detach()
     stats = FeatureStats.of(a)
     g = gram(a, False)
-    scores = unit_scores(feature_scores(opts.score, stats, w), width)
+    scores = unit_importance(opts.score, stats, w, g, width, opts.lam)
     curve, seen = [], set()
     for r in grid:
         k = units_k(spec, mode, r)
@@ -198,43 +257,114 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
     return curve
 
 
+PROBE_RATIO = 0.5
+PROBE_SHAPE = (2, 256)  # calibration sequences x tokens the global probe runs
+
+
+def _rms_normed(inputs: BlockInputs) -> torch.Tensor:
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs.xs]).double()
+    return x / x.pow(2).mean(1, keepdim=True).clamp_min(1e-30).sqrt()
+
+
 class Sensitivity:
     """Per-layer step measuring each unit's error curve on the original model's activations.
 
-    Each unit's error at each candidate ratio is its output error after score selection and a
-    least-squares refit, relative to the energy of the block's input (the residual stream).
+    Local curves: each unit's output error at each candidate ratio after score selection and a
+    least-squares refit (per token relative to the token's residual norm with ``weighting="token"``,
+    else relative to the residual energy). Local errors do not say how an error grows through the
+    layers after it, so a *global probe* (``probe=True``) compresses each unit alone at
+    ``PROBE_RATIO`` on a copy of its block, runs the remaining original layers on a few calibration
+    sequences, and measures the error of the last layer's RMS-normalised output; each local curve is
+    scaled so that it agrees with the global error at the probe ratio. The probe streams advance
+    layer by layer with the rest, so it needs one block in memory at a time too.
     """
 
-    def __init__(self, opts: CalibOptions, targets: str | Iterable[str] = "mlp", max_ratio: float = 0.8) -> None:
+    def __init__(self, opts: CalibOptions, targets: str | Iterable[str] = "mlp", max_ratio: float = 0.8,
+                 probe: bool = True) -> None:
         self.opts, self.targets = opts, parse_targets(targets)
         self.grid = [r for r in RATIO_GRID if r <= max_ratio + 1e-9]
         self.curves: dict[str, list] = {}
         self.inputs: BlockInputs | None = None
+        self.probe = probe and PROBE_RATIO in self.grid
+        self.ref: BlockInputs | None = None  # original stream of the probe sequences
+        self.streams: dict[str, BlockInputs] = {}  # probe streams, one unit compressed in each
+
+    def start(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: int = 4) -> None:
+        """Capture the inputs of block 0 for the calibration ids (and the probe's first few)."""
+        self.inputs = capture(model, adapter, ids, micro_batch)
+        if self.probe:
+            n, length = PROBE_SHAPE
+            self.ref = capture(model, adapter, ids[:n, :length], micro_batch)
 
     def step(self, model: nn.Module, adapter: Adapter, i: int) -> None:
         block = adapter.layers(model)[i]
-        energy = float(sum((x.double() ** 2).sum() for x in self.inputs.xs)) or 1.0
+        scale = None
+        if self.opts.weighting == "token":  # relative errors per token: the normaliser is the token count
+            scale = token_scale(block, self.inputs, adapter.mlp_sum(model, i))
+            energy = float(scale.numel())
+        else:
+            energy = float(sum((x.double() ** 2).sum() for x in self.inputs.xs)) or 1.0
         mods = {}
         if "mlp" in self.targets:
             mods["mlp"] = hook_module(_mlp(adapter, model, i).consumer)
         if "attention" in self.targets:
             mods["attention"] = hook_module(adapter.attention(model, i).o)
         acts = record(block, self.inputs, mods)
+        if scale is not None:
+            acts = {k: v * scale[:, None] for k, v in acts.items()}
         if "mlp" in acts:
             self.curves[f"{i}:mlp"] = _mlp_curve(_mlp(adapter, model, i), acts["mlp"], self.opts, energy, self.grid)
         if "attention" in acts:
             self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["attention"], self.opts,
                                                         energy, self.grid)
+        del acts
+        if self.ref is not None:
+            self._probe(model, adapter, i, block)
         self.inputs = run_block(block, self.inputs)
+
+    def _probe(self, model: nn.Module, adapter: Adapter, i: int, block: nn.Module) -> None:
+        self.streams = {k: run_block(block, v) for k, v in self.streams.items()}
+        for unit in mods_of(self.targets):
+            if not any(r > 0 for r, _, e in self.curves.get(f"{i}:{unit}", [])):
+                continue
+            snapshot = copy.deepcopy(block)
+            fn = Calibrated(torch.empty(0, dtype=torch.long), self.opts)
+            fn.inputs = self.inputs
+            with torch.no_grad():
+                fn(model, adapter, i, {unit: PROBE_RATIO})
+                self.streams[f"{i}:{unit}"] = run_block(adapter.layers(model)[i], self.ref)
+            block.__dict__.update(snapshot.__dict__)  # the original block, exactly
+        self.ref = run_block(block, self.ref)
+
+    def global_errors(self) -> dict[str, float]:
+        """Error of the final RMS-normalised hidden states with each unit alone compressed at PROBE_RATIO."""
+        if self.ref is None:
+            return {}
+        want = _rms_normed(self.ref)
+        return {k: float((_rms_normed(v) - want).pow(2).sum(1).mean()) for k, v in self.streams.items()}
+
+    def scaled_curves(self) -> dict[str, list]:
+        """Local curves scaled to agree with the global probe at PROBE_RATIO (unchanged without it)."""
+        g = self.global_errors()
+        out = {}
+        for key, curve in self.curves.items():
+            local = next((e for r, _, e in curve if abs(r - PROBE_RATIO) < 1e-9), 0.0)
+            f = g[key] / local if key in g and local > 0 else 1.0
+            out[key] = [(r, p, e * f) for r, p, e in curve]
+        return out
 
     def plan(self, target: float) -> Plan:
         """Ratios removing ``target`` parameters with the least total error (``calib.budget.allocate``)."""
         plan: Plan = {}
-        for key, r in allocate(self.curves, target).items():
+        for key, r in allocate(self.scaled_curves(), target).items():
             i, t = key.split(":")
             if r > 0:
                 plan.setdefault(int(i), {})[t] = r
         return plan
+
+
+def mods_of(targets: Iterable[str]) -> list[str]:
+    return [t for t in ("attention", "mlp") if t in targets]
 
 
 def sensitivity_plan(model: nn.Module, adapter: Adapter, ids: torch.Tensor, target: float, opts: CalibOptions,
@@ -244,8 +374,8 @@ def sensitivity_plan(model: nn.Module, adapter: Adapter, ids: torch.Tensor, targ
     from tqdm.auto import tqdm
 
     s = Sensitivity(opts, targets, max_ratio)
-    s.inputs = capture(model, adapter, ids, micro_batch)
+    s.start(model, adapter, ids, micro_batch)
     for i in tqdm(range(len(adapter.layers(model))), desc="measuring sensitivity", disable=not progress,
                   leave=False):
         s.step(model, adapter, i)
-    return s.plan(target), s.curves
+    return s.plan(target), s.scaled_curves()

@@ -195,7 +195,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                    calibration: Any = "self", tokenizer: Any = None, method: str = "select", score: str = "act",
                    compensate: str = "ls", budget: str = "auto", targets: str | Iterable[str] = "mlp",
                    skip_first: int = 0, skip_last: int = 0, n_calib: int | None = None,
-                   calib_len: int | None = None, lam: float = 1e-3, seed: int = 0, n_init: int = 3,
+                   calib_len: int | None = None, lam: float = 1e-3,
+                   feedback: bool = False, weighting: str = "token", seed: int = 0, n_init: int = 3,
                    attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
                    return_report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Calibrated compression: activation-aware selection (or folding) + least-squares refit, sequential.
@@ -204,7 +205,11 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
         need tokenizer=), a LongTensor of token ids (n, L), or a list of strings with tokenizer=.
     method: "select" (keep the neurons/heads with the highest ``score``) or "fold" (k-means on
         activation features, merge). compensate: "ls", "bias" or "none".
-    budget: "auto" (with sparsity=: per-layer ratios from measured sensitivity) or "uniform".
+    budget: "auto" (with sparsity=: per-layer ratios from measured sensitivity and a global probe) or
+        "uniform". score: "act" (default), "obs", "wanda", "flap" or "magnitude" (modelfold.calib.score).
+    weighting: "token" (each token's error relative to its residual norm; default) or "none".
+    feedback: refit MLP consumers towards the original model's residual stream (off: it overfits the
+        small calibration sets measured so far; docs/calibration.md).
     Other arguments as in :func:`fold_model`. See docs/calibration.md.
     """
     from ..calib import data as cdata
@@ -213,8 +218,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
 
     if budget not in ("auto", "uniform"):
         raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
-    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, attention_mode=attention_mode,
-                        seed=seed, n_init=n_init)
+    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
+                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init)
     adapter = _adapter(model)
     check_weights(model)
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from ..calib import data as cdata
 from ..errors import InvalidRatioError
 from ..report import FoldReport
 from .calib_layer import CalibOptions
-from .calibrated import Calibrated, Sensitivity, capture
+from .calibrated import PROBE_SHAPE, Calibrated, Sensitivity, capture
 from .stream import Source, _stream, load_layer, release_layer
 
 
@@ -58,7 +58,8 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                         sparsity: float | None = None, calibration: Any = "self", tokenizer: Any = None,
                         method: str = "select", score: str = "act", compensate: str = "ls", budget: str = "auto",
                         targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
-                        n_calib: int | None = None, calib_len: int | None = None, lam: float = 1e-3, seed: int = 0,
+                        n_calib: int | None = None, calib_len: int | None = None, lam: float = 1e-3,
+                        feedback: bool = False, weighting: str = "token", seed: int = 0,
                         n_init: int = 3, attention_mode: str = "auto", max_ratio: float = 0.8,
                         max_shard_size: int | str = "2GB", progress: bool = True) -> FoldReport:
     """:func:`~modelfold.hf.core.compress_model` + save, one block in memory at a time.
@@ -68,8 +69,8 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
     """
     if budget not in ("auto", "uniform"):
         raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
-    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, attention_mode=attention_mode,
-                        seed=seed, n_init=n_init)
+    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
+                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init)
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     fn = Calibrated(torch.empty(0, dtype=torch.long), opts)
@@ -88,6 +89,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                     calibration_tokens=int(ids.numel()), calibration_seconds=round(time.perf_counter() - t0, 2))
         with torch.no_grad():
             start = capture(front, ctx.adapter, ids)
+            probe_ref = capture(front, ctx.adapter, ids[:PROBE_SHAPE[0], :PROBE_SHAPE[1]])
         del front
         plan = None
         if budget == "auto" and sparsity is not None:
@@ -97,6 +99,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                 raise InvalidRatioError(f"sparsity={sparsity!r} must be in (0, 1)")
             sens = Sensitivity(opts, targets, max_ratio)
             sens.inputs = start
+            sens.ref = probe_ref if sens.probe else None
             n = len(ctx.per_layer)
             with torch.no_grad():
                 for i in tqdm(range(n), desc="measuring sensitivity", disable=not progress, leave=False):

@@ -25,6 +25,7 @@ def _ids():
     ("llama", {"sparsity": 0.2, "targets": "all"}),  # automatic budget: a measuring pass first
     ("qwen2", {"ratio": 0.3, "method": "fold", "targets": "mlp"}),
     ("bert", {"ratio": 0.4, "targets": "all", "budget": "uniform"}),
+    ("llama", {"sparsity": 0.25, "targets": "all", "score": "obs", "feedback": True}),  # two streams carried
 ])
 def test_streamed_equals_in_memory(family, kw, tmp_path):
     src = tmp_path / "src"

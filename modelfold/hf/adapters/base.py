@@ -121,9 +121,15 @@ class Adapter:
     vanilla_heads = True  # can a uniform head fold be expressed in the family's own config?
     config_fields: dict[str, str | None] = {}
     text_config = False  # sizes live in config.text_config (multimodal wrappers)
+    mlp_feedback = True  # is residual + MLP output a linear sum at mlp_sum() (feedback refits need it)?
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
+
+    def mlp_sum(self, model: nn.Module, i: int) -> nn.Module | None:
+        """The module whose input is (residual + MLP output) when a norm follows the sum (post-LN
+        layers), or None when that sum is the layer's output (pre-LN and parallel-residual layers)."""
+        return None
 
     def mlps(self, model: nn.Module, i: int) -> list[MLPSpec]:
         """Every MLP of layer ``i``: one, or one per expert (and the shared expert) in MoE layers."""

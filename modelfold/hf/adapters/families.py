@@ -65,6 +65,8 @@ class Family:
     shared_expert: str = "shared_expert"
     expert_key: str = "intermediate_size"  # canonical size key of the experts' width
     dense_key: str = "intermediate_size"
+    mlp_sum: str | None = None  # post-norm layers: the norm whose input is residual + MLP output
+    mlp_feedback: bool = True  # is that sum linear in the MLP's output (see Adapter.mlp_sum)?
 
 
 class StructuredAdapter(Adapter):
@@ -76,6 +78,7 @@ class StructuredAdapter(Adapter):
         self.vanilla_heads = fam.vanilla_heads
         self.config_fields = fam.config_fields
         self.text_config = fam.text_config
+        self.mlp_feedback = fam.mlp_feedback
 
     def __repr__(self) -> str:
         return f"StructuredAdapter({'/'.join(self.model_types)})"
@@ -93,6 +96,9 @@ class StructuredAdapter(Adapter):
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(_path(model.base_model, self._layer_path(model)))
+
+    def mlp_sum(self, model: nn.Module, i: int) -> nn.Module | None:
+        return None if self.fam.mlp_sum is None else _path(self.layers(model)[i], self.fam.mlp_sum)
 
     def _prefix(self, model: nn.Module, i: int) -> str:
         base = model.base_model_prefix if model.base_model is not model else ""
