@@ -8,7 +8,7 @@ class ModelFoldError(Exception):
 
 
 class InvalidRatioError(ModelFoldError, ValueError):
-    """A ratio/sparsity outside the admissible range."""
+    """A ratio/sparsity outside the admissible range (or an invalid ``round_to``)."""
 
 
 class InputShapeError(ModelFoldError, ValueError):
