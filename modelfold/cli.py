@@ -26,7 +26,7 @@ examples:
   modelfold fold resnet18_fmnist --ratio 0.5 --repair ar --out folded.pt
   modelfold fold resnet18_fmnist --ratio 0.3 --repair data --data fmnist --out folded_r.pt   (Fold-R)
   modelfold fold resnet50 --weights resnet50.pth --sparsity 0.5 --ignore layer4 --out r50.pt
-  modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
+  modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --round-to 8 --out pruned.pt   (widths: multiples of 8)
   modelfold inspect densenet121
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
   modelfold fold model.gguf --ratio 0.3 --out folded.gguf --gguf-type q8_0   (GGUF in, GGUF out)
