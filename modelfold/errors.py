@@ -29,3 +29,7 @@ class ModelModeError(ModelFoldError):
 
 class CheckpointError(ModelFoldError):
     """A model file could not be read or written."""
+
+
+class ExportError(ModelFoldError):
+    """A model could not be exported (e.g. to ONNX), or the exporter is not installed."""
