@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/speed.py                    # all models, ~10 min on 2 idle cores
     .venv/bin/python benchmarks/speed.py --models resnet18_fmnist --ratios 0.3 --repeats 5   # smoke run
+    .venv/bin/python benchmarks/speed.py --onnx --models resnet18_fmnist   # + onnxruntime beside PyTorch
 
 Models: the shipped Fashion-MNIST ResNet18 and VGG11-BN (1x32x32), torchvision ResNet50 at 224x224
 (random weights: speed does not depend on the values) and SmolLM2-135M (the shipped gguf, MLP folded,
 one forward pass over a 128-token prompt). Each model is folded (Fold-Naive; a repair changes values,
 not shapes) at each ratio and timed with ``torch.inference_mode``: warm-up runs, then the median of
-``--repeats`` timed runs, on ``--threads`` threads. Run it on an otherwise idle machine.
+``--repeats`` timed runs, on ``--threads`` threads. ``--onnx`` (CNNs) also exports every model with
+``modelfold.export_onnx`` and times it in onnxruntime (CPU, ``--threads`` intra-op threads; needs the
+``onnx`` extra). Run it on an otherwise idle machine.
 Writes benchmarks/results/speed.{json,md}.
 """
 
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,30 +75,49 @@ def smollm2() -> nn.Module:
     return mh.load_any(found[0])
 
 
-def bench_cnn(name: str, ratios: list[float], repeats: int) -> list[dict]:
+def onnx_session(model: nn.Module, x1: torch.Tensor, threads: int, tmp: str) -> Callable[[object], object]:
+    """``run(inputs)`` of ``model`` exported to ONNX (batch dimension free) in an onnxruntime CPU session."""
+    import onnxruntime as ort
+
+    path = modelfold.export_onnx(model, x1, Path(tmp) / "model.onnx", dynamic_batch=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda xb: session.run(None, {"input": xb})
+
+
+def bench_cnn(name: str, ratios: list[float], repeats: int, warmup: int = 3, onnx: bool = False,
+              threads: int = 2) -> list[dict]:
     model, shape, batches = cnn(name)
     x1 = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     recs = []
     for r in [0.0, *ratios]:
         m = model if r == 0 else modelfold.fold(model, x1, ratio=r)
         rec = {"model": name, "ratio": r, "params": count_params(m), "macs": count_macs(m, x1)}
-        for b in batches:
-            xb = x1.expand(b, *shape[1:]).contiguous()
-            ms = median_ms(lambda m=m, xb=xb: m(xb), repeats)
-            rec[f"batch{b}_ms"] = ms
-            rec[f"batch{b}_per_s"] = 1000 * b / ms
+        with tempfile.TemporaryDirectory() as tmp:
+            run = onnx_session(m, x1, threads, tmp) if onnx else None
+            for b in batches:
+                xb = x1.expand(b, *shape[1:]).contiguous()
+                ms = median_ms(lambda m=m, xb=xb: m(xb), repeats, warmup)
+                rec[f"batch{b}_ms"] = ms
+                rec[f"batch{b}_per_s"] = 1000 * b / ms
+                if run is not None:
+                    xn = xb.numpy()
+                    ms = median_ms(lambda run=run, xn=xn: run(xn), repeats, warmup)
+                    rec[f"batch{b}_onnx_ms"] = ms
+                    rec[f"batch{b}_onnx_per_s"] = 1000 * b / ms
         recs.append(rec)
-        print(_line(rec, batches), flush=True)
+        print(_line(rec, batches + ([f"{b}_onnx" for b in batches] if onnx else [])), flush=True)
     return recs
 
 
-def bench_llm(ratios: list[float], repeats: int, tokens: int = 128) -> list[dict]:
+def bench_llm(ratios: list[float], repeats: int, tokens: int = 128, warmup: int = 3) -> list[dict]:
     model = smollm2().eval()
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     recs = []
     for r in [0.0, *ratios]:
         m = model if r == 0 else modelfold.fold(model, ratio=r, targets="mlp")
-        ms = median_ms(lambda m=m: m(ids), repeats)
+        ms = median_ms(lambda m=m: m(ids), repeats, warmup)
         rec = {"model": "smollm2-135m", "ratio": r, "params": count_params(m), "macs": None,
                f"batch{tokens}tok_ms": ms, f"batch{tokens}tok_per_s": 1000 * tokens / ms}
         recs.append(rec)
@@ -106,7 +129,7 @@ def _line(rec: dict, batches: list) -> str:
     cells = [f"{rec['model']:<16} ratio {rec['ratio']:.2f}  params {rec['params'] / 1e6:7.2f}M"]
     if rec["macs"]:
         cells.append(f"MACs {rec['macs'] / 1e6:8.1f}M")
-    cells += [f"batch {b}: {rec[f'batch{b}_ms']:8.2f} ms" for b in batches]
+    cells += [f"batch {str(b).replace('_onnx', ' onnxruntime')}: {rec[f'batch{b}_ms']:8.2f} ms" for b in batches]
     return "  ".join(cells)
 
 
@@ -121,7 +144,8 @@ def table(recs: list[dict]) -> str:
                 base[(rec["model"], b)] = rec[key]
             speed = base[(rec["model"], b)] / rec[key]
             macs = "-" if not rec["macs"] else f"{rec['macs'] / 1e6:.1f}M"
-            what = f"{b[:-3]} tokens" if b.endswith("tok") else f"batch {b}"
+            what = f"{b[:-3]} tokens" if b.endswith("tok") else f"batch {b.removesuffix('_onnx')}"
+            what += ", onnxruntime" if b.endswith("_onnx") else ""
             rows.append(f"| {rec['model']} | {rec['ratio']:.2f} | {rec['params'] / 1e6:.2f}M | {macs} | {what} | "
                         f"{rec[key]:.2f} | {speed:.2f}x | {rec[key.replace('_ms', '_per_s')]:.0f} |")
     return "\n".join(rows)
@@ -132,19 +156,24 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.3, 0.45, 0.6])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed runs before the timed ones (default 3)")
+    ap.add_argument("--onnx", action="store_true", help="CNNs: also time the ONNX export in onnxruntime")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT / "speed"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     recs: list[dict] = []
     for name in a.models:
-        recs += bench_llm(a.ratios, a.repeats) if name == "smollm2" else bench_cnn(name, a.ratios, a.repeats)
+        if name == "smollm2":
+            recs += bench_llm(a.ratios, a.repeats, warmup=a.warmup)
+        else:
+            recs += bench_cnn(name, a.ratios, a.repeats, a.warmup, onnx=a.onnx, threads=a.threads)
     md = table(recs)
     print(md)
-    meta = {"threads": a.threads, "repeats": a.repeats, "torch": torch.__version__,
+    meta = {"threads": a.threads, "repeats": a.repeats, "warmup": a.warmup, "onnx": a.onnx, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine()}
     Path(a.out + ".json").write_text(json.dumps({"settings": meta, "records": recs}, indent=2) + "\n")
-    Path(a.out + ".md").write_text(f"Median of {a.repeats} runs after 3 warm-up runs, {a.threads} threads, "
+    Path(a.out + ".md").write_text(f"Median of {a.repeats} runs after {a.warmup} warm-up runs, {a.threads} threads, "
                                    f"torch {torch.__version__}, Fold-Naive.\n\n{md}\n")
 
 

@@ -3,11 +3,12 @@
 from . import errors, io
 from .api import REPAIRS, channel_groups, compress, fold, prune
 from .cluster import kmeans
+from .export import export_onnx
 from .groups import ChannelGroup, Slice
 from .report import FoldReport, GroupReport
 
 __all__ = ["REPAIRS", "ChannelGroup", "FoldReport", "GroupReport", "Slice", "channel_groups", "compress", "errors", "io",
-           "fold", "kmeans", "prune"]
+           "export_onnx", "fold", "kmeans", "prune"]
 __version__ = "0.1.0"
 
 

@@ -62,16 +62,29 @@ def _reject_cnn_only(**options: Iterable) -> None:
                         "with targets= (e.g. 'mlp', 'attention' or {layer: ratio}) instead")
 
 
-def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
-                        ignore: set[str], keep_outputs: set[str]) -> float:
-    """Bisect the channel ratio whose pruned/folded model removes ``sparsity`` of the params."""
+def _measured_sparsity(work: nn.Module, example_inputs: Any, ignore: set[str], keep_outputs: set[str],
+                       round_to: int | None = None):
+    """count(plan): the parameter fraction a first-k compression of ``work`` with ``plan`` (one ratio
+    or {group root: ratio}) removes, widths rounded as the real compression rounds them."""
     total = count_params(work)
+    memo: dict[Any, float] = {}
 
-    def removed(r: float) -> float:
-        m = copy.deepcopy(work)
-        compress_groups(m, example_inputs, r, first_k_planner, ignore=ignore, keep_outputs=keep_outputs, verify=False)
-        return 1.0 - count_params(m) / total
+    def count(plan: float | dict[str, float]) -> float:
+        key = tuple(sorted(plan.items())) if isinstance(plan, dict) else plan
+        if key not in memo:
+            m = copy.deepcopy(work)
+            compress_groups(m, example_inputs, plan, first_k_planner, ignore=ignore, keep_outputs=keep_outputs,
+                            verify=False, round_to=round_to)
+            memo[key] = 1.0 - count_params(m) / total
+        return memo[key]
 
+    return count
+
+
+def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
+                        ignore: set[str], keep_outputs: set[str], round_to: int | None = None) -> float:
+    """Bisect the channel ratio whose pruned/folded model removes ``sparsity`` of the params."""
+    removed = _measured_sparsity(work, example_inputs, ignore, keep_outputs, round_to)
     hi_s = removed(0.95)
     if sparsity > hi_s + 1e-9:
         raise InvalidRatioError(
@@ -120,9 +133,10 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
          verify: bool, seed: int, progress: bool, repair: str = "none",
          repair_kwargs: dict | None = None,
          keep_outputs: Iterable[nn.Module | str] = (), calibration: Any = None,
-         calib_opts: dict | None = None) -> tuple[nn.Module, FoldReport]:
+         calib_opts: dict | None = None, round_to: int | None = None) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     ratio = checks.ratio_or_sparsity(ratio, sparsity)
+    round_to = checks.check_round_to(round_to)
     calib_opts = calib_opts or {}
     work = checks.prepare(model, example_inputs)
     names = checks.ignore_names(work, model, ignore)
@@ -132,12 +146,13 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
     if sparsity is not None and calib is not None and calib_opts.get("budget", "auto") == "auto":
         from .calib.cnn_budget import auto_budget, counter
 
-        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept,
-                                        counter(work, example_inputs, names, kept))
+        count = counter(work, example_inputs, names, kept) if round_to is None else \
+            _measured_sparsity(work, example_inputs, names, kept, round_to)
+        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept, count)
         calib_info.update(budget_info)
         ratio = sum(plan.values()) / max(1, len(plan))
     elif sparsity is not None:
-        ratio = plan = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept)
+        ratio = plan = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept, round_to)
     params0, macs0 = count_params(work), count_macs(work, example_inputs)
 
     from .repair import make_repair
@@ -154,14 +169,15 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                 "to leave such groups unfolded and listed in the report.")
 
     groups = compress_groups(work, example_inputs, plan, fixer.wrap(planner), ignore=names, keep_outputs=kept, verify=verify,
-                      seed=seed, progress=progress, on_kept=on_kept, calib=calib)
+                             seed=seed, progress=progress, on_kept=on_kept, calib=calib, round_to=round_to)
     work = fixer.after(work)
     work.eval()
     info = dict(fixer.summary)
     if calib is not None:
         info.update(calib_info, refit=calib.info["refit"], refit_skipped=calib.info["refit_skipped"])
     report = FoldReport(method, ratio, params0, count_params(work), macs0,
-                        count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair, info)
+                        count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair, info,
+                        {"round_to": round_to} if round_to else {})
     return work, report
 
 
@@ -171,7 +187,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
          strict: bool = False, seed: int = 0, n_init: int = 3, verify: bool = True, progress: bool = False,
          return_report: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
          dir_lr: float | None = None, repair_kwargs: dict | None = None, device: str | Any = None,
-         calibration: Any = None, calibration_kwargs: dict | None = None,
+         calibration: Any = None, calibration_kwargs: dict | None = None, round_to: int | None = None,
          **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold ``model``: cluster similar channels with k-means and merge each cluster.
 
@@ -190,9 +206,14 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     lam, bn_reset, budget="auto"|"uniform", self_batch/self_iters/self_shape, samples.
     device: where k-means and DeepInversion run ("cpu", "cuda", "cuda:N" or "auto"); the model and
         the result stay on the model's device.
+    round_to: hardware-friendly widths, e.g. 8, 16 or 64: every reduced group (transformers: MLP width,
+        heads x head_dim) keeps the multiple of it nearest to k, at least one multiple and never more than
+        its width; groups narrower than round_to, or left whole by the ratio, stay whole. sparsity= takes
+        the rounding into account. None or 1: no rounding.
     Returns a new, physically smaller module; ``model`` is not modified.
     """
     dev = None if device is None else resolve_device(device)
+    round_to = checks.check_round_to(round_to)
     if example_inputs is None:
         from . import hf
 
@@ -206,9 +227,9 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
                     raise DeviceError("calibrated folding (calibration=) runs on the CPU for now; drop device=")
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
                                          n_init=n_init, progress=progress, return_report=return_report,
-                                         calibration=calibration, **kwargs)
+                                         calibration=calibration, round_to=round_to, **kwargs)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
-                                 return_report=return_report, device=dev, **kwargs)
+                                 return_report=return_report, device=dev, round_to=round_to, **kwargs)
         raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
@@ -227,7 +248,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
                        ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
                        progress=progress, repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
                                                      "dir_lr": dir_lr, **extra, **(repair_kwargs or {})},
-                       calibration=calibration, calib_opts=opts)
+                       calibration=calibration, calib_opts=opts, round_to=round_to)
     return (out, report) if return_report else out
 
 
@@ -235,9 +256,9 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
           sparsity: float | None = None, norm: int = 2, ignore: Iterable[nn.Module | str] = (),
           keep_outputs: Iterable[nn.Module | str] = (), strict: bool = False, seed: int = 0, verify: bool = True, progress: bool = False,
           return_report: bool = False, merge: str | None = None, merge_threshold: float = 0.45,
-          calibration: Any = None, calibration_kwargs: dict | None = None,
+          calibration: Any = None, calibration_kwargs: dict | None = None, round_to: int | None = None,
           **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold``.
+    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold`` (``round_to`` too).
 
     merge="neuron" (CNNs): Neuron Merging (Kim et al. 2020, data-free): each pruned channel's consumer
     columns go to its most similar kept channel (cosine of the effective producer rows >=
@@ -245,6 +266,7 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
     (activation-aware scores, least-squares refit of the consumers, automatic budgets for
     ``sparsity=``; CNNs: docs/calibration-cnn.md, transformers: docs/calibration.md).
     """
+    round_to = checks.check_round_to(round_to)
     if example_inputs is None:
         from . import hf
 
@@ -254,9 +276,9 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
             if calibration is not None:  # activation-aware selection + LS refit
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="select", seed=seed,
                                          progress=progress, return_report=return_report, calibration=calibration,
-                                         **kwargs)
+                                         round_to=round_to, **kwargs)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
-                                  return_report=return_report, **kwargs)
+                                  return_report=return_report, round_to=round_to, **kwargs)
         raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")
@@ -272,7 +294,7 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
         planner, method = activation_planner(), "sp-act"
     out, report = _run(model, example_inputs, ratio, sparsity, planner, method,
                        ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
-                       progress=progress, calibration=calibration, calib_opts=opts)
+                       progress=progress, calibration=calibration, calib_opts=opts, round_to=round_to)
     return (out, report) if return_report else out
 
 

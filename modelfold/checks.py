@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,6 +25,33 @@ def ratio_or_sparsity(ratio: float | None, sparsity: float | None) -> float:
         raise InvalidRatioError(f"{name}={value!r} is outside [0, 1): it is the fraction removed, "
                                 "e.g. 0.5 removes half; 1.0 would remove everything")
     return float(ratio) if ratio is not None else 0.0
+
+
+def check_round_to(round_to: Any) -> int | None:
+    """Validate ``round_to``: None (no rounding) or a positive integer channel multiple (8, 16, 64, ...)."""
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1:
+        raise InvalidRatioError(f"round_to={round_to!r} must be a positive integer such as 8, 16 or 64 "
+                                "(kept widths become multiples of it), or None for no rounding")
+    return int(round_to)
+
+
+def kept_width(n: int, ratio: float, round_to: int | None = None) -> int:
+    """Channels kept of ``n`` at ``ratio``: k = max(1, round(n (1 - ratio))), then rounded to ``round_to``.
+
+    With ``round_to`` = N > 1 (hardware-friendly widths, as Torch-Pruning's ``round_to``) k becomes the
+    multiple of N nearest to it (halves round up) among N, 2N, ... up to n: never 0, never above n.
+    A group the ratio leaves whole (k = n, e.g. ratio 0) stays whole, and so does a group narrower
+    than N (n < N): it has no multiple of N to shrink to.
+    """
+    k = max(1, round(n * (1.0 - ratio)))
+    if not round_to or round_to == 1 or k >= n:
+        return min(k, n)
+    if n < round_to:  # no multiple of round_to fits: keep the group whole
+        return n
+    nearest = (2 * k + round_to) // (2 * round_to) * round_to  # floor(k/N + 1/2) N, in integers
+    return min(max(round_to, nearest), n // round_to * round_to)
 
 
 def smallest_ratio(removed: Callable[[float], float], sparsity: float, hi: float, steps: int) -> float:

@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from . import api, io
+from .cli_args import add_checkpoint_options, add_width_options, ray_options
 from .errors import ModelFoldError
 from .repair.ar import RHO_MODES
-
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
 
 EPILOG = """\
 MODEL is one of:
@@ -27,7 +26,7 @@ examples:
   modelfold fold resnet18_fmnist --ratio 0.5 --repair ar --out folded.pt
   modelfold fold resnet18_fmnist --ratio 0.3 --repair data --data fmnist --out folded_r.pt   (Fold-R)
   modelfold fold resnet50 --weights resnet50.pth --sparsity 0.5 --ignore layer4 --out r50.pt
-  modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --out pruned.pt
+  modelfold prune mobilenet_v2 --ratio 0.3 --norm 1 --round-to 8 --out pruned.pt   (widths: multiples of 8)
   modelfold inspect densenet121
   modelfold fold path/to/hf_model --ratio 0.3 --targets mlp --out folded_dir
   modelfold fold model.gguf --ratio 0.3 --out folded.gguf --gguf-type q8_0   (GGUF in, GGUF out)
@@ -82,26 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="HF models only: keep the first N layers intact (e.g. the paper's recipe: 5)")
         sp.add_argument("--skip-last", type=int, default=0, metavar="N",
                         help="HF models only: keep the last N layers intact (e.g. the paper's recipe: 4)")
-        sp.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
-                        help="HF directories: fold layer by layer from the safetensors shards (same result, "
-                             "memory of one layer, so checkpoints larger than RAM fold). auto (default): "
-                             "whenever the directory holds safetensors; never: load the whole model")
-        sp.add_argument("--gguf-type", default="f16", choices=(*GGUF_TYPES, "source"),
-                        help="--out FILE.gguf only: tensor type of the matrices (default f16; source: the input "
-                             "GGUF's types where they can be written)")
-        sp.add_argument("--max-shard-size", default="2GB",
-                        help="HF directories, layer by layer: output shard size limit (default 2GB)")
-        sp.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="HF directories, layer by layer: local (this process, default) or ray (one Ray "
-                             "task per layer on a cluster; see docs/distributed.md)")
-        sp.add_argument("--ray-address", metavar="ADDR", default=None,
-                        help="with --executor ray: the cluster to join, e.g. 10.0.0.1:6379 (default: the one "
-                             "RAY_ADDRESS names, else a new local one)")
-        sp.add_argument("--ray-cpus", type=int, default=None, metavar="N",
-                        help="with --executor ray: cores (and torch threads) per layer task (default 1)")
-        sp.add_argument("--ray-memory", default=None, metavar="SIZE",
-                        help="with --executor ray: memory each layer task reserves, e.g. 10GB, so a node runs "
-                             "no more tasks than fit (see docs/distributed.md for per-layer figures)")
+        add_checkpoint_options(sp)
+        add_width_options(sp)
         sp.add_argument("--calibration", default="self" if name == "compress" else None, metavar="SRC",
                         help="calibration data: 'self' (the model makes it: sampled text for causal LMs, random "
                              "vocabulary words for encoders), a .txt file of text, or a .pt tensor of token ids "
@@ -171,6 +152,9 @@ def _run_hf(args: argparse.Namespace) -> int:
         args.calibration = "self"
     if any(v is not None for v in cnn_only):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data/--merge apply to CNNs, not Hugging Face models")
+    if args.round_to is not None and args.calibration is not None:
+        raise ModelFoldError("--round-to is not available for calibrated compression of Hugging Face models "
+                             "(--calibration, modelfold compress) yet; use fold/prune without --calibration")
     from .hf.validate import check_foldable
 
     check_foldable(args.model)  # config, family, weights / GGUF architecture: fail before loading anything
@@ -181,7 +165,7 @@ def _run_hf(args: argparse.Namespace) -> int:
                              f"{args.model} is folded in memory (drop --stream never, or re-save it as safetensors)")
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
-          "skip_first": args.skip_first, "skip_last": args.skip_last}
+          "skip_first": args.skip_first, "skip_last": args.skip_last, "round_to": args.round_to}
     tok = _tokenizer(hf, args.model)
     if args.calibration is not None:
         kw.update(calibration=_calibration(args.calibration, tok), tokenizer=tok, n_calib=args.n_calib,
@@ -273,7 +257,8 @@ def _run_stream(args: argparse.Namespace) -> int:
         print(report)
         print(f"saved to {args.out} (compressed layer by layer; reload with modelfold.load_pretrained)")
         return 0
-    kw.update(executor=args.executor, ray_address=args.ray_address, ray_options=_ray_options(args))
+    kw.update(executor=args.executor, ray_address=args.ray_address, ray_options=ray_options(args),
+              round_to=args.round_to)
     if args.command == "fold":
         report = fold_checkpoint(args.model, args.out, ratio=args.ratio, repair=args.repair, seed=args.seed,
                                  device=args.device, **kw)
@@ -283,25 +268,6 @@ def _run_stream(args: argparse.Namespace) -> int:
     print(f"saved to {args.out} (folded layer by layer; reload with modelfold.load_pretrained or, for "
           "uniform folds, transformers' from_pretrained)")
     return 0
-
-
-def _ray_options(args: argparse.Namespace) -> dict | None:
-    """Ray task options from --ray-cpus/--ray-memory (refused without --executor ray)."""
-    from .hf.shards import parse_size
-
-    opts: dict = {}
-    if args.ray_cpus is not None:
-        if args.ray_cpus < 1:
-            raise ModelFoldError(f"--ray-cpus {args.ray_cpus}: give at least 1 core per task")
-        opts["num_cpus"] = args.ray_cpus
-    if args.ray_memory is not None:
-        try:
-            opts["memory"] = parse_size(args.ray_memory)
-        except ValueError:
-            raise ModelFoldError(f"--ray-memory {args.ray_memory!r} is not a size; write e.g. 10GB") from None
-    if opts and args.executor != "ray":
-        raise ModelFoldError("--ray-cpus/--ray-memory apply to --executor ray")
-    return opts or None
 
 
 def _tokenizer(hf: object, path: str) -> object:
@@ -368,7 +334,7 @@ def _run(args: argparse.Namespace) -> int:
     repair_opts = _repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
-              "seed": args.seed, "progress": True, "return_report": True}
+              "seed": args.seed, "progress": True, "return_report": True, "round_to": args.round_to}
     if args.calibration is not None:
         common["calibration"] = args.calibration if args.calibration == "self" else io.load_inputs(args.calibration)
     if args.command == "compress":

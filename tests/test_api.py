@@ -159,3 +159,75 @@ def test_sparsity_target_is_met() -> None:
     _, report = modelfold.fold(model, x, sparsity=0.5, return_report=True)
     assert abs(report.param_sparsity - 0.5) < 0.08
     assert 0 < report.ratio < 1
+
+
+# round_to: hardware-friendly kept widths (multiples of N) on the traced engine
+
+def _widths(model: nn.Module) -> list[int]:
+    """Output widths of every conv / linear but the classifier."""
+    return [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)][:-1]
+
+
+def test_kept_width_is_a_multiple_never_zero_never_above_n() -> None:
+    from modelfold.checks import kept_width
+
+    for n in range(1, 300, 7):
+        for ratio in (0.0, 0.01, 0.3, 0.5, 0.9, 0.99):
+            plain = kept_width(n, ratio)
+            assert plain == max(1, round(n * (1 - ratio))) == kept_width(n, ratio, 1)
+            for r in (8, 16, 64):
+                k = kept_width(n, ratio, r)
+                if plain == n or n < r:
+                    assert k == n  # nothing removed stays whole; so does a group narrower than r
+                else:
+                    assert k % r == 0 and r <= k <= n  # a multiple, at least one, never above n
+                    assert abs(k - plain) <= r / 2 or k in (r, n // r * r)  # the nearest one that fits
+    assert kept_width(100, 0.3, 8) == 72 and kept_width(100, 0.3, 64) == 64 and kept_width(100, 0.3, 16) == 64
+    assert kept_width(100, 0.02, 16) == 96  # 98: the nearest multiple, 96, not 112 > 100
+
+
+@pytest.mark.parametrize("method", ["fold", "prune"])
+def test_round_to_cnn_widths_are_multiples_and_the_result_runs_and_reloads(method: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(24)).eval()  # widths 24 (stem, blocks) and 48 (downsampling block)
+    x = torch.randn(2, 3, 16, 16)
+    fn = modelfold.fold if method == "fold" else modelfold.prune
+    out, report = fn(model, x, ratio=0.3, round_to=8, return_report=True)
+    assert sorted({g.channels_after for g in report.groups}) == [16, 32]  # 16.8 -> 17 -> 16, 33.6 -> 34 -> 32
+    assert all(w % 8 == 0 for w in _widths(out)) and report.info == {"round_to": 8}
+    assert sorted({g.channels_after for g in fn(model, x, ratio=0.3, return_report=True)[1].groups}) == [17, 34]
+    torch.save(out, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert out(x).shape == model(x).shape and torch.equal(again(x), out(x))
+
+
+@pytest.mark.parametrize("method", ["fold", "prune"])
+def test_round_to_one_is_the_default(method: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(VGGish(12)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    fn = modelfold.fold if method == "fold" else modelfold.prune
+    a, b = fn(model, x, ratio=0.3), fn(model, x, ratio=0.3, round_to=1)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_to_with_sparsity_reaches_the_target() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(VGGish(16)).eval()  # widths 16, 32, 64
+    x = torch.randn(2, 3, 16, 16)
+    out, report = modelfold.fold(model, x, sparsity=0.4, round_to=8, return_report=True)
+    assert all(w % 8 == 0 for w in _widths(out))
+    assert report.param_sparsity >= 0.4
+
+
+def test_round_to_with_calibration_and_an_automatic_budget() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(VGGish(16)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out, report = modelfold.prune(model, x, sparsity=0.3, round_to=8, calibration=torch.randn(32, 3, 16, 16),
+                                  return_report=True)
+    assert all(w % 8 == 0 for w in _widths(out))
+    assert report.param_sparsity >= 0.3

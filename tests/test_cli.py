@@ -130,3 +130,22 @@ def test_fold_r_from_the_command_line_matches_the_api(tmp_path, capsys) -> None:
                  "--out", str(tmp_path / "o.pt")]) == 2
     assert "--data applies to --repair data" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_round_to_from_the_command_line(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(ResNetish(24)).eval()
+    src = tmp_path / "model.pt"
+    torch.save(model, src)
+    base = ["fold", str(src), "--input-shape", "1,3,16,16"]
+    for cmd in (base + ["--ratio", "0.3"], ["prune", *base[1:], "--sparsity", "0.3"]):
+        out = tmp_path / "r.pt"
+        assert main([*cmd, "--round-to", "8", "--out", str(out)]) == 0, capsys.readouterr().err
+        got = torch.load(out, weights_only=False)
+        widths = [m.out_channels for m in got.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(w % 8 == 0 for w in widths) and min(widths) < 24
+        assert got(torch.randn(1, 3, 16, 16)).shape == (1, 5)
+    capsys.readouterr()
+    assert main([*base, "--ratio", "0.3", "--round-to", "0", "--out", str(tmp_path / "bad.pt")]) == 2
+    assert "round_to=0 must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()

@@ -87,3 +87,11 @@ def test_corrupt_checkpoint(tmp_path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(errors.CheckpointError, match="cannot read"):
         modelfold.io.load_model("resnet18", str(bad))
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "8"])
+def test_bad_round_to(bad) -> None:
+    m, x = _model()
+    for fn in (modelfold.fold, modelfold.prune):
+        with pytest.raises(errors.InvalidRatioError, match="round_to"):
+            fn(m, x, ratio=0.5, round_to=bad)

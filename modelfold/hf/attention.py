@@ -13,8 +13,11 @@ Two unit choices (see docs/transformers.md):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..checks import kept_width
 from ..cluster import kmeans
 from ..merge import merge_tensor, representatives
 from .adapters.base import AttnSpec, get, linear_like, put
@@ -53,10 +56,19 @@ def attention_features(spec: AttnSpec, mode: str) -> torch.Tensor:
                       _rows(spec.q, spec.head_dim, g), _cols(spec.o, g)], 1)
 
 
-def units_k(spec: AttnSpec, mode: str, ratio: float) -> int:
-    """Units kept per clustering problem: query heads per KV group, or KV groups."""
+def units_k(spec: AttnSpec, mode: str, ratio: float, round_to: int | None = None) -> int:
+    """Units kept per clustering problem: query heads per KV group, or KV groups.
+
+    ``round_to``: the unit count is rounded (``checks.kept_width``) to a multiple of the fewest units
+    whose projection width is a multiple of ``round_to`` (query mode: q/o width = kept heads per group x
+    KV groups x head_dim; group mode: k/v width = kept groups x head_dim). With head_dim 64 or 128
+    and round_to <= head_dim that is every unit count: nothing changes.
+    """
     n = spec.n_rep if mode == "query" else spec.num_kv_heads
-    return max(1, round(n * (1.0 - ratio)))
+    if not round_to or round_to == 1:
+        return kept_width(n, ratio)
+    unit = spec.head_dim * (spec.num_kv_heads if mode == "query" else 1)  # channels per kept unit
+    return kept_width(n, ratio, round_to // math.gcd(round_to, unit))
 
 
 def _apply(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: torch.Tensor, kk: int,
@@ -121,13 +133,14 @@ def fold_attention_with_labels(spec: AttnSpec, mode: str, labels: torch.Tensor, 
 
 
 def fold_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto", seed: int = 0,
-                   n_init: int = 3, device: torch.device | None = None) -> tuple[int, int, float]:
+                   n_init: int = 3, device: torch.device | None = None,
+                   round_to: int | None = None) -> tuple[int, int, float]:
     """Cluster (on ``device``) and merge heads; returns (units before, units after, relative k-means error)."""
     mode = resolve_mode(spec, mode)
     feats = attention_features(spec, mode)
     home = feats.device
     feats = feats if device is None else feats.to(device)
-    k = units_k(spec, mode, ratio)
+    k = units_k(spec, mode, ratio, round_to)
     if mode == "query":
         r = spec.n_rep
         labels, err, tot = [], 0.0, 0.0
@@ -148,11 +161,11 @@ def fold_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto",
 
 
 def prune_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto",
-                    norm: int = 2) -> tuple[int, int]:
+                    norm: int = 2, round_to: int | None = None) -> tuple[int, int]:
     """Keep the units with the largest Lp norm of the same slices folding clusters on."""
     mode = resolve_mode(spec, mode)
     score = attention_features(spec, mode).norm(p=norm, dim=1)
-    k = units_k(spec, mode, ratio)
+    k = units_k(spec, mode, ratio, round_to)
     if mode == "query":
         r = spec.n_rep
         keep = torch.cat([torch.topk(score[g * r:(g + 1) * r], k).indices + g * r

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import check_weights
+from ..checks import check_round_to, check_weights, kept_width
 from ..device import resolve_device
-from ..errors import InvalidRatioError
+from ..errors import InvalidRatioError, ModelFoldError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
 from .attention import fold_attention, prune_attention
@@ -56,25 +56,26 @@ def record_sizes(model: nn.Module, adapter: Adapter) -> None:
 
 def resolve_ratio(model: nn.Module, adapter: Adapter, ratio: float | Mapping | None, sparsity: float | None, *,
                   targets: str | Iterable[str], skip_first: int, skip_last: int, attention_mode: str,
-                  ) -> float | Mapping | None:
+                  round_to: int | None = None) -> float | Mapping | None:
     """``ratio`` as given, or the uniform ratio that removes ``sparsity`` of the parameters."""
     if sparsity is None:
         return ratio
     if ratio is not None:
         raise InvalidRatioError("give either ratio= or sparsity=, not both")
     return ratio_for_sparsity(model, adapter, sparsity, targets=targets, skip_first=skip_first,
-                              skip_last=skip_last, attention_mode=attention_mode)
+                              skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
 
 
 def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, targets: str | Iterable[str],
          skip_first: int, skip_last: int, progress: bool, repair: str, layer_fn,
-         sparsity: float | None = None, attention_mode: str = "auto") -> tuple[nn.Module, FoldReport]:
+         sparsity: float | None = None, attention_mode: str = "auto",
+         round_to: int | None = None) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     adapter = _adapter(model)
     check_weights(model)
     n_layers = len(adapter.layers(model))
     ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
-                          skip_last=skip_last, attention_mode=attention_mode)
+                          skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
     plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
     work = copy.deepcopy(model)
     drop_gguf_quantizer(work)  # GGUF weights are already dequantized; let the result be saved
@@ -90,7 +91,7 @@ def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, target
     work.eval()
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
     report = FoldReport(method, rmax, params0, count_params(work), None, None, time.perf_counter() - t0,
-                        groups, repair)
+                        groups, repair, info={"round_to": round_to} if round_to else {})
     return work, report
 
 
@@ -98,12 +99,15 @@ LayerFn = Callable[[nn.Module, Adapter, int, dict], list[GroupReport]]
 
 
 def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
-                  attention_mode: str = "auto", device: str | torch.device | None = None) -> LayerFn:
+                  attention_mode: str = "auto", device: str | torch.device | None = None,
+                  round_to: int | None = None) -> LayerFn:
     """The per-layer step of ``fold_model``: fold layer ``i`` of ``work`` in place by its plan entry.
 
     A pure function of that layer's tensors and the plan, shared by the in-memory path and the
     layer-by-layer checkpoint path (``modelfold.hf.stream``), so both give bit-identical weights.
+    ``round_to``: kept MLP widths and head widths rounded to multiples of it (``checks.kept_width``).
     """
+    round_to = check_round_to(round_to)
     if repair not in HF_REPAIRS:
         raise ValueError(f"repair={repair!r} is not available for transformers models; use one of {HF_REPAIRS}")
     device = None if device is None else resolve_device(device)  # clustering runs there
@@ -114,7 +118,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
         if "attention" in p:
             spec = adapter.attention(work, i)
             before, after, err = fold_attention(spec, p["attention"], adapter, mode=attention_mode, seed=seed,
-                                                n_init=n_init, device=device)
+                                                n_init=n_init, device=device, round_to=round_to)
             done = after < before
             out.append(GroupReport(spec.name, spec.names, before, after, "folded" if done else "kept",
                                    "" if done else "ratio too small to remove a head", err if done else None))
@@ -124,7 +128,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
                 warnings.warn("repair='ar' on a gated (SwiGLU) MLP: in our SmolLM2 benchmark it raised perplexity "
                               "by orders of magnitude; prefer repair='none' (see docs/transformers.md)", stacklevel=4)
             n = spec.width
-            k = max(1, round(n * (1.0 - p["mlp"])))
+            k = kept_width(n, p["mlp"], round_to)
             err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair, device=device) if k < n else None
             out.append(GroupReport(spec.name, spec.member_names(), n, k if k < n else n,
                                    "folded" if k < n else "kept", "" if k < n else "ratio 0", err))
@@ -133,8 +137,9 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
     return layer
 
 
-def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
+def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto", round_to: int | None = None) -> LayerFn:
     """The per-layer step of ``prune_model`` (keep the largest-norm neurons/heads of layer ``i``)."""
+    round_to = check_round_to(round_to)
     if norm not in (1, 2):
         raise ValueError(f"norm must be 1 or 2, got {norm!r}")
 
@@ -142,12 +147,13 @@ def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto") -> LayerFn:
         out = []
         if "attention" in p and p["attention"] > 0:
             spec = adapter.attention(work, i)
-            before, after = prune_attention(spec, p["attention"], adapter, mode=attention_mode, norm=norm)
+            before, after = prune_attention(spec, p["attention"], adapter, mode=attention_mode, norm=norm,
+                                            round_to=round_to)
             out.append(GroupReport(spec.name, spec.names, before, after,
                                    "pruned" if after < before else "kept"))
         for spec in adapter.mlps(work, i) if "mlp" in p else ():  # one per expert in MoE layers
             n = spec.width
-            k = max(1, round(n * (1.0 - p["mlp"])))
+            k = kept_width(n, p["mlp"], round_to)
             if k < n:
                 prune_mlp(spec, k, norm=norm)
             out.append(GroupReport(spec.name, spec.member_names(), n, k, "pruned" if k < n else "kept"))
@@ -160,7 +166,8 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
                repair: str = "none", seed: int = 0,
                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
-               device: str | torch.device | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
+               device: str | torch.device | None = None,
+               round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
 
     ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
@@ -170,11 +177,13 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
         GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
     attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
     device: where k-means runs ("cpu", "cuda", "cuda:N", "auto"); the model stays where it is.
+    round_to: kept MLP widths (and heads x head_dim) at multiples of it, e.g. 8, 16, 64 (see ``modelfold.fold``).
     """
-    layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode, device=device)
+    layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode, device=device,
+                          round_to=round_to)
     work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
                         progress=progress, repair=repair, layer_fn=layer, sparsity=sparsity,
-                        attention_mode=attention_mode)
+                        attention_mode=attention_mode, round_to=check_round_to(round_to))
     return (work, report) if return_report else work
 
 
@@ -182,12 +191,12 @@ def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, spars
                 norm: int = 2,
                 return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                 skip_last: int = 0, progress: bool = False, attention_mode: str = "auto", seed: int = 0,
-                n_init: int = 3) -> nn.Module | tuple[nn.Module, FoldReport]:
+                n_init: int = 3, round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm)."""
-    layer = prune_layer_fn(norm=norm, attention_mode=attention_mode)
+    layer = prune_layer_fn(norm=norm, attention_mode=attention_mode, round_to=round_to)
     work, report = _run(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
                         skip_last=skip_last, progress=progress, repair="none", layer_fn=layer, sparsity=sparsity,
-                        attention_mode=attention_mode)
+                        attention_mode=attention_mode, round_to=check_round_to(round_to))
     return (work, report) if return_report else work
 
 
@@ -198,7 +207,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                    calib_len: int | None = None, lam: float = 1e-3,
                    feedback: bool = False, weighting: str = "token", seed: int = 0, n_init: int = 3,
                    attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
-                   return_report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
+                   return_report: bool = False, round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Calibrated compression: activation-aware selection (or folding) + least-squares refit, sequential.
 
     calibration: "self" (text the causal LM samples itself; random vocabulary words for encoders, which
@@ -210,8 +219,12 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     weighting: "token" (each token's error relative to its residual norm; default) or "none".
     feedback: refit MLP consumers towards the original model's residual stream (off: it overfits the
         small calibration sets measured so far; docs/calibration.md).
-    Other arguments as in :func:`fold_model`. See docs/calibration.md.
+    Other arguments as in :func:`fold_model`. See docs/calibration.md. ``round_to`` (> 1) is refused here:
+    the calibrated layer step does not round widths yet.
     """
+    if check_round_to(round_to) not in (None, 1):
+        raise ModelFoldError(f"round_to={round_to} is not available for calibrated compression of transformers "
+                             "(calibration=) yet; use fold/prune without calibration=, or drop round_to")
     from ..calib import data as cdata
     from .calib_layer import CalibOptions
     from .calibrated import Calibrated, sensitivity_plan

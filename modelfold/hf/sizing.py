@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-from ..checks import smallest_ratio
+from ..checks import kept_width, smallest_ratio
 from ..errors import InvalidRatioError
 from ..report import count_params
 from .adapters.base import Adapter, AttnSpec, MLPSpec, get
@@ -31,17 +31,16 @@ def _per_neuron(spec: MLPSpec) -> int:
     return sum(_rows(r) for r in spec.producers) + get(spec.consumer).out_features
 
 
-def mlp_removed(spec: MLPSpec, ratio: float) -> int:
+def mlp_removed(spec: MLPSpec, ratio: float, round_to: int | None = None) -> int:
     n = spec.width
-    k = max(1, round(n * (1.0 - ratio)))
-    return (n - k) * _per_neuron(spec)
+    return (n - kept_width(n, ratio, round_to)) * _per_neuron(spec)
 
 
-def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto") -> int:
+def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto", round_to: int | None = None) -> int:
     mode = resolve_mode(spec, mode)
     hd, o_out = spec.head_dim, get(spec.o).out_features
     per_q_head = hd * (_rows(spec.q) + o_out)
-    k = units_k(spec, mode, ratio)
+    k = units_k(spec, mode, ratio, round_to)
     if mode == "query":
         return (spec.n_rep - k) * spec.num_kv_heads * per_q_head
     per_group = hd * (_rows(spec.k) + _rows(spec.v)) + spec.n_rep * per_q_head
@@ -51,8 +50,8 @@ def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto") -> int:
 class Geometry:
     """Per-layer shapes read once (MLP widths and per-neuron sizes, attention specs) for fast counting."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
-        self.model, self.adapter = model, adapter
+    def __init__(self, model: nn.Module, adapter: Adapter, round_to: int | None = None) -> None:
+        self.model, self.adapter, self.round_to = model, adapter, round_to
         self._mlp: dict[int, list[tuple[int, int]]] = {}
         self._attn: dict[int, AttnSpec] = {}
 
@@ -70,27 +69,29 @@ class Geometry:
         total = 0
         for i, p in plan.items():
             if p.get("mlp", 0) > 0:
-                total += sum((n - max(1, round(n * (1.0 - p["mlp"])))) * per for n, per in self.mlps(i))
+                total += sum((n - kept_width(n, p["mlp"], self.round_to)) * per for n, per in self.mlps(i))
             if p.get("attention", 0) > 0:
-                total += attention_removed(self.attention(i), p["attention"], attention_mode)
+                total += attention_removed(self.attention(i), p["attention"], attention_mode, self.round_to)
         return total
 
 
-def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode: str = "auto") -> int:
+def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode: str = "auto",
+                 round_to: int | None = None) -> int:
     """Parameters ``plan`` removes from ``model`` (fold and magnitude pruning remove the same)."""
-    return Geometry(model, adapter).removed(plan, attention_mode)
+    return Geometry(model, adapter, round_to).removed(plan, attention_mode)
 
 
 def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
                        targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
-                       attention_mode: str = "auto") -> float:
-    """The smallest uniform ratio whose plan removes at least ``sparsity`` of the parameters."""
+                       attention_mode: str = "auto", round_to: int | None = None) -> float:
+    """The smallest uniform ratio whose plan removes at least ``sparsity`` of the parameters
+    (widths rounded to ``round_to`` as the fold rounds them)."""
     if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise InvalidRatioError(f"sparsity={sparsity!r} is outside [0, 1): it is the fraction of parameters "
                                 "removed, e.g. 0.2 removes 20%")
     n_layers = len(adapter.layers(model))
     total = count_params(model)
-    geo = Geometry(model, adapter)
+    geo = Geometry(model, adapter, round_to)
 
     def removed(r: float) -> float:
         return geo.removed(make_plan(r, n_layers, targets, skip_first, skip_last), attention_mode) / total

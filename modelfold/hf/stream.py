@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..checks import check_round_to
 from ..errors import CheckpointError
 from ..report import FoldReport, GroupReport
 from .adapters import Adapter
@@ -259,8 +260,9 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
         override = prepare(source)
         if override is not None:
             ratio, sparsity, skip_first, skip_last = override, None, 0, 0
+    round_to = check_round_to(options.get("round_to"))
     ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
-                          skip_last=skip_last, attention_mode=attention_mode)
+                          skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
     plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
     with atomic_dir(dst_p, "the folded checkpoint") as tmp:
         if executor == "ray":
@@ -279,7 +281,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
         model.config.save_pretrained(tmp)
         _copy_extras(src_p, tmp)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
-    info = {"executor": executor, "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
+    info = {**({"round_to": round_to} if round_to else {}), "executor": executor, "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
             **{f"{k}_seconds": round(v, 2) for k, v in stages.items()}}
     return FoldReport(method, rmax, source.reader.numel(), numel, None, None, time.perf_counter() - t0,
                       groups, repair, info=info)
@@ -290,7 +292,8 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
                     skip_last: int = 0, repair: str = "none", seed: int = 0, n_init: int = 3,
                     attention_mode: str = "auto", max_shard_size: int | str = "2GB", progress: bool = True,
                     executor: str = "local", ray_address: str | None = None,
-                    ray_options: Mapping | None = None, device: str | torch.device | None = None) -> FoldReport:
+                    ray_options: Mapping | None = None, device: str | torch.device | None = None,
+                    round_to: int | None = None) -> FoldReport:
     """Fold the transformers checkpoint directory ``src`` into ``dst`` one layer at a time.
 
     Same arguments and bit-identical result as ``fold_model`` + ``save``, but only a few layers' tensors
@@ -301,10 +304,11 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
     one if None and none is running; ``src`` and ``dst`` must be on storage every node sees);
     ``ray_options`` go to the tasks' ``.options()`` (e.g. ``{"num_cpus": 4, "memory": 40e9}``). See
     docs/distributed.md. ``device``: where k-means runs ("cpu", "cuda", "cuda:N", "auto"; on Ray, each
-    worker resolves it, so give GPU tasks ``ray_options={"num_gpus": 1}``).
+    worker resolves it, so give GPU tasks ``ray_options={"num_gpus": 1}``). ``round_to``: kept widths at
+    multiples of it (see ``modelfold.fold``).
     """
     options = {"repair": repair, "seed": seed, "n_init": n_init, "attention_mode": attention_mode,
-               "device": None if device is None else str(device)}
+               "device": None if device is None else str(device), "round_to": round_to}
     return _stream(src, dst, ratio, "fold", options, targets=targets, skip_first=skip_first,
                    skip_last=skip_last, repair=repair, max_shard_size=max_shard_size, progress=progress,
                    sparsity=sparsity, attention_mode=attention_mode, executor=executor,
@@ -315,9 +319,11 @@ def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: floa
                      sparsity: float | None = None, norm: int = 2, targets: str | Iterable[str] = "mlp",
                      skip_first: int = 0, skip_last: int = 0, attention_mode: str = "auto",
                      max_shard_size: int | str = "2GB", progress: bool = True, executor: str = "local",
-                     ray_address: str | None = None, ray_options: Mapping | None = None) -> FoldReport:
+                     ray_address: str | None = None, ray_options: Mapping | None = None,
+                     round_to: int | None = None) -> FoldReport:
     """Magnitude-prune (SP-L1/L2) a checkpoint directory layer by layer; see ``fold_checkpoint``."""
-    return _stream(src, dst, ratio, f"sp-l{norm}", {"norm": norm, "attention_mode": attention_mode},
+    return _stream(src, dst, ratio, f"sp-l{norm}", {"norm": norm, "attention_mode": attention_mode,
+                                                      "round_to": round_to},
                    targets=targets, skip_first=skip_first, skip_last=skip_last, repair="none",
                    max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
                    attention_mode=attention_mode, executor=executor, ray_address=ray_address,

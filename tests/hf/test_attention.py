@@ -140,3 +140,19 @@ def test_fold_attention_reports_units():
     a = find_adapter(m)
     before, after, err = fold_attention(a.attention(m, 0), 0.5, a)
     assert (before, after) == (4, 2) and 0.0 <= err <= 1.0
+
+
+def test_round_to_rounds_head_counts_so_projection_widths_are_multiples():
+    import modelfold
+
+    bert = make_model("bert")  # 4 heads of head_dim 8 (plain multi-head: whole heads fold)
+    f, rep = modelfold.fold(bert, ratio=0.75, targets="attention", round_to=16, return_report=True)
+    assert [g.channels_after for g in rep.groups] == [2] * 3  # 1 head = 8 channels -> 2 heads = 16
+    assert f.encoder.layer[0].attention.self.query.out_features == 16
+    assert [g.channels_after for g in modelfold.fold(bert, ratio=0.75, targets="attention",
+                                                     return_report=True)[1].groups] == [1] * 3
+    llama = make_model("llama")  # GQA 4 query / 2 KV heads, head_dim 8
+    q = modelfold.prune(llama, ratio=0.5, targets="attention", round_to=16)  # query mode: 2 x 1 x 8 = 16
+    assert q.model.layers[0].self_attn.q_proj.out_features == 16
+    g = modelfold.prune(llama, ratio=0.5, targets="attention", attention_mode="group", round_to=16)
+    assert g.model.layers[0].self_attn.k_proj.out_features == 16  # 1 KV group = 8 channels: both kept

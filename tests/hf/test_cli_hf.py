@@ -99,3 +99,26 @@ def test_cli_skip_first_and_last_keep_those_layers(tmp_path, capsys) -> None:
     assert sizes == [48, 24, 48, 48]
     assert main(["fold", "resnet18", "--ratio", "0.5", "--skip-first", "1", "--out", str(tmp_path / "c.pt")]) == 2
     assert "--skip-first/--skip-last apply to Hugging Face models" in capsys.readouterr().err
+
+
+def test_cli_round_to_in_memory_and_layer_by_layer(tmp_path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    model = make_model("qwen2", inter=100)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    expected = modelfold.prune(model, ratio=0.3, round_to=16).state_dict()
+    for mode in ("never", "always"):
+        dst = tmp_path / mode
+        code = main(["prune", str(src), "--ratio", "0.3", "--round-to", "16", "--stream", mode, "--out", str(dst)])
+        assert code == 0, capsys.readouterr().err
+        got = load_file(str(dst / "model.safetensors"))
+        assert got["model.layers.0.mlp.up_proj.weight"].shape[0] == 64  # 70 -> 64
+        assert all(torch.equal(v, expected[k]) for k, v in got.items())
+    capsys.readouterr()
+    code = main(["fold", str(src), "--ratio", "0.3", "--round-to", "16", "--calibration", "self",
+                 "--out", str(tmp_path / "c")])
+    assert code == 2 and "--round-to is not available for calibrated" in capsys.readouterr().err
+    assert main(["fold", str(src), "--ratio", "0.3", "--round-to", "-8", "--out", str(tmp_path / "n")]) == 2
+    assert "round_to=-8 must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "n").exists()

@@ -149,3 +149,45 @@ def test_cnn_only_options_are_refused_for_transformers() -> None:
         modelfold.fold(model, ratio=0.3, keep_outputs=["model.layers.0.mlp.up_proj"])
     with pytest.raises(TypeError, match="ignore is not supported for transformers"):
         modelfold.prune(model, ratio=0.3, ignore=["model.layers.0"])
+
+
+@pytest.mark.parametrize("method", ["fold", "prune"])
+def test_round_to_mlp_widths_are_multiples_and_reload(method, tmp_path):
+    m = make_model("llama", inter=100)
+    a, x = find_adapter(m), inputs()
+    fn = modelfold.fold if method == "fold" else modelfold.prune
+    f, report = fn(m, ratio=0.3, round_to=16, return_report=True)
+    assert [a.mlp(f, i).width for i in range(3)] == [64] * 3  # 70 -> 64
+    assert f.config.intermediate_size == 64 and report.info == {"round_to": 16}
+    assert fn(m, ratio=0.3, round_to=8).config.intermediate_size == 72
+    plain = fn(m, ratio=0.3)
+    assert plain.config.intermediate_size == 70
+    assert torch.equal(out(fn(m, ratio=0.3, round_to=1), x), out(plain, x))  # round_to=1 is the default
+    assert torch.equal(out(fn(m, ratio=0.0, round_to=16), x), out(m, x))  # ratio 0 stays the identity
+    mh.save(f, tmp_path / "f")
+    assert torch.allclose(out(mh.load_pretrained(tmp_path / "f"), x), out(f, x), atol=1e-5, rtol=0)
+
+
+def test_round_to_every_expert_and_the_shared_expert():
+    m = make_model("qwen2_moe", inter=40)
+    a = find_adapter(m)
+    f = modelfold.fold(m, ratio=0.5, round_to=8)  # 20 -> 24 (nearest multiple; halves round up)
+    assert {s.width for i in range(3) for s in a.mlps(f, i)} == {24}
+    assert out(f, inputs()).shape == out(m, inputs()).shape
+
+
+@pytest.mark.parametrize("bad", [0, -16, 2.5, True])
+def test_bad_round_to(bad):
+    m = make_model("llama")
+    for fn in (modelfold.fold, modelfold.prune):
+        with pytest.raises(InvalidRatioError, match="round_to"):
+            fn(m, ratio=0.3, round_to=bad)
+
+
+def test_round_to_is_refused_with_calibrated_compression():
+    from modelfold.errors import ModelFoldError
+
+    with pytest.raises(ModelFoldError, match="round_to=8 is not available for calibrated"):
+        modelfold.fold(make_model("llama"), ratio=0.3, round_to=8, calibration="self")
+    with pytest.raises(ModelFoldError, match="round_to=8"):
+        modelfold.compress(make_model("llama"), ratio=0.3, round_to=8)

@@ -68,3 +68,16 @@ def test_stream_sparsity_matches_in_memory(tmp_path):
     mh.save(ref, tmp_path / "ref")
     a, b = load_file(str(tmp_path / "st" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
     assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_sparsity_with_round_to_is_predicted_exactly(family):
+    m = make_model(family, inter=100)
+    targets = "all" if family == "llama" else "mlp"
+    folded, report = modelfold.fold(m, sparsity=0.3, round_to=8, targets=targets, return_report=True)
+    adapter = find_adapter(m)
+    assert all(s.width % 8 == 0 for i in range(3) for s in adapter.mlps(folded, i))
+    removed = count_params(m) - count_params(folded)
+    assert removed / count_params(m) >= 0.3
+    assert plan_removed(m, adapter, make_plan(report.ratio, 3, targets), round_to=8) == removed
+    assert count_params(modelfold.prune(m, sparsity=0.3, round_to=8, targets=targets)) == count_params(folded)

@@ -279,3 +279,17 @@ def test_stream_interrupted_leaves_no_partial_output(tmp_path, monkeypatch):
         fold_checkpoint(src, tmp_path / "out", ratio=0.3, progress=False)
     assert calls == [0, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_stream_round_to_matches_in_memory(tmp_path):
+    src = _checkpoint(tmp_path, inter=100)
+    for name, stream, memory in (("fold", fold_checkpoint, mh.fold_model), ("prune", prune_checkpoint, mh.prune_model)):
+        report = stream(src, tmp_path / name, ratio=0.3, targets="all", round_to=16, progress=False)
+        ref = memory(mh.load_pretrained(src), ratio=0.3, targets="all", round_to=16)
+        mh.save(ref, tmp_path / f"{name}-ref")
+        _same_checkpoint(tmp_path / name, tmp_path / f"{name}-ref")
+        assert report.info["round_to"] == 16
+        assert _tensors(tmp_path / name)["model.layers.0.mlp.up_proj.weight"].shape[0] == 64
+    with pytest.raises(InvalidRatioError, match="round_to"):
+        fold_checkpoint(src, tmp_path / "bad", ratio=0.3, round_to=0, progress=False)
+    assert not (tmp_path / "bad").exists()

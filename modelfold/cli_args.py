@@ -1,0 +1,60 @@
+"""Argument definitions of ``modelfold fold/prune/compress`` that ``cli.py`` shares: layer-by-layer
+(stream, shards, Ray) and output options of Hugging Face checkpoints, and hardware-friendly widths."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import ModelFoldError
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
+
+
+def add_width_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--round-to", type=int, default=None, metavar="N",
+                    help="hardware-friendly widths: every reduced group / MLP keeps a multiple of N channels "
+                         "(e.g. 8, 16, 64; nearest multiple, never above the original width; groups narrower "
+                         "than N stay whole). Not with calibrated compression of HF models")
+
+
+def add_checkpoint_options(sp: argparse.ArgumentParser) -> None:
+    """HF directories: layer by layer, shard size, Ray; and the GGUF output type."""
+    sp.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
+                    help="HF directories: fold layer by layer from the safetensors shards (same result, "
+                         "memory of one layer, so checkpoints larger than RAM fold). auto (default): "
+                         "whenever the directory holds safetensors; never: load the whole model")
+    sp.add_argument("--gguf-type", default="f16", choices=(*GGUF_TYPES, "source"),
+                    help="--out FILE.gguf only: tensor type of the matrices (default f16; source: the input "
+                         "GGUF's types where they can be written)")
+    sp.add_argument("--max-shard-size", default="2GB",
+                    help="HF directories, layer by layer: output shard size limit (default 2GB)")
+    sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="HF directories, layer by layer: local (this process, default) or ray (one Ray "
+                         "task per layer on a cluster; see docs/distributed.md)")
+    sp.add_argument("--ray-address", metavar="ADDR", default=None,
+                    help="with --executor ray: the cluster to join, e.g. 10.0.0.1:6379 (default: the one "
+                         "RAY_ADDRESS names, else a new local one)")
+    sp.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                    help="with --executor ray: cores (and torch threads) per layer task (default 1)")
+    sp.add_argument("--ray-memory", default=None, metavar="SIZE",
+                    help="with --executor ray: memory each layer task reserves, e.g. 10GB, so a node runs "
+                         "no more tasks than fit (see docs/distributed.md for per-layer figures)")
+
+
+def ray_options(args: argparse.Namespace) -> dict | None:
+    """Ray task options from --ray-cpus/--ray-memory (refused without --executor ray)."""
+    from .hf.shards import parse_size
+
+    opts: dict = {}
+    if args.ray_cpus is not None:
+        if args.ray_cpus < 1:
+            raise ModelFoldError(f"--ray-cpus {args.ray_cpus}: give at least 1 core per task")
+        opts["num_cpus"] = args.ray_cpus
+    if args.ray_memory is not None:
+        try:
+            opts["memory"] = parse_size(args.ray_memory)
+        except ValueError:
+            raise ModelFoldError(f"--ray-memory {args.ray_memory!r} is not a size; write e.g. 10GB") from None
+    if opts and args.executor != "ray":
+        raise ModelFoldError("--ray-cpus/--ray-memory apply to --executor ray")
+    return opts or None
