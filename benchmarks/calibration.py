@@ -43,6 +43,7 @@ from modelfold.report import count_params  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results"
 SMOL = "SmolLM2-135M-Instruct"
 MINI = "all-MiniLM-L6-v2"
+FLAP = "flap (fluctuation, error-based budget)"
 
 
 def pkg_dir(name: str) -> Path:
@@ -106,14 +107,15 @@ def smollm(args, rec) -> None:
 
     row("original", "none", model)
     t = time.perf_counter()
-    self_ids = self_text(model, 8, 512, seed=0, progress=True, use_cache=False)  # timed: sample afresh
+    self_ids = self_text(model, 8, 512, seed=0, progress=True, use_cache=args.cached_sample)  # timed: afresh
     t_self = time.perf_counter() - t
     real_ids = text_ids(tok, ev.wiki_split("calib", tok), 8, 512)
     t = time.perf_counter()
     auto_self = plans(model, self_ids, "act", args.sparsities)
     t_budget = time.perf_counter() - t
     auto_real = plans(model, real_ids, "act", args.sparsities)
-    auto_flap = plans(model, real_ids, "flap", args.sparsities, weighting="none")
+    flap = not args.methods or FLAP in args.methods
+    auto_flap = plans(model, real_ids, "flap", args.sparsities, weighting="none") if flap else {}
     print(f"self text {t_self:.1f}s, one sensitivity pass {t_budget:.1f}s", flush=True)
     for sp in args.sparsities:
         runs = [
@@ -130,7 +132,7 @@ def smollm(args, rec) -> None:
             ("wanda-sp", "data",
              lambda: compress_model(model, sparsity=sp, calibration=real_ids, score="wanda", compensate="none",
                                     budget="uniform", weighting="none"), {}),
-            ("flap (fluctuation, error-based budget)", "data",
+            (FLAP, "data",
              lambda: compress_model(model, ratio=auto_flap[sp], calibration=real_ids, score="flap",
                                     compensate="bias", budget="uniform", weighting="none"), {}),
             ("select+ls, auto budget", "data",
@@ -188,7 +190,8 @@ def minilm(args, rec) -> None:
 def write_md(records: list) -> None:
     lines = ["# Calibrated compression of pretrained transformers (benchmarks/calibration.py)", ""]
     for model, metric in ((SMOL, ("perplexity", "last_word_accuracy")), (MINI, ("cosine",))):
-        rows = [r for r in records if r["model"] == model]
+        rows = sorted((r for r in records if r["model"] == model),
+                      key=lambda r: r.get("target_sparsity", r.get("ratio", -1.0)) or -1.0)
         if not rows:
             continue
         lines += [f"## {model}", "", "| method | calibration | params removed | " + " | ".join(metric)
@@ -200,6 +203,42 @@ def write_md(records: list) -> None:
     (OUT / "calibration.md").write_text("\n".join(lines))
 
 
+def plot(records: list) -> None:
+    """benchmarks/results/calibration.png: SmolLM2 perplexity and MiniLM cosine vs parameters removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, model, metric in ((axes[0], SMOL, "perplexity"), (axes[1], MINI, "cosine")):
+        rows = [r for r in records if r["model"] == model and r["method"] != "original"]
+        for (method, calib) in dict.fromkeys((r["method"], r["calibration"]) for r in rows):
+            pts = sorted((r["param_sparsity"], r[metric]) for r in rows
+                         if r["method"] == method and r["calibration"] == calib)
+            style = {"none": ":", "self": "-", "data": "--"}[calib]
+            label = f"{method} [{calib}]"
+            if metric == "perplexity" and min(y for _, y in pts) > 400:
+                label += f" (off the chart: {min(y for _, y in pts):,.0f} or more)"
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style, marker="o", label=label)
+        base = next((r for r in records if r["model"] == model and r["method"] == "original"), None)
+        if base is not None:
+            ax.axhline(base[metric], color="k", lw=0.8, label="original")
+            if metric == "perplexity":
+                ax.axhline(2 * base[metric], color="grey", lw=0.8, ls="-.", label="2x original (target)")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+            ax.set_ylim(10, 400)
+        ax.set_xlabel("parameters removed (%)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{model}: solid = self-calibrated (no user data), dashed = real text, dotted = data-free",
+                     fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(OUT / "calibration.png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sparsities", type=float, nargs="*", default=[0.18, 0.10, 0.25, 0.35])
@@ -208,13 +247,24 @@ def main() -> None:
     p.add_argument("--no-minilm", action="store_true")
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot-only", action="store_true", help="redraw calibration.png from calibration.json")
+    p.add_argument("--cached-sample", action="store_true",
+                   help="reuse the cached self-generated text (its sampling time is then not measured)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(exist_ok=True)
     path = OUT / "calibration.json"
-    keep = {m for m, off in ((MINI, args.no_minilm), (SMOL, args.no_smollm)) if off}
     old = json.loads(path.read_text()) if path.is_file() else []
-    records: list = [r for r in old if r.get("model") in keep]  # rows of the models not re-run stay
+
+    def rerun(r: dict) -> bool:  # rows this invocation measures again; all others are kept
+        if r.get("model") == MINI:
+            return not args.no_minilm
+        if r.get("model") != SMOL or args.no_smollm:
+            return False
+        return r.get("target_sparsity") is None or any(abs(r["target_sparsity"] - sp) < 1e-9
+                                                         for sp in args.sparsities)
+
+    records: list = [r for r in old if not rerun(r)]
 
     def rec(r: dict) -> None:
         records.append(r)
@@ -224,10 +274,14 @@ def main() -> None:
         tmp.replace(path)
         write_md(records)
 
+    if args.plot_only:
+        plot(records + [r for r in old if rerun(r)])
+        return
     if not args.no_minilm:
         minilm(args, rec)
     if not args.no_smollm:
         smollm(args, rec)
+    plot(records)
 
 
 if __name__ == "__main__":
