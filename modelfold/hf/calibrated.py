@@ -96,8 +96,13 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 def record(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Inputs (N, features) that ``modules`` of ``block`` read when the block runs on ``inputs``."""
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
-    handles = [m.register_forward_pre_hook(lambda mod, args, k=k: acc[k].append(
-        args[0].detach().reshape(-1, args[0].shape[-1]).float())) for k, m in modules.items()]
+    _run_hooked(block, inputs, [m.register_forward_pre_hook(lambda mod, args, k=k: acc[k].append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).float())) for k, m in modules.items()])
+    return {k: torch.cat(v) for k, v in acc.items()}
+
+
+def _run_hooked(block: nn.Module, inputs: BlockInputs, handles: list) -> None:
+    """Run ``block`` on every micro-batch of ``inputs``, then remove the hook ``handles``."""
     try:
         with torch.no_grad():
             for x, kw in zip(inputs.xs, inputs.kwargs, strict=True):
@@ -105,7 +110,6 @@ def record(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module])
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in acc.items()}
 
 
 def sum_point(block: nn.Module, inputs: BlockInputs, at: nn.Module | None, consumer: nn.Module | None = None
@@ -122,13 +126,7 @@ def sum_point(block: nn.Module, inputs: BlockInputs, at: nn.Module | None, consu
           else block.register_forward_hook(lambda m, a, o: keep("s", o))]
     if consumer is not None:
         hs.append(consumer.register_forward_hook(lambda m, a, o: keep("z", o)))
-    try:
-        with torch.no_grad():
-            for x, kw in zip(inputs.xs, inputs.kwargs, strict=True):
-                _call(block, x, kw)
-    finally:
-        for h in hs:
-            h.remove()
+    _run_hooked(block, inputs, hs)
     return torch.cat(got["s"]), (torch.cat(got["z"]) if consumer is not None else None)
 
 
