@@ -152,9 +152,6 @@ def _run_hf(args: argparse.Namespace) -> int:
         args.calibration = "self"
     if any(v is not None for v in cnn_only):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data/--merge apply to CNNs, not Hugging Face models")
-    if args.round_to is not None and args.calibration is not None:
-        raise ModelFoldError("--round-to is not available for calibrated compression of Hugging Face models "
-                             "(--calibration, modelfold compress) yet; use fold/prune without --calibration")
     from .hf.validate import check_foldable
 
     check_foldable(args.model)  # config, family, weights / GGUF architecture: fail before loading anything
@@ -253,7 +250,8 @@ def _run_stream(args: argparse.Namespace) -> int:
         extra = {"score": args.score, "budget": args.budget} if args.command == "compress" else {}
         report = compress_checkpoint(args.model, args.out, ratio=args.ratio, seed=args.seed, method=method,
                                      calibration=_calibration(args.calibration, tok), tokenizer=tok,
-                                     n_calib=args.n_calib, calib_len=args.calib_len, **extra, **kw)
+                                     n_calib=args.n_calib, calib_len=args.calib_len, round_to=args.round_to,
+                                     **extra, **kw)
         print(report)
         print(f"saved to {args.out} (compressed layer by layer; reload with modelfold.load_pretrained)")
         return 0

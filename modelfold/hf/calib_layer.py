@@ -41,6 +41,7 @@ class CalibOptions:
     n_init: int = 3
     feedback: bool = False  # refit MLP consumers towards the original model's residual stream
     weighting: str = "token"  # "token": each token's error relative to its residual norm; "none": plain sums
+    round_to: int | None = None  # kept widths at multiples of it (checks.kept_width)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -176,7 +177,7 @@ def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, o
     """
     mode = resolve_mode(spec, opts.attention_mode)
     n_units, width = attention_units(spec, mode)
-    k = units_k(spec, mode, ratio)
+    k = units_k(spec, mode, ratio, opts.round_to)
     o = get(spec.o)
     w = o.weight.detach()
     bias = None if o.bias is None else o.bias.detach()

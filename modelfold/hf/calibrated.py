@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..calib.budget import allocate
 from ..calib.compensate import output_error
 from ..calib.score import FeatureStats, unit_importance
+from ..checks import kept_width
 from ..errors import UnsupportedModelError
 from ..report import GroupReport
 from .adapters import Adapter
@@ -180,7 +181,7 @@ class Calibrated:
         if p.get("mlp", 0) > 0:
             spec = _mlp(adapter, work, i)
             n = spec.width
-            k = max(1, round(n * (1.0 - p["mlp"])))
+            k = kept_width(n, p["mlp"], self.opts.round_to)
             if k < n:
                 h = record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
 
@@ -214,7 +215,7 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
     n = spec.width
     curve = []
     for r in grid:
-        k = max(1, round(n * (1.0 - r)))
+        k = kept_width(n, r, opts.round_to)
         if k >= n:
             curve.append((0.0, 0.0, 0.0))
             continue
@@ -224,7 +225,7 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
 
         new_w, _ = _refit(w, None, g, keep, opts_nb, stats)
         err = output_error(w, g, new_w, g[keep][:, keep], g[keep])
-        curve.append((r, float(mlp_removed(spec, r)), err / energy))
+        curve.append((r, float(mlp_removed(spec, r, opts.round_to)), err / energy))
     return curve
 
 
@@ -239,7 +240,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
     scores = unit_importance(opts.score, stats, w, g, width, opts.lam)
     curve, seen = [], set()
     for r in grid:
-        k = units_k(spec, mode, r)
+        k = units_k(spec, mode, r, opts.round_to)
         n_units = spec.n_rep if mode == "query" else spec.num_kv_heads
         if k >= n_units:
             curve.append((0.0, 0.0, 0.0))
@@ -251,7 +252,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
         cols = (keep[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
         new_w, _ = _refit(w, None, g, cols, opts, stats)
         err = output_error(w, g, new_w, g[cols][:, cols], g[cols])
-        curve.append((r, float(attention_removed(spec, r, opts.attention_mode)), err / energy))
+        curve.append((r, float(attention_removed(spec, r, opts.attention_mode, opts.round_to)), err / energy))
     return curve
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..checks import check_round_to, check_weights, kept_width
 from ..device import resolve_device
-from ..errors import InvalidRatioError, ModelFoldError
+from ..errors import InvalidRatioError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
 from .attention import fold_attention, prune_attention
@@ -219,12 +219,10 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     weighting: "token" (each token's error relative to its residual norm; default) or "none".
     feedback: refit MLP consumers towards the original model's residual stream (off: it overfits the
         small calibration sets measured so far; docs/calibration.md).
-    Other arguments as in :func:`fold_model`. See docs/calibration.md. ``round_to`` (> 1) is refused here:
-    the calibrated layer step does not round widths yet.
+    Other arguments as in :func:`fold_model` (``round_to``: kept widths at multiples of it). See
+    docs/calibration.md.
     """
-    if check_round_to(round_to) not in (None, 1):
-        raise ModelFoldError(f"round_to={round_to} is not available for calibrated compression of transformers "
-                             "(calibration=) yet; use fold/prune without calibration=, or drop round_to")
+    round_to = check_round_to(round_to)
     from ..calib import data as cdata
     from .calib_layer import CalibOptions
     from .calibrated import Calibrated, sensitivity_plan
@@ -232,7 +230,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     if budget not in ("auto", "uniform"):
         raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
     opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
-                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init)
+                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init,
+                        round_to=round_to)
     adapter = _adapter(model)
     check_weights(model)
     t0 = time.perf_counter()
@@ -257,7 +256,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
     work, report = _run(model, ratio, name, targets=targets, skip_first=skip_first, skip_last=skip_last,
                         progress=progress, repair="none", layer_fn=fn, sparsity=sparsity,
-                        attention_mode=attention_mode)
+                        attention_mode=attention_mode, round_to=round_to)
     report.seconds = time.perf_counter() - t0
     report.repair = "calibrated"
     info["calibration"] = "self" if isinstance(calibration, str) else "data"

@@ -21,6 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..calib import data as cdata
+from ..checks import check_round_to
 from ..errors import InvalidRatioError
 from ..report import FoldReport
 from .calib_layer import CalibOptions
@@ -61,7 +62,8 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                         n_calib: int | None = None, calib_len: int | None = None, lam: float = 1e-3,
                         feedback: bool = False, weighting: str = "token", seed: int = 0,
                         n_init: int = 3, attention_mode: str = "auto", max_ratio: float = 0.8,
-                        max_shard_size: int | str = "2GB", progress: bool = True) -> FoldReport:
+                        max_shard_size: int | str = "2GB", progress: bool = True,
+                        round_to: int | None = None) -> FoldReport:
     """:func:`~modelfold.hf.core.compress_model` + save, one block in memory at a time.
 
     ``calibration="self"`` for a causal LM samples the text from the whole model first (loaded
@@ -70,7 +72,8 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
     if budget not in ("auto", "uniform"):
         raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
     opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
-                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init)
+                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init,
+                        round_to=check_round_to(round_to))
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     fn = Calibrated(torch.empty(0, dtype=torch.long), opts)
@@ -111,7 +114,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
         return plan
 
     name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
-    report = _stream(src, dst, ratio, name, {}, targets=targets, skip_first=skip_first, skip_last=skip_last,
+    report = _stream(src, dst, ratio, name, {"round_to": round_to}, targets=targets, skip_first=skip_first, skip_last=skip_last,
                      repair="calibrated", max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
                      attention_mode=attention_mode, executor="local", ray_address=None, ray_options=None,
                      layer_fn=fn, prepare=prepare)

@@ -116,9 +116,15 @@ def test_cli_round_to_in_memory_and_layer_by_layer(tmp_path, capsys) -> None:
         assert got["model.layers.0.mlp.up_proj.weight"].shape[0] == 64  # 70 -> 64
         assert all(torch.equal(v, expected[k]) for k, v in got.items())
     capsys.readouterr()
-    code = main(["fold", str(src), "--ratio", "0.3", "--round-to", "16", "--calibration", "self",
-                 "--out", str(tmp_path / "c")])
-    assert code == 2 and "--round-to is not available for calibrated" in capsys.readouterr().err
+    ids = tmp_path / "ids.pt"
+    torch.save(torch.randint(3, 61, (4, 16), generator=torch.Generator().manual_seed(0)), ids)
+    for mode in ("never", "always"):  # calibrated compression rounds too, the same in both paths
+        dst = tmp_path / f"cal-{mode}"
+        code = main(["compress", str(src), "--ratio", "0.3", "--round-to", "16", "--calibration", str(ids),
+                     "--stream", mode, "--out", str(dst)])
+        assert code == 0, capsys.readouterr().err
+        assert load_file(str(dst / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].shape[0] == 64
+    capsys.readouterr()
     assert main(["fold", str(src), "--ratio", "0.3", "--round-to", "-8", "--out", str(tmp_path / "n")]) == 2
     assert "round_to=-8 must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "n").exists()

@@ -184,10 +184,17 @@ def test_bad_round_to(bad):
             fn(m, ratio=0.3, round_to=bad)
 
 
-def test_round_to_is_refused_with_calibrated_compression():
-    from modelfold.errors import ModelFoldError
+@pytest.mark.parametrize("kw", [{"ratio": 0.3}, {"sparsity": 0.2, "targets": "all"}])
+def test_round_to_with_calibrated_compression(kw):
+    """Calibrated widths (uniform and automatic budget) are multiples of round_to, and the model runs."""
+    from modelfold.hf.adapters import find_adapter
 
-    with pytest.raises(ModelFoldError, match="round_to=8 is not available for calibrated"):
-        modelfold.fold(make_model("llama"), ratio=0.3, round_to=8, calibration="self")
-    with pytest.raises(ModelFoldError, match="round_to=8"):
-        modelfold.compress(make_model("llama"), ratio=0.3, round_to=8)
+    m = make_model("llama", inter=100)
+    ids = torch.randint(3, 61, (6, 20), generator=torch.Generator().manual_seed(0))
+    small = modelfold.compress(m, calibration=ids, round_to=16, **kw)
+    a = find_adapter(small)
+    widths = [a.mlp(small, i).width for i in range(len(a.layers(small)))]
+    assert all(w % 16 == 0 or w == 100 for w in widths) and min(widths) < 100, widths
+    assert small(ids[:1]).logits.isfinite().all()
+    with pytest.raises(InvalidRatioError, match="round_to"):
+        modelfold.compress(m, ratio=0.3, calibration=ids, round_to=0)
