@@ -5,6 +5,10 @@ directions (randomized PCA, seeded); ``n_init`` restarts of batched k-means++ se
 iterations run there; the best restart is then refined in the *full* feature space by
 Hartigan-style single-point moves (each point may move to one of its nearest clusters when that
 lowers the inertia, cluster sizes taken into account), which reaches lower inertia than Lloyd alone.
+Layers too large for full-space products (n*k*d above ``REFINE_MACS``, e.g. a 7B model's 11008-neuron
+MLPs) are refined in the projected space instead; beyond ``FULL_SPACE_ENTRIES`` distances, each point
+considers only its ``CANDIDATES`` nearest clusters and only the changed (point, cluster) pairs are
+recomputed each round.
 
 Reproducibility: every decision is taken on exact arithmetic. Features are scaled by a power of two
 and rounded onto an integer grid small enough that all dot products, squared distances and sums of
@@ -34,9 +38,10 @@ class KMeansResult:
     iterations: int
 
 
-ASSIGN_BLOCK = 1 << 25  # distance entries (256 MB of float64) above which assignment runs in row blocks
+ASSIGN_BLOCK = 1 << 21  # distance entries (16 MB of float64) above which assignment runs in row blocks
 CANDIDATES = 8  # nearest clusters (found in the projected space) a point may move to in the full space
-FULL_SPACE_ENTRIES = 1 << 24  # up to this n*k, full-space moves consider every cluster, else CANDIDATES
+FULL_SPACE_ENTRIES = 1 << 27  # up to this n*k (1 GiB of distances), moves consider every cluster, else CANDIDATES
+REFINE_MACS = 1 << 36  # up to this n*k*d the moves are refined in the full space, beyond in the projected one
 SMALL_MACS = 1 << 26  # below this n*k*dim, k-means runs on one thread
 SEED_ROUNDS = 16  # k-means++ seeding picks its centers in this many batches (one distance product each)
 
@@ -84,16 +89,18 @@ def _assign(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor,
     n, k = x.shape[0], centers.shape[0]
     top = min(top, k)
     rows = max(1, ASSIGN_BLOCK // k)
+    c_sq = (centers * centers).sum(1)
     labels = torch.empty(n, top, dtype=torch.long, device=x.device)
     own = torch.empty(n, top, dtype=x.dtype, device=x.device)
     for start in range(0, n, rows):
         sl = slice(start, start + rows)
-        dist = _sq_dists(x[sl], x_sq[sl], centers)
+        # |c|^2 - 2 x.c: the row's |x|^2 does not change its order (integers: exact in any order)
+        dist = torch.addmm(c_sq[None, :], x[sl], centers.T, alpha=-2.0)
         if top == 1:
             labels[sl] = dist.argmin(1, keepdim=True)
         else:  # stable sort: equal distances keep index order
             labels[sl] = torch.sort(dist, dim=1, stable=True).indices[:, :top]
-        own[sl] = dist.gather(1, labels[sl])
+        own[sl] = (dist.gather(1, labels[sl]) + x_sq[sl, None]).clamp_min_(0.0)
     return labels, own
 
 
@@ -184,15 +191,15 @@ def _cost(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return _total((r * r).sum(1))
 
 
-def _dists_to(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor, c_sq: torch.Tensor,
-              cand: torch.Tensor) -> torch.Tensor:
-    """Squared distances of rows to the centers ``cand`` lists per row, same shape as ``cand``."""
-    out = torch.empty(cand.shape, dtype=x.dtype, device=x.device)
-    rows = max(1, ASSIGN_BLOCK // max(1, cand.shape[1] * x.shape[1]))
-    for start in range(0, x.shape[0], rows):
-        sl = slice(start, start + rows)
-        dot = (centers[cand[sl]] * x[sl, None, :]).sum(2)  # integers: exact in any order
-        out[sl] = (x_sq[sl, None] - 2.0 * dot + c_sq[cand[sl]]).clamp_min_(0.0)
+def _pair_dists(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor, c_sq: torch.Tensor,
+                rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Squared distances of the pairs (x[rows[i]], centers[cols[i]]), in blocks of pairs."""
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    step = max(1, ASSIGN_BLOCK // (4 * max(1, x.shape[1])))
+    for start in range(0, rows.numel(), step):
+        r, c = rows[start:start + step], cols[start:start + step]
+        dot = (x[r] * centers[c]).sum(1)  # integers: exact in any order
+        out[start:start + step] = (x_sq[r] - 2.0 * dot + c_sq[c]).clamp_min_(0.0)
     return out
 
 
@@ -226,7 +233,11 @@ def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, labels: torch.Tensor, cand: t
     cnt = torch.bincount(labels, minlength=k).to(x.dtype)
     centers = torch.round(sums / cnt.clamp_min(1)[:, None])
     c_sq = (centers * centers).sum(1)
-    dist = _sq_dists(x, x_sq, centers) if cand is None else _dists_to(x, x_sq, centers, c_sq, cand)
+    if cand is None:
+        dist = _sq_dists(x, x_sq, centers)
+    else:
+        dist = _pair_dists(x, x_sq, centers, c_sq, rows.repeat_interleave(cand.shape[1]), cand.reshape(-1))
+        dist = dist.view(cand.shape)
     labels = labels.clone()
     cost, dst = _join(dist, cand, labels, cnt)
     rounds = 0
@@ -257,17 +268,22 @@ def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, labels: torch.Tensor, cand: t
         c_sq[changed] = (centers[changed] ** 2).sum(1)
         hit = torch.zeros(k, dtype=torch.bool, device=x.device)
         hit[changed] = True
-        if cand is not None:
-            redo = torch.nonzero(hit[cand].any(1)).squeeze(1)
-            dist[redo] = _dists_to(x[redo], x_sq[redo], centers, c_sq, cand[redo])
+        if cand is not None:  # only the (row, candidate) pairs whose cluster changed are recomputed
+            pr, ps = torch.nonzero(hit[cand], as_tuple=True)
+            redo, at = torch.unique(pr, return_inverse=True)
+            col = torch.full((k,), -1, dtype=torch.long, device=x.device)
+            col[changed] = torch.arange(changed.numel(), device=x.device)
+            sub = _sq_dists(x[redo], x_sq[redo], centers[changed])  # a product beats gathering the pairs
+            dist[pr, ps] = sub[at, col[cand[pr, ps]]]
             cost[redo], dst[redo] = _join(dist[redo], cand[redo], labels[redo], cnt)
             continue
-        dist[:, changed] = _sq_dists(x, x_sq, centers[changed])
+        new = _sq_dists(x, x_sq, centers[changed])
+        dist[:, changed] = new
         redo = hit[dst] | hit[labels]  # best choice got worse, or own cluster changed: whole row again
         full = torch.nonzero(redo).squeeze(1)
         cost[full], dst[full] = _join(dist[full], None, labels[full], cnt)
         keep = torch.nonzero(~redo).squeeze(1)  # own cluster unchanged: only the changed columns can win
-        sub = dist[keep][:, changed] * (cnt[changed] / (cnt[changed] + 1.0))[None, :]
+        sub = new[keep] * (cnt[changed] / (cnt[changed] + 1.0))[None, :]
         i = sub.argmin(1, keepdim=True)
         v, c = sub.gather(1, i).squeeze(1), changed[i.squeeze(1)]
         take = (v < cost[keep]) | ((v == cost[keep]) & (c < dst[keep]))
@@ -284,13 +300,15 @@ def _sum_sq(x: torch.Tensor) -> float:
 
 
 def inertia(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Sum of squared distances of the rows of x to their cluster means (float64)."""
-    xd = x.detach().double()
-    sums = _sums(xd, labels, k)
-    counts = torch.bincount(labels, minlength=k).clamp_min(1).double()
-    means = sums / counts[:, None]
-    return sum(_total(((c - means[lab]) ** 2).sum(1)) for c, lab in zip(xd.split(_CHUNK), labels.split(_CHUNK),
-                                                                          strict=True))
+    """Sum of squared distances of the rows of x to their cluster means (float64, in row chunks)."""
+    x = x.detach()
+    parts = list(zip(x.split(_CHUNK), labels.split(_CHUNK), strict=True))
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    with _one_thread():
+        for c, lab in parts:
+            sums.index_add_(0, lab, c.double())
+    means = sums.div_(torch.bincount(labels, minlength=k).clamp_min(1).double()[:, None])
+    return sum(_total(((c.double() - means[lab]) ** 2).sum(1)) for c, lab in parts)
 
 
 def project(x: torch.Tensor, max_dim: int, seed: int = 0) -> torch.Tensor:
@@ -328,7 +346,8 @@ def kmeans(
 ) -> KMeansResult:
     """Cluster the rows of ``features`` (n, d) into ``k`` non-empty clusters.
 
-    The best of ``n_init`` seeded restarts (in the projected space), refined in the full space.
+    The best of ``n_init`` seeded restarts (in the projected space), refined in the full space (in the
+    projected one for very large layers, see the module docstring).
     The labels depend only on the features, ``k``, ``seed``, ``n_init``, ``max_iter`` and ``max_dim``
     (not on the torch thread count).
     """
@@ -351,9 +370,8 @@ def _kmeans(features: torch.Tensor, k: int, seed: int, n_init: int, max_iter: in
     total_sq = _sum_sq(orig)
     if k == n:
         return KMeansResult(torch.arange(n, device=orig.device), 0.0, 0.0, 0)
-    full = _grid(orig)
     projected = d > max_dim and n > max_dim
-    low = _grid(project(orig, max_dim, seed)) if projected else full
+    low = _grid(project(orig, max_dim, seed) if projected else orig)
     low_sq = (low * low).sum(1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     best: tuple[float, torch.Tensor, int] | None = None
@@ -364,14 +382,14 @@ def _kmeans(features: torch.Tensor, k: int, seed: int, n_init: int, max_iter: in
             best = (score, labels, it)
     assert best is not None
     labels, it = best[1], best[2]
-    if k > 1:
+    if k > 1:  # refine in the full space while its products stay affordable, else in the projected one
+        space = _grid(orig) if projected and n * k * d <= REFINE_MACS else low
         cand = None
         if n * k > FULL_SPACE_ENTRIES:
             cand = _assign(low, low_sq, _means(low, labels, k), top=CANDIDATES)[0]
             cand = torch.where((cand == labels[:, None]).any(1, keepdim=True), cand,
                                torch.cat([labels[:, None], cand[:, 1:]], 1))
-        full_sq = (full * full).sum(1)
-        labels, rounds = _hartigan(full, full_sq, labels, cand, k)
+        labels, rounds = _hartigan(space, (space * space).sum(1), labels, cand, k)
         it += rounds
     err = inertia(orig, labels, k)
     rel = err / total_sq if total_sq > 0 else 0.0

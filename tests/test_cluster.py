@@ -73,3 +73,29 @@ def test_blocked_assignment_gives_the_same_clustering(monkeypatch):
     assert blocked.inertia == pytest.approx(full.inertia, rel=1e-9)
     labels, own = cl._assign(x, (x * x).sum(1), x[:60])
     assert labels.shape == own.shape == (300, 1) and bool((own >= 0).all())
+
+
+def test_candidate_moves_with_every_cluster_equal_the_dense_moves(monkeypatch) -> None:
+    """The candidate refinement updates only the (row, cluster) pairs whose cluster changed; given every
+    cluster as a candidate it must take exactly the dense refinement's moves, at less than a full
+    product per round."""
+    import modelfold.cluster as cl
+
+    x = torch.randn(240, 30, generator=torch.Generator().manual_seed(4))
+    g = cl._grid(x)
+    g_sq = (g * g).sum(1)
+    start = torch.arange(240) % 60
+    dense, r_dense = cl._hartigan(g, g_sq, start, None, 60)
+    real = cl._sq_dists
+    entries = []
+
+    def spy(xs, xs_sq, c):
+        entries.append(xs.shape[0] * c.shape[0])
+        return real(xs, xs_sq, c)
+
+    monkeypatch.setattr(cl, "_sq_dists", spy)
+    every = torch.arange(60).expand(240, 60).contiguous()
+    cand, r_cand = cl._hartigan(g, g_sq, start, every, 60)
+    assert r_dense > 2 and r_cand == r_dense and torch.equal(cand, dense)
+    assert inertia(x, dense, 60) < inertia(x, start, 60)
+    assert sum(entries) < (r_cand - 1) * 240 * 60

@@ -38,10 +38,12 @@ def _features(seed: int, n: int = 320, d: int = 300) -> torch.Tensor:
     return torch.cat([base, base + 1e-3 * torch.randn(n // 2, d, generator=g)])[torch.randperm(n, generator=g)]
 
 
-@pytest.mark.parametrize("candidates", [False, True])
-def test_kmeans_bit_identical_across_thread_counts(candidates: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("candidates,projected", [(False, False), (True, False), (False, True), (True, True)])
+def test_kmeans_bit_identical_across_thread_counts(candidates: bool, projected: bool, monkeypatch) -> None:
     if candidates:  # the candidate-cluster refinement used for LLM-sized layers
         monkeypatch.setattr(cluster, "FULL_SPACE_ENTRIES", 1000)
+    if projected:  # refinement in the projected space (layers too large for full-space products)
+        monkeypatch.setattr(cluster, "REFINE_MACS", 1000)
     x = _features(0)
     runs = _each(lambda: kmeans(x, 200, seed=5))
     for r in runs[1:]:
