@@ -10,7 +10,8 @@ one forward pass over a 128-token prompt). Each model is folded (Fold-Naive; a r
 not shapes) at each ratio and timed with ``torch.inference_mode``: warm-up runs, then the median of
 ``--repeats`` timed runs, on ``--threads`` threads. ``--onnx`` (CNNs) also exports every model with
 ``modelfold.export_onnx`` and times it in onnxruntime (CPU, ``--threads`` intra-op threads; needs the
-``onnx`` extra). Run it on an otherwise idle machine.
+``onnx`` extra). ``--round-to 1 16`` folds every ratio once per value (kept widths at multiples of
+it; 1 = exact widths) to measure what hardware-friendly widths buy. Run it on an otherwise idle machine.
 Writes benchmarks/results/speed.{json,md}.
 """
 
@@ -87,13 +88,13 @@ def onnx_session(model: nn.Module, x1: torch.Tensor, threads: int, tmp: str) -> 
 
 
 def bench_cnn(name: str, ratios: list[float], repeats: int, warmup: int = 3, onnx: bool = False,
-              threads: int = 2) -> list[dict]:
+              threads: int = 2, round_to: list[int] | None = None) -> list[dict]:
     model, shape, batches = cnn(name)
     x1 = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     recs = []
-    for r in [0.0, *ratios]:
-        m = model if r == 0 else modelfold.fold(model, x1, ratio=r)
-        rec = {"model": name, "ratio": r, "params": count_params(m), "macs": count_macs(m, x1)}
+    for r, rt in [(0.0, 1)] + [(r, rt) for r in ratios for rt in (round_to or [1])]:
+        m = model if r == 0 else modelfold.fold(model, x1, ratio=r, round_to=None if rt == 1 else rt)
+        rec = {"model": name, "ratio": r, "round_to": rt, "params": count_params(m), "macs": count_macs(m, x1)}
         with tempfile.TemporaryDirectory() as tmp:
             run = onnx_session(m, x1, threads, tmp) if onnx else None
             for b in batches:
@@ -126,7 +127,7 @@ def bench_llm(ratios: list[float], repeats: int, tokens: int = 128, warmup: int 
 
 
 def _line(rec: dict, batches: list) -> str:
-    cells = [f"{rec['model']:<16} ratio {rec['ratio']:.2f}  params {rec['params'] / 1e6:7.2f}M"]
+    cells = [f"{rec['model']:<16} ratio {rec['ratio']:.2f} round_to {rec.get('round_to', 1)}  params {rec['params'] / 1e6:7.2f}M"]
     if rec["macs"]:
         cells.append(f"MACs {rec['macs'] / 1e6:8.1f}M")
     cells += [f"batch {str(b).replace('_onnx', ' onnxruntime')}: {rec[f'batch{b}_ms']:8.2f} ms" for b in batches]
@@ -134,20 +135,24 @@ def _line(rec: dict, batches: list) -> str:
 
 
 def table(recs: list[dict]) -> str:
-    rows = ["| model | ratio | params | MACs | input | latency (ms) | speed-up | throughput (/s) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | ratio | round_to | params | MACs | input | latency (ms) | speed-up | MAC ratio / speed-up | "
+            "throughput (/s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base_macs: dict[str, float] = {}
     base: dict[tuple[str, str], float] = {}
     for rec in recs:
         for key in [k for k in rec if k.endswith("_ms")]:
             b = key[len("batch"):-len("_ms")]
             if rec["ratio"] == 0:
                 base[(rec["model"], b)] = rec[key]
+                base_macs[rec["model"]] = rec["macs"] or 0.0
             speed = base[(rec["model"], b)] / rec[key]
+            gap = f"{base_macs[rec['model']] / rec['macs'] / speed:.2f}" if rec["macs"] else "-"
             macs = "-" if not rec["macs"] else f"{rec['macs'] / 1e6:.1f}M"
             what = f"{b[:-3]} tokens" if b.endswith("tok") else f"batch {b.removesuffix('_onnx')}"
             what += ", onnxruntime" if b.endswith("_onnx") else ""
-            rows.append(f"| {rec['model']} | {rec['ratio']:.2f} | {rec['params'] / 1e6:.2f}M | {macs} | {what} | "
-                        f"{rec[key]:.2f} | {speed:.2f}x | {rec[key.replace('_ms', '_per_s')]:.0f} |")
+            rows.append(f"| {rec['model']} | {rec['ratio']:.2f} | {rec.get('round_to', 1)} | {rec['params'] / 1e6:.2f}M | "
+                        f"{macs} | {what} | {rec[key]:.2f} | {speed:.2f}x | {gap} | "
+                        f"{rec[key.replace('_ms', '_per_s')]:.0f} |")
     return "\n".join(rows)
 
 
@@ -159,6 +164,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs before the timed ones (default 3)")
     ap.add_argument("--onnx", action="store_true", help="CNNs: also time the ONNX export in onnxruntime")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--round-to", nargs="*", type=int, default=[1],
+                    help="CNNs: fold each ratio once per value (1 = exact widths; e.g. 1 8 16)")
     ap.add_argument("--out", default=str(OUT / "speed"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -167,10 +174,11 @@ def main() -> None:
         if name == "smollm2":
             recs += bench_llm(a.ratios, a.repeats, warmup=a.warmup)
         else:
-            recs += bench_cnn(name, a.ratios, a.repeats, a.warmup, onnx=a.onnx, threads=a.threads)
+            recs += bench_cnn(name, a.ratios, a.repeats, a.warmup, onnx=a.onnx, threads=a.threads,
+                              round_to=a.round_to)
     md = table(recs)
     print(md)
-    meta = {"threads": a.threads, "repeats": a.repeats, "warmup": a.warmup, "onnx": a.onnx, "torch": torch.__version__,
+    meta = {"threads": a.threads, "round_to": a.round_to, "repeats": a.repeats, "warmup": a.warmup, "onnx": a.onnx, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine()}
     Path(a.out + ".json").write_text(json.dumps({"settings": meta, "records": recs}, indent=2) + "\n")
     Path(a.out + ".md").write_text(f"Median of {a.repeats} runs after {a.warmup} warm-up runs, {a.threads} threads, "

@@ -356,7 +356,9 @@ def kmeans(
     n, d = features.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if not torch.isfinite(features).all():
+    with _one_thread():  # a parallel check of a small tensor waits on busy cores (measured 30 ms for 64 x 810)
+        finite = bool(torch.isfinite(features).all())
+    if not finite:
         raise ValueError("features contain NaN or Inf")
     if n * k * min(d, max_dim) <= SMALL_MACS:  # small products gain nothing from threads (and lose on busy CPUs)
         with _one_thread():
