@@ -223,11 +223,9 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
             if calibration is not None:  # calibrated folding: activation k-means + LS refit
                 if repair != "none":
                     raise TypeError("repair= does not apply to calibrated transformers folding (calibration=)")
-                if dev is not None and dev.type != "cpu":
-                    raise DeviceError("calibrated folding (calibration=) runs on the CPU for now; drop device=")
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
                                          n_init=n_init, progress=progress, return_report=return_report,
-                                         calibration=calibration, round_to=round_to, **kwargs)
+                                         calibration=calibration, round_to=round_to, device=dev, **kwargs)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
                                  return_report=return_report, device=dev, round_to=round_to, **kwargs)
         raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
@@ -239,7 +237,8 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
         raise RepairError(f"repair must be one of {REPAIRS}, got {repair!r}")
     opts = _calibration_options(calibration, calibration_kwargs, repair)
     if calibration is not None and dev is not None and dev.type != "cpu":
-        raise DeviceError("calibrated folding (calibration=) runs on the CPU for now; drop device=")
+        raise DeviceError("calibrated CNN folding (calibration= with example inputs) runs on the CPU for now; "
+                          "drop device= (transformers models take device= here)")
     planner, method = kmeans_planner(seed, n_init, device=dev), "fold"
     if calibration is not None and opts.get("grouping", DEFAULT_GROUPING) == "activation":
         planner, method = activation_kmeans_planner(seed, n_init), "fold-act"

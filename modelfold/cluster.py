@@ -143,7 +143,7 @@ def _seed(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> 
     with one distance product: a few products instead of k sequential passes over the data.
     """
     n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=gen))
+    first = int(torch.randint(n, (1,), generator=gen, device="cpu"))
     chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
     chosen[first] = True
     mind = _sq_dists(x, x_sq, x[first:first + 1]).squeeze(1)
@@ -156,7 +156,7 @@ def _seed(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> 
         if int((w > 0).sum()) < b:  # fewer distinct points left than centers: take unchosen ones in order
             w = torch.where(chosen, torch.zeros_like(mind), w + 1.0)
         # Gumbel-top-b on log weights = sampling b points without replacement proportionally to w.
-        u = torch.rand(n, generator=gen, dtype=torch.float64).to(x.device)
+        u = torch.rand(n, generator=gen, dtype=torch.float64, device="cpu").to(x.device)
         key = torch.log(w) - torch.log(-torch.log(u.clamp_min(1e-300)))
         new = torch.sort(key, descending=True, stable=True).indices[:b]
         chosen[new] = True
@@ -324,7 +324,7 @@ def project(x: torch.Tensor, max_dim: int, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         q = min(max_dim + 8, n, d)
         xc = x - x.mean(0, keepdim=True)
-        omega = torch.randn(d, q, generator=gen).to(x)
+        omega = torch.randn(d, q, generator=gen, device="cpu").to(x)
         y = xc @ omega
         y = xc @ (xc.T @ y)
         basis, _ = torch.linalg.qr(y)

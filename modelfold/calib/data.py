@@ -94,7 +94,8 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
         bar.update(1)
         return scores
 
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    dev = _device(model)  # the sampling draws from that device's generator: seeded here, restored after
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
                              temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
@@ -119,13 +120,13 @@ def random_words(tokenizer: Any, n_seq: int = 128, seq_len: int = 32, *, seed: i
     if not words:
         raise CalibrationError("the tokenizer's vocabulary has no whole-word tokens to sample from")
     gen = torch.Generator().manual_seed(seed)
-    table = torch.tensor(words, dtype=torch.long)
-    body = table[torch.randint(len(words), (n_seq, seq_len - 2), generator=gen)]
+    table = torch.tensor(words, dtype=torch.long, device="cpu")
+    body = table[torch.randint(len(words), (n_seq, seq_len - 2), generator=gen, device="cpu")]
     cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     if cls is None or sep is None:
         raise CalibrationError("the tokenizer has no [CLS]/[SEP] (or BOS/EOS) tokens")
-    return torch.cat([torch.full((n_seq, 1), cls), body, torch.full((n_seq, 1), sep)], 1)
+    return torch.cat([torch.full((n_seq, 1), cls, device="cpu"), body, torch.full((n_seq, 1), sep, device="cpu")], 1)
 
 
 def text_ids(tokenizer: Any, texts: Sequence[str], n_seq: int, seq_len: int, *, bos: bool = True) -> torch.Tensor:
@@ -141,9 +142,9 @@ def text_ids(tokenizer: Any, texts: Sequence[str], n_seq: int, seq_len: int, *, 
         raise CalibrationError(f"calibration text has {len(stream)} tokens; {n_seq} x {seq_len} need "
                                f"{n_seq * body}: give more text or fewer/shorter sequences")
     rows = [stream[i * body:(i + 1) * body] for i in range(n_seq)]
-    ids = torch.tensor(rows, dtype=torch.long)
+    ids = torch.tensor(rows, dtype=torch.long, device="cpu")
     if b is not None:
-        ids = torch.cat([torch.full((n_seq, 1), int(b)), ids], 1)
+        ids = torch.cat([torch.full((n_seq, 1), int(b), device="cpu"), ids], 1)
     return ids
 
 

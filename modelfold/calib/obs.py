@@ -41,8 +41,8 @@ def obs_rank(weight: torch.Tensor, gram: torch.Tensor, lam: float = 1e-3, width:
     reg = lam * float(torch.diagonal(h)[:n].mean().clamp_min(1e-12))
     h.diagonal()[:n] += reg
     hinv = torch.cholesky_inverse(_chol(h))
-    alive = torch.ones(units, dtype=torch.bool)
-    rank = torch.empty(units, dtype=torch.float64)
+    alive = torch.ones(units, dtype=torch.bool, device=w.device)
+    rank = torch.empty(units, dtype=torch.float64, device=w.device)
     removed = 0
     n_remove = units - 1 if n_remove is None else max(0, min(n_remove, units - 1))
     chunk = max(1, math.ceil(n_remove / steps))
@@ -50,10 +50,10 @@ def obs_rank(weight: torch.Tensor, gram: torch.Tensor, lam: float = 1e-3, width:
         s = _costs(w, hinv, width, units)
         s[~alive] = math.inf
         take = torch.argsort(s)[:min(chunk, n_remove - removed)]
-        rank[take] = removed + torch.arange(take.numel(), dtype=torch.float64)
+        rank[take] = removed + torch.arange(take.numel(), dtype=torch.float64, device=take.device)
         removed += take.numel()
         alive[take] = False
-        cols = (take[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+        cols = (take[:, None] * width + torch.arange(width, device=take.device)[None, :]).reshape(-1)
         x = torch.linalg.solve(hinv[cols][:, cols], hinv[cols])  # (|S|, m)
         w -= w[:, cols] @ x
         hinv -= hinv[:, cols] @ x
@@ -72,9 +72,9 @@ def _costs(w: torch.Tensor, hinv: torch.Tensor, width: int, units: int) -> torch
         d = torch.diagonal(hinv)[:n].clamp_min(1e-300)
         return (w[:, :n] ** 2).sum(0) / d
     blocks = hinv[:n, :n].reshape(units, width, units, width)
-    idx = torch.arange(units)
+    idx = torch.arange(units, device=hinv.device)
     hb = blocks[idx, :, idx, :]  # (units, width, width)
-    hb = hb + 1e-300 * torch.eye(width, dtype=hb.dtype)
+    hb = hb + 1e-300 * torch.eye(width, dtype=hb.dtype, device=hb.device)
     wb = w[:, :n].reshape(w.shape[0], units, width).permute(1, 0, 2)  # (units, d, width)
     sol = torch.linalg.lstsq(hb, wb.transpose(1, 2)).solution  # (units, width, d)
     return (wb.transpose(1, 2) * sol).sum((1, 2))
@@ -85,7 +85,7 @@ def _chol(h: torch.Tensor) -> torch.Tensor:
     jitter = 0.0
     base = float(torch.diagonal(h).abs().mean().clamp_min(1e-12))
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(h + jitter * torch.eye(h.shape[0], dtype=h.dtype))
+        chol, info = torch.linalg.cholesky_ex(h + jitter * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
         if int(info) == 0:
             return chol
         jitter = base * (1e-10 if jitter == 0 else jitter / base * 100)

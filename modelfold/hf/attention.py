@@ -77,7 +77,7 @@ def _apply(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: t
     hd = spec.head_dim
 
     def pos(units: torch.Tensor, width: int) -> torch.Tensor:
-        return (units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+        return (units[:, None] * width + torch.arange(width, device=units.device)[None, :]).reshape(-1)
 
     def mean_rows(ref, table, width):
         lin = get(ref)
@@ -90,7 +90,7 @@ def _apply(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: t
 
     if mode == "query":
         nq = spec.num_heads
-        qtab = torch.arange(nq * hd).view(nq, hd)
+        qtab = torch.arange(nq * hd, device=keep_units.device).view(nq, hd)
         mean_rows(spec.q, qtab, hd)
         o = get(spec.o)
         w = o.weight.detach()
@@ -100,8 +100,8 @@ def _apply(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: t
         heads, kv = int(keep_units.numel()), spec.num_kv_heads
     else:
         g, r = spec.num_kv_heads, spec.n_rep
-        kvtab = torch.arange(g * hd).view(g, hd)
-        qtab = torch.arange(g * r * hd).view(g, r * hd)
+        kvtab = torch.arange(g * hd, device=keep_units.device).view(g, hd)
+        qtab = torch.arange(g * r * hd, device=keep_units.device).view(g, r * hd)
         mean_rows(spec.k, kvtab, hd)
         mean_rows(spec.v, kvtab, hd)
         mean_rows(spec.q, qtab, r * hd)
@@ -125,7 +125,7 @@ def fold_attention_with_labels(spec: AttnSpec, mode: str, labels: torch.Tensor, 
         if kk % g or per < 1:
             raise ValueError(f"query-mode labels must give every KV group the same number of clusters; "
                              f"got {kk} clusters for {g} groups")
-        if not torch.equal(group_of_cluster, torch.arange(spec.num_heads) // r):
+        if not torch.equal(group_of_cluster, torch.arange(spec.num_heads, device=group_of_cluster.device) // r):
             raise ValueError("query-mode labels must not merge query heads of different KV groups "
                              "(group g's clusters are g*k .. g*k+k-1)")
     keep = torch.sort(representatives(labels, kk)).values

@@ -81,12 +81,12 @@ def _refit(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch.Tensor
     """
     fit_bias = bias is not None
     if opts.compensate == "ls":
-        sel = torch.cat([idx, torch.tensor([g_full.shape[0] - 1])]) if fit_bias else idx
+        sel = torch.cat([idx, torch.tensor([g_full.shape[0] - 1], device=idx.device)]) if fit_bias else idx
         return ridge_refit(weight, g_full[sel][:, sel], g_full[sel], opts.lam, bias, fit_bias,
                            target_cross=None if tc is None else tc[sel])
     new_w = weight[:, idx]
     if opts.compensate == "bias" and fit_bias:  # FLAP: removed features' mean output into the bias
-        gone = torch.ones(weight.shape[1], dtype=torch.bool)
+        gone = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
         gone[idx] = False
         shift = weight[:, gone].double() @ stats.mean[gone]
         return new_w, (bias.double() + shift).to(bias.dtype)
@@ -185,7 +185,7 @@ def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, o
     stats = FeatureStats.of(a)
     g = gram(a, bias is not None, scale)
     keep_units = choose_heads(spec, mode, k, unit_importance(opts.score, stats, w, g, width, opts.lam, bias))
-    cols = (keep_units[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+    cols = (keep_units[:, None] * width + torch.arange(width, device=keep_units.device)[None, :]).reshape(-1)
     _apply(spec, mode, None, keep_units, k, adapter)
     new_w, new_b = _refit(w, bias, g, cols, opts, stats)
     put(spec.o, linear_like(new_w.to(w.dtype).contiguous(), new_b))

@@ -57,6 +57,8 @@ class BlockInputs:
 def capture(model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: int = 4) -> BlockInputs:
     """Inputs of block 0 for each micro-batch of ``ids`` (the model runs only up to block 0)."""
     first = adapter.layers(model)[0]
+    p = next(iter(model.parameters()), None)
+    ids = ids if p is None else ids.to(p.device)  # token ids made on the CPU, model wherever it is
     got: list[tuple[torch.Tensor, dict]] = []
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -249,7 +251,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
             continue
         seen.add(k)
         keep = choose_heads(spec, mode, k, scores)
-        cols = (keep[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+        cols = (keep[:, None] * width + torch.arange(width, device=keep.device)[None, :]).reshape(-1)
         new_w, _ = _refit(w, None, g, cols, opts, stats)
         err = output_error(w, g, new_w, g[cols][:, cols], g[cols])
         curve.append((r, float(attention_removed(spec, r, opts.attention_mode, opts.round_to)), err / energy))
@@ -327,7 +329,7 @@ class Sensitivity:
             if not any(r > 0 for r, _, e in self.curves.get(f"{i}:{unit}", [])):
                 continue
             snapshot = copy.deepcopy(block)
-            fn = Calibrated(torch.empty(0, dtype=torch.long), self.opts)
+            fn = Calibrated(torch.empty(0, dtype=torch.long, device="cpu"), self.opts)
             fn.inputs = self.inputs
             with torch.no_grad():
                 fn(model, adapter, i, {unit: PROBE_RATIO})

@@ -35,6 +35,11 @@ def _adapter(model: Any) -> Adapter:
     return a
 
 
+def _home(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def record_sizes(model: nn.Module, adapter: Adapter) -> None:
     """Write the per-layer sizes into ``model.config`` (uniform -> family fields, else modelfold_layers)."""
     config = model.config
@@ -207,7 +212,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                    calib_len: int | None = None, lam: float = 1e-3,
                    feedback: bool = False, weighting: str = "token", seed: int = 0, n_init: int = 3,
                    attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
-                   return_report: bool = False, round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
+                   return_report: bool = False, round_to: int | None = None,
+                   device: str | torch.device | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Calibrated compression: activation-aware selection (or folding) + least-squares refit, sequential.
 
     calibration: "self" (text the causal LM samples itself; random vocabulary words for encoders, which
@@ -219,9 +225,23 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     weighting: "token" (each token's error relative to its residual norm; default) or "none".
     feedback: refit MLP consumers towards the original model's residual stream (off: it overfits the
         small calibration sets measured so far; docs/calibration.md).
+    device: where everything runs ("cpu", "cuda", "cuda:N", "auto"): a copy of the model is moved
+        there (sampling, forward passes, least squares) and the result comes back on the model's device.
     Other arguments as in :func:`fold_model` (``round_to``: kept widths at multiples of it). See
     docs/calibration.md.
     """
+    if device is not None:
+        dev, home = resolve_device(device), _home(model)
+        if dev != home:
+            args = dict(ratio=ratio, sparsity=sparsity, calibration=calibration, tokenizer=tokenizer, method=method,
+                        score=score, compensate=compensate, budget=budget, targets=targets, skip_first=skip_first,
+                        skip_last=skip_last, n_calib=n_calib, calib_len=calib_len, lam=lam, feedback=feedback,
+                        weighting=weighting, seed=seed, n_init=n_init, attention_mode=attention_mode,
+                        max_ratio=max_ratio, progress=progress, round_to=round_to)
+            check_weights(model)
+            work, report = compress_model(copy.deepcopy(model).to(dev), return_report=True, **args)
+            work = work.to(home)
+            return (work, report) if return_report else work
     round_to = check_round_to(round_to)
     from ..calib import data as cdata
     from .calib_layer import CalibOptions

@@ -33,7 +33,7 @@ def ar_scale(rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     norm shrinkage of averaging n_c equal-norm rows whose mean cosine is rho.
     """
     u = rows.double() / rows.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    s = torch.zeros(k, u.shape[1], dtype=u.dtype).index_add_(0, labels, u)
+    s = torch.zeros(k, u.shape[1], dtype=u.dtype, device=u.device).index_add_(0, labels.to(u.device), u)
     n = torch.bincount(labels, minlength=k).double()
     pair = (s.pow(2).sum(1) - n) / (n * (n - 1)).clamp_min(1.0)
     rho = torch.where(n > 1, pair.clamp(0.0, 1.0), torch.ones_like(n))
@@ -43,7 +43,7 @@ def ar_scale(rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 def fold_mlp_with_labels(spec: MLPSpec, labels: torch.Tensor, k: int, repair: str = "none") -> None:
     """Merge neurons by ``labels``: producer rows/biases averaged, consumer columns summed (in place)."""
     n = spec.width
-    table = torch.arange(n)[:, None]
+    table = torch.arange(n, device=labels.device)[:, None]
     keep = torch.sort(representatives(labels, k)).values
     for ref in spec.producers:
         lin = get(ref)
