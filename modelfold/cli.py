@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import api, io
-from .cli_args import add_checkpoint_options, add_width_options, ray_options
+from .cli_args import add_checkpoint_options, add_device_option, add_width_options, ray_options
 from .errors import ModelFoldError
 from .repair.ar import RHO_MODES
 
@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="calibration sequences (default 8 for causal LMs, 128 for encoders)")
         sp.add_argument("--calib-len", type=int, default=None, metavar="L",
                         help="tokens per calibration sequence (default 512 for causal LMs, 32 for encoders)")
+        if name in ("fold", "compress"):
+            add_device_option(sp, name)
         if name == "compress":
             sp.add_argument("--method", choices=("select", "fold"), default="select",
                             help="select (default: keep the neurons/heads with the highest score) or fold "
@@ -116,9 +118,6 @@ def _parser() -> argparse.ArgumentParser:
                             help="Fold-DIR: number of synthetic images (default 128)")
             sp.add_argument("--dir-iters", type=int, default=None,
                             help="Fold-DIR: DeepInversion optimization steps (default 100)")
-            sp.add_argument("--device", default=None,
-                            help="where k-means and DeepInversion run: cpu (default), cuda, cuda:N, or auto "
-                                 "(a GPU if there is one); the model is read and written on the CPU")
         else:
             sp.add_argument("--norm", type=int, default=2, choices=(1, 2), help="L1 or L2 row norm (default 2)")
         if name == "prune":
@@ -169,7 +168,7 @@ def _run_hf(args: argparse.Namespace) -> int:
                   calib_len=args.calib_len, progress=True)
     if args.command == "compress":
         kw.update(method=args.method, score=args.score, budget=args.budget)
-        out, report = api.compress(model, ratio=args.ratio, **kw)
+        out, report = api.compress(model, ratio=args.ratio, device=args.device, **kw)
     elif args.command == "fold":
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, device=args.device, **kw)
     else:
@@ -245,6 +244,9 @@ def _run_stream(args: argparse.Namespace) -> int:
         if args.executor != "local":
             raise ModelFoldError("calibrated compression runs its layers in order (the calibration activations "
                                  "flow from layer to layer); drop --executor ray")
+        if getattr(args, "device", None) not in (None, "cpu"):
+            raise ModelFoldError("calibrated compression layer by layer runs on the CPU; drop --device, or add "
+                                 "--stream never to compress in memory on the device")
         tok = _tokenizer(hf, args.model)
         method = {"compress": getattr(args, "method", "select"), "fold": "fold", "prune": "select"}[args.command]
         extra = {"score": args.score, "budget": args.budget} if args.command == "compress" else {}
@@ -338,6 +340,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compress":
         if args.score in ("wanda", "flap", "obs"):
             raise ModelFoldError(f"--score {args.score} is for Hugging Face models; CNNs take act or magnitude")
+        if args.device not in (None, "cpu"):
+            raise ModelFoldError("calibrated CNN compression runs on the CPU; drop --device")
         opts = {"budget": args.budget}
         if args.method == "fold":
             out, report = api.fold(model, x, **common, calibration_kwargs=opts)

@@ -17,6 +17,14 @@ def add_width_options(sp: argparse.ArgumentParser) -> None:
                          "than N stay whole). Not with calibrated compression of HF models")
 
 
+def add_device_option(sp: argparse.ArgumentParser, command: str) -> None:
+    what = ("k-means and DeepInversion run; the model is read and written on the CPU" if command == "fold" else
+            "calibration sampling, forward passes and least squares run (Hugging Face models in memory; a copy "
+            "of the model goes there)")
+    sp.add_argument("--device", default=None,
+                    help=f"where {what}: cpu (default), cuda, cuda:N, or auto (a GPU if there is one)")
+
+
 def add_checkpoint_options(sp: argparse.ArgumentParser) -> None:
     """HF directories: layer by layer, shard size, Ray; and the GGUF output type."""
     sp.add_argument("--stream", choices=("auto", "always", "never"), default="auto",

@@ -65,3 +65,24 @@ def test_device_cpu_equals_default_and_cuda_without_gpu_is_refused(monkeypatch) 
     with pytest.raises(DeviceError, match="cuda"):
         modelfold.compress(model, ratio=0.3, calibration=_ids(), device="cuda:0")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
+
+
+def test_cli_compress_device(tmp_path, capsys, monkeypatch) -> None:
+    from modelfold.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    src = tmp_path / "src"
+    make_model("llama", layers=2).save_pretrained(src)
+    torch.save(_ids(), tmp_path / "ids.pt")
+    args = ["compress", str(src), "--ratio", "0.3", "--calibration", str(tmp_path / "ids.pt"), "--stream", "never"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path / "b")]) == 0
+    a, b = (modelfold.hf.load_pretrained(tmp_path / d).state_dict() for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main([*args, "--device", "cuda", "--out", str(tmp_path / "c")]) == 2
+    assert "cuda" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    streamed = ["compress", str(src), "--ratio", "0.3", "--calibration", str(tmp_path / "ids.pt"), "--device", "cuda",
+                "--out", str(tmp_path / "d")]  # layer by layer: CPU only, said before any work
+    assert main(streamed) == 2
+    assert "--stream never" in capsys.readouterr().err and not (tmp_path / "d").exists()
