@@ -273,8 +273,11 @@ def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, labels: torch.Tensor, cand: t
             redo, at = torch.unique(pr, return_inverse=True)
             col = torch.full((k,), -1, dtype=torch.long, device=x.device)
             col[changed] = torch.arange(changed.numel(), device=x.device)
-            sub = _sq_dists(x[redo], x_sq[redo], centers[changed])  # a product beats gathering the pairs
-            dist[pr, ps] = sub[at, col[cand[pr, ps]]]
+            step = max(1, ASSIGN_BLOCK // changed.numel())  # rows per product: memory stays bounded
+            for s0 in range(0, redo.numel(), step):  # a product beats gathering the pairs one by one
+                sub = _sq_dists(x[redo[s0:s0 + step]], x_sq[redo[s0:s0 + step]], centers[changed])
+                m = torch.nonzero((at >= s0) & (at < s0 + step)).squeeze(1)
+                dist[pr[m], ps[m]] = sub[at[m] - s0, col[cand[pr[m], ps[m]]]]
             cost[redo], dst[redo] = _join(dist[redo], cand[redo], labels[redo], cnt)
             continue
         new = _sq_dists(x, x_sq, centers[changed])

@@ -75,7 +75,8 @@ def test_blocked_assignment_gives_the_same_clustering(monkeypatch):
     assert labels.shape == own.shape == (300, 1) and bool((own >= 0).all())
 
 
-def test_candidate_moves_with_every_cluster_equal_the_dense_moves(monkeypatch) -> None:
+@pytest.mark.parametrize("block", [None, 100])
+def test_candidate_moves_with_every_cluster_equal_the_dense_moves(monkeypatch, block) -> None:
     """The candidate refinement updates only the (row, cluster) pairs whose cluster changed; given every
     cluster as a candidate it must take exactly the dense refinement's moves, at less than a full
     product per round."""
@@ -94,6 +95,8 @@ def test_candidate_moves_with_every_cluster_equal_the_dense_moves(monkeypatch) -
         return real(xs, xs_sq, c)
 
     monkeypatch.setattr(cl, "_sq_dists", spy)
+    if block:  # products in blocks of a few rows
+        monkeypatch.setattr(cl, "ASSIGN_BLOCK", block)
     every = torch.arange(60).expand(240, 60).contiguous()
     cand, r_cand = cl._hartigan(g, g_sq, start, every, 60)
     assert r_dense > 2 and r_cand == r_dense and torch.equal(cand, dense)
