@@ -18,7 +18,8 @@ def add_width_options(sp: argparse.ArgumentParser) -> None:
 
 
 def add_device_option(sp: argparse.ArgumentParser, command: str) -> None:
-    what = ("k-means and DeepInversion run; the model is read and written on the CPU" if command == "fold" else
+    what = ("k-means and DeepInversion run (with --calibration on a Hugging Face model in memory: the whole "
+            "calibrated compression); the model is read and written on the CPU" if command == "fold" else
             "calibration sampling, forward passes and least squares run (Hugging Face models in memory; a copy "
             "of the model goes there)")
     sp.add_argument("--device", default=None,
