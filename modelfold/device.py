@@ -18,6 +18,12 @@ class DeviceError(ModelFoldError, ValueError):
     """A device that is not valid, or not present on this machine."""
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/"cpu" -> CPU; "cuda"/"cuda:N" -> that GPU (an error if absent); "auto" -> GPU 0 if any, else CPU."""
     if device is None:

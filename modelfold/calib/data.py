@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..device import model_device
 from ..errors import ModelFoldError
 
 
@@ -86,7 +87,7 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
-    start = torch.full((n_seq, 1), int(bos), dtype=torch.long, device=_device(model))
+    start = torch.full((n_seq, 1), int(bos), dtype=torch.long, device=model_device(model))
     bar = tqdm(total=seq_len - 1, desc=f"sampling {n_seq} calibration sequences", disable=not progress,
                leave=False)
 
@@ -94,7 +95,7 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
         bar.update(1)
         return scores
 
-    dev = _device(model)  # the sampling draws from that device's generator: seeded here, restored after
+    dev = model_device(model)  # the sampling draws from that device's generator: seeded here, restored after
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
@@ -146,11 +147,6 @@ def text_ids(tokenizer: Any, texts: Sequence[str], n_seq: int, seq_len: int, *, 
     if b is not None:
         ids = torch.cat([torch.full((n_seq, 1), int(b), device="cpu"), ids], 1)
     return ids
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def resolve(model: nn.Module, calibration: Any, tokenizer: Any = None, *, n_seq: int | None = None,

@@ -21,6 +21,7 @@ from ..calib.budget import allocate
 from ..calib.compensate import output_error
 from ..calib.score import FeatureStats, unit_importance
 from ..checks import kept_width
+from ..device import model_device
 from ..errors import UnsupportedModelError
 from ..report import GroupReport
 from .adapters import Adapter
@@ -57,8 +58,7 @@ class BlockInputs:
 def capture(model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: int = 4) -> BlockInputs:
     """Inputs of block 0 for each micro-batch of ``ids`` (the model runs only up to block 0)."""
     first = adapter.layers(model)[0]
-    p = next(iter(model.parameters()), None)
-    ids = ids if p is None else ids.to(p.device)  # token ids made on the CPU, model wherever it is
+    ids = ids.to(model_device(model))  # token ids made on the CPU, model wherever it is
     got: list[tuple[torch.Tensor, dict]] = []
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_round_to, check_weights, kept_width
-from ..device import resolve_device
+from ..device import model_device, resolve_device
 from ..errors import InvalidRatioError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
@@ -33,11 +33,6 @@ def _adapter(model: Any) -> Adapter:
 
         raise unsupported_type(getattr(getattr(model, "config", None), "model_type", None), type(model).__name__)
     return a
-
-
-def _home(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def record_sizes(model: nn.Module, adapter: Adapter) -> None:
@@ -231,7 +226,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     docs/calibration.md.
     """
     if device is not None:
-        dev, home = resolve_device(device), _home(model)
+        dev, home = resolve_device(device), model_device(model)
         if dev != home:
             args = dict(ratio=ratio, sparsity=sparsity, calibration=calibration, tokenizer=tokenizer, method=method,
                         score=score, compensate=compensate, budget=budget, targets=targets, skip_first=skip_first,
