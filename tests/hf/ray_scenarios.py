@@ -1,8 +1,9 @@
 """The Ray side of ``test_distributed.py``, run as a child process: ``python ray_scenarios.py SRC WORK``.
 
-Ray ends a driver process with ``_exit(1)`` when its local raylet (or an agent the raylet watches) dies;
-inside pytest that ended the whole session without a report (seen once on CI, stop 15). In a child
-process such a death is only this run's death: the test shows Ray's logs and tries once more.
+Ray can end its driver process from its own threads (``_exit(1)`` when the local raylet dies, for one).
+On CI (stop 15) the test session ended inside this module with exit status 1 and no report, while a Ray
+driver was live in the pytest process. Here no Ray driver ever runs in the pytest process: such a death is
+only this child's death, and the test shows Ray's logs and tries once more.
 
 Every outcome that Python sees, errors included, is written to ``WORK/result.json``; a run that leaves
 no ``result.json`` died under Ray.
