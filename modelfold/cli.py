@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from . import api, io
-from .cli_args import add_checkpoint_options, add_device_option, add_width_options, ray_options
+from .cli_args import (
+    add_checkpoint_options,
+    add_device_option,
+    add_width_options,
+    input_shape,
+    ray_options,
+    repair_options,
+)
 from .errors import ModelFoldError
 from .repair.ar import RHO_MODES
 
@@ -37,16 +44,6 @@ Reload a CNN result with torch.load(path, weights_only=False).
 """
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}; write e.g. 1,3,224,224") from e
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}; all sizes must be positive")
-    return shape
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelfold", description="Compress a trained network by model folding "
                                 "(k-means channel clustering + merging), without data or fine-tuning.",
@@ -56,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("model", metavar="MODEL", help="model to load (see 'modelfold --help')")
         sp.add_argument("--weights", help="state_dict file (.pt/.pth/.safetensors) to load into MODEL")
-        sp.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 "
+        sp.add_argument("--input-shape", type=input_shape, help="example input shape, e.g. 1,3,224,224 "
                         "(default: 1,3,224,224 for torchvision, 1,1,32,32 for the zoo)")
         sp.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",
                         help="module names (from model.named_modules()) to keep intact")
@@ -331,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.n_calib is not None or args.calib_len is not None:
         raise ModelFoldError("--n-calib/--calib-len apply to Hugging Face models; a CNN takes --calibration self "
                              "or a file of inputs")
-    repair_opts = _repair_options(args) if args.command == "fold" else {}
+    repair_opts = repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
               "seed": args.seed, "progress": True, "return_report": True, "round_to": args.round_to}
@@ -361,27 +358,6 @@ def _run(args: argparse.Namespace) -> int:
     print(_stage_table(model, out))
     print(f"saved to {args.out} (reload with torch.load(path, weights_only=False))")
     return 0
-
-
-def _repair_options(args: argparse.Namespace) -> dict:
-    """fold() keywords for the repair options given on the command line; refuses mismatched ones."""
-    opts: dict = {}
-    if args.repair == "data" and args.data is None:
-        raise ModelFoldError("--repair data (Fold-R) needs --data FILE: a .pt/.pth tensor of inputs, a .npy "
-                             "array, or 'fmnist'; or use a data-free repair (--repair ar or dir)")
-    if args.data is not None:
-        if args.repair != "data":
-            raise ModelFoldError(f"--data applies to --repair data, not --repair {args.repair}")
-        opts["data"] = io.load_inputs(args.data)
-    if args.ar_rho is not None:
-        if args.repair != "ar":
-            raise ModelFoldError(f"--ar-rho applies to --repair ar, not --repair {args.repair}")
-        opts["repair_kwargs"] = {"ar_rho": args.ar_rho}
-    if args.dir_batch is not None or args.dir_iters is not None:
-        if args.repair != "dir":
-            raise ModelFoldError(f"--dir-batch/--dir-iters apply to --repair dir, not --repair {args.repair}")
-        opts.update(dir_batch=args.dir_batch, dir_iters=args.dir_iters)
-    return opts
 
 
 def _stage_table(before: torch.nn.Module, after: torch.nn.Module) -> str:

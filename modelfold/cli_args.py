@@ -1,10 +1,12 @@
-"""Argument definitions of ``modelfold fold/prune/compress`` that ``cli.py`` shares: layer-by-layer
-(stream, shards, Ray) and output options of Hugging Face checkpoints, and hardware-friendly widths."""
+"""Argument definitions and checks of ``modelfold fold/prune/compress`` that ``cli.py`` shares: layer-by-layer
+(stream, shards, Ray) and output options of Hugging Face checkpoints, hardware-friendly widths, input
+shapes and repair options."""
 
 from __future__ import annotations
 
 import argparse
 
+from . import io
 from .errors import ModelFoldError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
@@ -67,3 +69,35 @@ def ray_options(args: argparse.Namespace) -> dict | None:
     if opts and args.executor != "ray":
         raise ModelFoldError("--ray-cpus/--ray-memory apply to --executor ray")
     return opts or None
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape`` values: ``1,3,224,224`` or ``1x3x224x224``."""
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; write e.g. 1,3,224,224") from e
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}; all sizes must be positive")
+    return shape
+
+
+def repair_options(args: argparse.Namespace) -> dict:
+    """fold() keywords for the repair options given on the command line; refuses mismatched ones."""
+    opts: dict = {}
+    if args.repair == "data" and args.data is None:
+        raise ModelFoldError("--repair data (Fold-R) needs --data FILE: a .pt/.pth tensor of inputs, a .npy "
+                             "array, or 'fmnist'; or use a data-free repair (--repair ar or dir)")
+    if args.data is not None:
+        if args.repair != "data":
+            raise ModelFoldError(f"--data applies to --repair data, not --repair {args.repair}")
+        opts["data"] = io.load_inputs(args.data)
+    if args.ar_rho is not None:
+        if args.repair != "ar":
+            raise ModelFoldError(f"--ar-rho applies to --repair ar, not --repair {args.repair}")
+        opts["repair_kwargs"] = {"ar_rho": args.ar_rho}
+    if args.dir_batch is not None or args.dir_iters is not None:
+        if args.repair != "dir":
+            raise ModelFoldError(f"--dir-batch/--dir-iters apply to --repair dir, not --repair {args.repair}")
+        opts.update(dir_batch=args.dir_batch, dir_iters=args.dir_iters)
+    return opts
