@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ModelFoldError
+from .errors import DeviceError
 
 DEVICE_CHOICES = "'cpu', 'cuda', 'cuda:N' or 'auto'"
-
-
-class DeviceError(ModelFoldError, ValueError):
-    """A device that is not valid, or not present on this machine."""
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -33,3 +33,27 @@ class CheckpointError(ModelFoldError):
 
 class ExportError(ModelFoldError):
     """A model could not be exported (e.g. to ONNX), or the exporter is not installed."""
+
+
+class CalibrationError(ModelFoldError, ValueError):
+    """Calibration data that cannot be used: not "self", a tensor, a DataLoader, token ids or texts;
+    empty, too short, binary, or texts without a tokenizer."""
+
+
+class RepairError(ModelFoldError, ValueError):
+    """A repair was asked for with missing or invalid settings (e.g. repair="data" without data)."""
+
+
+class InvalidPlanError(ModelFoldError, ValueError):
+    """Unknown targets, a layer index outside the model, or conflicting plan arguments."""
+
+
+class DeviceError(ModelFoldError, ValueError):
+    """A device that is not valid, or not present on this machine."""
+
+
+__all__ = [
+    "CalibrationError", "CheckpointError", "DeviceError", "ExportError", "InputShapeError",
+    "InvalidPlanError", "InvalidRatioError", "InvalidWeightsError", "ModelFoldError", "ModelModeError",
+    "RepairError", "UnsupportedModelError",
+]

@@ -15,14 +15,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import InputShapeError, ModelFoldError
+from ..errors import CalibrationError, InputShapeError, ModelFoldError
 from ..repair.dir import DIRSettings, synthetic_batch
 from ..repair.stats import BN_TYPES, as_batches
-
-
-class CalibrationError(ModelFoldError, ValueError):
-    """calibration= was given something that is not "self", a tensor of inputs or a DataLoader."""
-
 
 SOURCES = ("self",)
 SELF_DEFAULTS = {"batch": 128, "iters": 100}

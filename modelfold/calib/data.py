@@ -23,11 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..device import model_device
-from ..errors import ModelFoldError
-
-
-class CalibrationError(ModelFoldError, ValueError):
-    """Calibration data that cannot be used (wrong type, empty, too short, no tokenizer...)."""
+from ..errors import CalibrationError
 
 
 def cache_dir() -> Path:

@@ -5,14 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from ..errors import InvalidRatioError, ModelFoldError
+from ..errors import InvalidPlanError, InvalidRatioError
 
 TARGETS = ("mlp", "attention")
 Plan = dict[int, dict[str, float]]  # layer index -> {"mlp": ratio, "attention": ratio}
-
-
-class InvalidPlanError(ModelFoldError, ValueError):
-    """Unknown targets, a layer index outside the model, or conflicting plan arguments."""
 
 
 def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:

@@ -17,11 +17,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..engine import Planner
-from ..errors import ModelFoldError
-
-
-class RepairError(ModelFoldError, ValueError):
-    """A repair was asked for with missing or invalid settings (e.g. repair="data" without data)."""
+from ..errors import RepairError
 
 
 class Repair:
