@@ -10,6 +10,8 @@ so every block is calibrated on what the already-compressed blocks before it pro
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +160,25 @@ class Calibrated:
 
     def start(self, model: nn.Module, adapter: Adapter) -> None:
         self.inputs = capture(model, adapter, self.ids, self.micro_batch)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The activations this step carries to the next layer (a resumed layer-by-layer run restores them)."""
+        out = {f"x{k}": x.cpu() for k, x in enumerate(self.inputs.xs)} if self.inputs is not None else {}
+        if self.orig is not None:
+            out.update({f"o{k}": x.cpu() for k, x in enumerate(self.orig.xs)})
+        return out
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Carry ``state`` (from ``state()``) instead; the keyword arguments stay those of this run."""
+        kwargs = self.inputs.kwargs
+        self.inputs = BlockInputs([state[f"x{k}"] for k in range(len(kwargs))], kwargs)
+        self.orig = BlockInputs([state[f"o{k}"] for k in range(len(kwargs))], kwargs) if "o0" in state else None
+
+    def fingerprint(self) -> dict:
+        """What besides the plan decides this step's output (for resumed runs)."""
+        ids = self.ids.contiguous().cpu()
+        digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest() + str(tuple(ids.shape))
+        return {"calibration": digest, "calib_options": dataclasses.asdict(self.opts)}
 
     def __call__(self, work: nn.Module, adapter: Adapter, i: int, p: dict[str, float]) -> list[GroupReport]:
         if self.inputs is None:

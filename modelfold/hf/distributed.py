@@ -5,9 +5,13 @@ input checkpoint itself (every node must see ``src`` and the output directory at
 folds its layer with the same step as the single-process path and writes its own safetensors shards
 into the output's temporary directory. Meanwhile the driver copies the embeddings, norms and LM head.
 When every task has returned, the driver names all shards in layer order, writes the index and the
-config; ``atomic_dir`` then moves the directory into place. A task whose worker dies (killed, out of
-memory, node lost) is re-run by Ray (``max_retries``); a rerun first removes what the dead attempt
-left, so the output does not depend on failures. Errors in the folding itself are not retried.
+config; the directory then moves into place. Each task records its finished layer in the partial
+output (``layer-<i>.json``), so rerunning the same command after the driver died submits only the
+layers not recorded (``modelfold.hf.resume``). A task whose worker dies (killed, out of memory, node
+lost) is submitted again by the driver, up to ``RETRIES`` times (Ray's own ``max_retries`` is 0: its
+retry path races with cancellation inside Ray, which ended drivers with "Tried to retry task that
+was not pending" under load); a rerun first removes what the dead attempt left, so the output does
+not depend on failures. Errors in the folding itself are not retried.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, ModelFoldError
 from ..report import GroupReport
 from .plan import Plan
+from .resume import Partial, group_from_dict, group_to_dict, write_json
 from .shards import ShardWriter, finalize
 from .stream import Source, fold_layers, layer_fn_for, open_source
 
@@ -69,42 +74,64 @@ def fold_task(src: str, out: str, plan: Plan, method: str, options: dict, max_by
     groups, stages = fold_layers(source, plan, layer_fn_for(method, options), writer, ids)
     _maybe_die(ids)
     files = writer.finish()
-    return {"ids": list(ids), "files": files, "groups": groups, "total": writer.total, "numel": writer.numel,
-            "sizes": [source.adapter.sizes(source.model, i) for i in ids], "stages": stages,
-            "seconds": stages["read"] + stages["fold"] + stages["write"], "cpu_seconds": time.process_time() - cpu0}
+    result = {"ids": list(ids), "files": files, "groups": [group_to_dict(g) for g in groups], "total": writer.total,
+              "numel": writer.numel, "sizes": [source.adapter.sizes(source.model, i) for i in ids],
+              "stages": stages, "seconds": stages["read"] + stages["fold"] + stages["write"],
+              "cpu_seconds": time.process_time() - cpu0}
+    write_json(Path(out) / f"layer-{ids[0]:05d}.json", result)  # a rerun after the driver died skips this layer
+    return result
 
 
-def _gather(ray: Any, refs: list, progress: bool) -> list[dict]:
-    """Results of ``refs`` in order; a task's own error is re-raised as it was raised in the task."""
-    bar = tqdm(total=len(refs), desc="fold on Ray", disable=not progress, file=sys.stderr)
+def _worker_died(e: Exception) -> CheckpointError:
+    err = CheckpointError(f"a Ray worker folding a layer died {RETRIES + 1} times ({type(e).__name__}); the usual "
+                          "cause is memory: give each task more with ray_options={'memory': bytes} (see "
+                          "docs/distributed.md) or use executor='local'")
+    err.resumable = True  # the layers already folded are kept for a rerun
+    return err
+
+
+def _gather(ray: Any, submit: Any, refs: dict, total: int, progress: bool) -> dict[int, dict]:
+    """Results of the tasks ``refs`` ({ref: layer}); a task whose worker died is submitted again (up to
+    ``RETRIES`` times); a task's own error is re-raised as it was raised in the task. ``refs`` keeps
+    the tasks still running."""
+    tries = dict.fromkeys(refs.values(), 0)
+    results: dict[int, dict] = {}
+    done = total - len(refs)
+    bar = tqdm(total=total, initial=done, disable=not progress, file=sys.stderr,
+               desc="fold on Ray" + (f" (resumed: {done} layers already written)" if done else ""))
     try:
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)
-            bar.update(len(ready))
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, Exception):
-            raise cause from None
-        raise CheckpointError(f"a Ray task failed: {e}") from None
-    except ray.exceptions.RayError as e:
-        raise CheckpointError(f"a Ray worker folding a layer died {RETRIES + 1} times ({type(e).__name__}); "
-                              "the usual cause is memory: give each task more with ray_options={'memory': "
-                              "bytes} (see docs/distributed.md) or use executor='local'") from None
+        while refs:
+            (ref,), _ = ray.wait(list(refs), num_returns=1)
+            i = refs.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, Exception):
+                    raise cause from None
+                raise CheckpointError(f"a Ray task failed: {e}") from None
+            except ray.exceptions.RayError as e:  # the worker died: run the layer again
+                if tries[i] >= RETRIES:
+                    raise _worker_died(e) from None
+                tries[i] += 1
+                refs[submit(i)] = i
+                continue
+            bar.update()
+        return results
     finally:
         bar.close()
 
 
-def fold_on_ray(source: Source, tmp: Path, plan: Plan, method: str, options: dict, max_bytes: int, *,
+def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, options: dict, max_bytes: int, *,
                 address: str | None = None, options_ray: Mapping | None = None,
                 progress: bool = False) -> tuple[list[GroupReport], int, int, dict]:
-    """Fold every layer of ``source`` as Ray tasks into ``tmp``; returns (groups, bytes, numel, stages).
+    """Fold every layer of ``source`` as Ray tasks into ``partial``; returns (groups, bytes, numel, stages).
 
-    Leaves the driver's meta skeleton at the folded sizes, so its config can be written.
+    Layers an earlier attempt recorded in ``partial`` are not folded again. Leaves the driver's meta
+    skeleton at the folded sizes, so its config can be written.
     """
     ray = _ray()
+    tmp = partial.path
     started = not ray.is_initialized()
     if started:
         try:
@@ -112,48 +139,62 @@ def fold_on_ray(source: Source, tmp: Path, plan: Plan, method: str, options: dic
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ModelFoldError(f"cannot start or reach the Ray cluster {address or '(local)'}: {e}. Start one with "
                                  "`ray start --head` and pass its address (see docs/distributed.md)") from None
-    opts = {"max_retries": RETRIES, "num_cpus": 1, **(options_ray or {})}
+    opts = {"num_cpus": 1, **(options_ray or {}), "max_retries": 0}
     if str(options.get("device") or "").startswith("cuda"):
         opts.setdefault("num_gpus", 1)  # each task folds on a GPU of its own
     threads = max(1, int(opts["num_cpus"]))
     t0 = time.perf_counter()
+    n = len(source.prefixes)
+    results = {i: rec for i in range(n) if (rec := partial.layer_record(f"layer-{i:05d}")) is not None}
+    partial.resumed_layers = len(results)
     try:
         remote = ray.remote(fold_task).options(**opts)
-        refs = [remote.remote(str(source.path), str(tmp), plan, method, dict(options), max_bytes, [i], threads)
-                for i in range(len(source.prefixes))]
+
+        def submit(i: int) -> Any:
+            return remote.remote(str(source.path), str(tmp), plan, method, dict(options), max_bytes, [i], threads)
+
+        refs = {submit(i): i for i in range(n) if i not in results}
         try:
-            rest_files: list = []
             stages = {"read": 0.0, "fold": 0.0, "write": 0.0}
-            writer = ShardWriter(tmp, max_bytes, expected={k: source.reader.shapes[k] for k in source.rest},
-                                 prefix="part-rest")
-            if source.rest:  # the driver copies embeddings, norms and LM head while the tasks fold
-                _, stages = fold_layers(source, plan, layer_fn_for(method, options), writer, [], rest=True)
-                rest_files = writer.finish()
-            results = _gather(ray, refs, progress)
+            rest = partial.layer_record("rest")
+            if rest is None:  # the driver copies embeddings, norms and LM head while the tasks fold
+                for p in tmp.glob("part-rest-*"):
+                    p.unlink()
+                writer = ShardWriter(tmp, max_bytes, expected={k: source.reader.shapes[k] for k in source.rest},
+                                     prefix="part-rest")
+                if source.rest:
+                    _, stages = fold_layers(source, plan, layer_fn_for(method, options), writer, [], rest=True)
+                rest = {"files": writer.finish() if source.rest else [], "total": writer.total,
+                        "numel": writer.numel}
+                write_json(tmp / "rest.json", rest)
+            results.update(_gather(ray, submit, refs, n, progress))
         except BaseException:
-            for r in refs:
-                try:
-                    ray.cancel(r, force=True)
-                except Exception:  # noqa: BLE001 - already finished or gone
-                    pass
+            if not started:  # a cluster of our own goes down with ray.shutdown(), its tasks with it
+                for r in refs:
+                    try:
+                        ray.cancel(r, force=True)
+                    except Exception:  # noqa: BLE001 - already finished or gone
+                        pass
             raise
     finally:
         if started:
             ray.shutdown()
-    files = rest_files + [f for r in results for f in r["files"]]
+    ordered = [results[i] for i in range(n)]
+    files = [tuple(f) for f in rest["files"]] + [tuple(f) for r in ordered for f in r["files"]]
     names = {f for f, _ in files}
     for p in tmp.glob("part-*"):  # anything a dead attempt left that no result names
         if p.name not in names:
             p.unlink()
-    finalize(tmp, files, writer.total + sum(r["total"] for r in results))
+    total = rest["total"] + sum(r["total"] for r in ordered)
+    finalize(tmp, files, total)
     groups: list[GroupReport] = []
-    for r in results:
-        groups.extend(r["groups"])
+    for r in ordered:
+        groups.extend(group_from_dict(g) for g in r["groups"])
         for i, sizes in zip(r["ids"], r["sizes"], strict=True):
             source.adapter.resize(source.model, i, sizes)
     for k in stages:
-        stages[k] += sum(r["stages"][k] for r in results)
+        stages[k] += sum(r["stages"][k] for r in ordered)
     stages["wall"] = time.perf_counter() - t0
-    stages["task_max"] = max((r["seconds"] for r in results), default=0.0)
-    stages["task_cpu"] = sum(r["cpu_seconds"] for r in results)
-    return groups, writer.total + sum(r["total"] for r in results), writer.numel + sum(r["numel"] for r in results), stages
+    stages["task_max"] = max((r["seconds"] for r in ordered), default=0.0)
+    stages["task_cpu"] = sum(r["cpu_seconds"] for r in ordered)
+    return groups, total, rest["numel"] + sum(r["numel"] for r in ordered), stages

@@ -154,8 +154,21 @@ class ShardWriter:
         self._f = None
         self._reserve = 0
         self.files: list[tuple[str, list[str]]] = []
+        self.sizes: list[tuple[int, int]] = []  # (bytes, numel) of every closed shard
         self.total = 0
         self.numel = 0
+        self._bytes = self._numel = 0  # of the open shard
+
+    def restore(self, files: Sequence[tuple[str, Sequence[str]]], sizes: Sequence[Sequence[int]]) -> None:
+        """Continue after the closed shards ``files`` of an earlier attempt (a resumed run)."""
+        self.files = [(f, list(k)) for f, k in files]
+        self.sizes = [(int(b), int(n)) for b, n in sizes]
+        self.total = sum(b for b, _ in self.sizes)
+        self.numel = sum(n for _, n in self.sizes)
+        if self._bounds is not None:
+            for _, keys in self.files:
+                for k in keys:
+                    self._left -= self._bounds.pop(k, 0)
 
     def _name(self) -> str:
         return f"{self.prefix}-{len(self.files):05d}.safetensors"
@@ -184,6 +197,8 @@ class ShardWriter:
         self.offset += nb
         self.total += nb
         self.numel += t.numel()
+        self._bytes += nb
+        self._numel += t.numel()
 
     def _flush(self) -> None:
         if self._f is None:
@@ -193,6 +208,8 @@ class ShardWriter:
         if len(header) <= self._reserve:
             self._f.seek(0)
             self._f.write(self._reserve.to_bytes(8, "little") + header + b" " * (self._reserve - len(header)))
+            self._f.flush()
+            os.fsync(self._f.fileno())  # a closed shard survives a crash: resumed runs start behind it
             self._f.close()
         else:  # a tensor the writer was not told about: rewrite this shard once behind a larger header
             self._f.close()
@@ -202,9 +219,13 @@ class ShardWriter:
                 f.write(len(header).to_bytes(8, "little") + header)
                 body.seek(8 + self._reserve)
                 shutil.copyfileobj(body, f, 16 << 20)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         self.files.append((path.name, list(self.entries)))
+        self.sizes.append((self._bytes, self._numel))
         self.entries, self.offset, self._f = {}, 0, None
+        self._bytes = self._numel = 0
 
     def finish(self) -> list[tuple[str, list[str]]]:
         """Close the last shard; returns [(file name, tensor names)] in writing order."""

@@ -34,8 +34,9 @@ from ..report import FoldReport, GroupReport
 from .adapters import Adapter
 from .convert import disk_to_model_names, to_disk, to_model
 from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes, resolve_ratio
-from .io import _model_class, atomic_dir, is_hf_dir
+from .io import _model_class, is_hf_dir
 from .plan import Plan, make_plan
+from .resume import Partial, fingerprint, group_from_dict, group_to_dict, resumable_dir
 from .shards import INDEX, WEIGHT_SUFFIXES, ShardReader, ShardWriter, parse_size
 from .validate import check_model_dir
 
@@ -128,46 +129,94 @@ def layer_fn_for(method: str, options: Mapping) -> LayerFn:
     return fold_layer_fn(**options) if method == "fold" else prune_layer_fn(**options)
 
 
+def _item_keys(source: Source, item: int | None) -> list[str]:
+    return source.rest if item is None else source.per_layer[item]
+
+
 def fold_layers(source: Source, plan: Plan, layer_fn: LayerFn, writer: ShardWriter, ids: Sequence[int], *,
-                rest: bool = False, progress: bool = False, desc: str = "") -> tuple[list[GroupReport], dict]:
+                rest: bool = False, progress: bool = False, desc: str = "",
+                partial: Partial | None = None) -> tuple[list[GroupReport], dict]:
     """Read, fold and write layers ``ids`` (first the non-layer tensors if ``rest``), in order.
 
     A reader thread loads the next layer and a writer thread writes the previous one while this
     thread folds; outputs go to ``writer`` in order, so the result does not depend on the timing.
+    With ``partial`` the run is resumable: each closed shard is recorded there, and a run that finds
+    such a record continues behind it (see ``modelfold.hf.resume``), writing the same bytes.
     Returns the group reports and the seconds spent reading, folding and writing.
     """
     reader = source.reader
     stages = {"read": 0.0, "fold": 0.0, "write": 0.0}
     items: list[int | None] = ([None] if rest else []) + list(ids)
+    reports: dict[int, list[GroupReport]] = {}
+    written: set[str] = set()
+    first = 0  # index into ``items`` of the first item not entirely in closed shards
+    stateful = partial is not None and hasattr(layer_fn, "state")
+    prog = partial.progress() if partial is not None else None
+    if prog is not None:
+        writer.restore(prog["files"], prog["sizes"])
+        written = {k for _, keys in prog["files"] for k in keys}
+        first = int(prog["first"])
+        for i, rec in prog["layers"].items():
+            reports[int(i)] = [group_from_dict(g) for g in rec["groups"]]
+            source.adapter.resize(source.model, int(i), rec["sizes"])
+        partial.resumed_layers = sum(1 for item in items[:first] if item is not None)
+        if stateful and first < len(items) and items[first] is not None:
+            layer_fn.restore(partial.load_state(items[first]))
+    if partial is not None:  # shards an attempt was writing when it died
+        closed = {f for f, _ in writer.files}
+        for p in partial.path.glob(f"{writer.prefix}-*"):
+            if p.name not in closed:
+                p.unlink()
 
     def read(item: int | None) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
-        sd = {k: reader.get(k) for k in (source.rest if item is None else source.per_layer[item])}
+        sd = {k: reader.get(k) for k in _item_keys(source, item)}
         reader.release()  # pages read so far stop counting against this process
         stages["read"] += time.perf_counter() - t
         return sd
 
+    def record() -> None:
+        """After a shard closed: where a rerun would start, and what it needs of the layers before."""
+        closed = {k for _, keys in writer.files for k in keys}
+        nxt = next((j for j, item in enumerate(items) if not set(_item_keys(source, item)) <= closed), len(items))
+        layers = {str(item): {"groups": [group_to_dict(g) for g in reports[item]],
+                              "sizes": source.adapter.sizes(source.model, item)}
+                  for item in items[:nxt] if item is not None}
+        partial.save_progress({"files": writer.files, "sizes": writer.sizes, "first": nxt, "layers": layers})
+        if stateful and nxt < len(items) and items[nxt] is not None:
+            partial.drop_states(below=items[nxt])
+
     def write(sd: dict[str, torch.Tensor]) -> None:
         t = time.perf_counter()
+        n_closed = len(writer.files)
         for k, v in sd.items():
-            writer.add(k, v)
+            if k not in written:
+                writer.add(k, v)
+        if partial is not None and len(writer.files) > n_closed:
+            record()
         stages["write"] += time.perf_counter() - t
 
-    groups: list[GroupReport] = []
-    bar = tqdm(total=len(ids), desc=desc, disable=not progress, file=sys.stderr)
+    todo = items[first:]
+    n_layers = sum(1 for item in todo if item is not None)
+    resumed = len(ids) - n_layers
+    bar = tqdm(total=len(ids), initial=resumed, disable=not progress, file=sys.stderr,
+               desc=desc + (f" (resumed: {resumed} layers already written)" if resumed else ""))
     try:
         with ThreadPoolExecutor(1, "modelfold-read") as rd, ThreadPoolExecutor(1, "modelfold-write") as wr:
             pending: Future | None = None
-            nxt = rd.submit(read, items[0]) if items else None
-            for j, item in enumerate(items):
+            nxt = rd.submit(read, todo[0]) if todo else None
+            for j, item in enumerate(todo):
                 sd = nxt.result()
-                if j + 1 < len(items):
-                    nxt = rd.submit(read, items[j + 1])
+                if j + 1 < len(todo):
+                    nxt = rd.submit(read, todo[j + 1])
                 if item is None:
                     out = sd
                 else:
+                    if stateful:
+                        partial.save_state(item, layer_fn.state())
                     t = time.perf_counter()
-                    out = _fold_one(source, plan, layer_fn, item, sd, groups)
+                    reports[item] = []
+                    out = _fold_one(source, plan, layer_fn, item, sd, reports[item])
                     stages["fold"] += time.perf_counter() - t
                     bar.update()
                 del sd
@@ -183,6 +232,7 @@ def fold_layers(source: Source, plan: Plan, layer_fn: LayerFn, writer: ShardWrit
         raise
     finally:
         bar.close()
+    groups = [g for item in items if item is not None for g in reports.get(item, [])]
     return groups, stages
 
 
@@ -229,7 +279,7 @@ def _copy_extras(src: Path, dst: Path) -> None:
         if p.is_file():
             shutil.copy2(p, dst / p.name)
         elif p.is_dir() and not p.name.startswith("."):
-            shutil.copytree(p, dst / p.name)
+            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
 
 
 def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None, method: str,
@@ -264,24 +314,28 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
     ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
                           skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
     plan = make_plan(ratio, n_layers, targets, skip_first, skip_last)
-    with atomic_dir(dst_p, "the folded checkpoint") as tmp:
+    fp = fingerprint(src_p, method, plan, {**options, **getattr(layer_fn, "fingerprint", dict)()}, max_bytes,
+                     executor)
+    with resumable_dir(dst_p, fp, "the folded checkpoint") as partial:
+        tmp = partial.path
         if executor == "ray":
             from .distributed import fold_on_ray
 
-            groups, total, numel, stages = fold_on_ray(source, tmp, plan, method, options, max_bytes,
+            groups, total, numel, stages = fold_on_ray(source, partial, plan, method, options, max_bytes,
                                                        address=ray_address, options_ray=ray_options,
                                                        progress=progress)
         else:
             writer = ShardWriter(tmp, max_bytes, expected=source.reader.shapes)
             groups, stages = fold_layers(source, plan, layer_fn, writer, range(n_layers), rest=True,
-                                         progress=progress, desc=f"{method} layer by layer")
+                                         progress=progress, desc=f"{method} layer by layer", partial=partial)
             writer.close()
             total, numel = writer.total, writer.numel
         record_sizes(model, adapter)
         model.config.save_pretrained(tmp)
         _copy_extras(src_p, tmp)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
-    info = {**({"round_to": round_to} if round_to else {}), "executor": executor, "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
+    info = {**({"round_to": round_to} if round_to else {}), "executor": executor,
+            **({"resumed_layers": partial.resumed_layers} if partial.resumed else {}), "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
             **{f"{k}_seconds": round(v, 2) for k, v in stages.items()}}
     return FoldReport(method, rmax, source.reader.numel(), numel, None, None, time.perf_counter() - t0,
                       groups, repair, info=info)

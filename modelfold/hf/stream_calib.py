@@ -110,7 +110,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                     sens.step(ctx.model, ctx.adapter, i)
                     release_layer(ctx, i)
             plan = sens.plan(sparsity * ctx.reader.numel())
-        fn.inputs = start
+        fn.inputs, fn.ids = start, ids  # ids: the fingerprint of a resumable run
         return plan
 
     name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")

@@ -260,27 +260,6 @@ def test_stream_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path):
     assert (tmp_path / "empty" / "config.json").is_file()
 
 
-def test_stream_interrupted_leaves_no_partial_output(tmp_path, monkeypatch):
-    import modelfold.hf.stream as stream
-
-    src = _checkpoint(tmp_path)
-    calls = []
-
-    def interrupted(**kw):
-        def layer(work, adapter, i, p):
-            calls.append(i)
-            if i == 1:
-                raise KeyboardInterrupt
-            return []
-        return layer
-
-    monkeypatch.setattr(stream, "fold_layer_fn", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        fold_checkpoint(src, tmp_path / "out", ratio=0.3, progress=False)
-    assert calls == [0, 1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-
-
 def test_stream_round_to_matches_in_memory(tmp_path):
     src = _checkpoint(tmp_path, inter=100)
     for name, stream, memory in (("fold", fold_checkpoint, mh.fold_model), ("prune", prune_checkpoint, mh.prune_model)):
