@@ -57,3 +57,13 @@ __all__ = [
     "InvalidPlanError", "InvalidRatioError", "InvalidWeightsError", "ModelFoldError", "ModelModeError",
     "RepairError", "UnsupportedModelError",
 ]
+
+
+class ResultError(ModelFoldError):
+    """A compressed model that cannot run: before fold/prune/compress return it or save/save_gguf
+    write it, it runs one forward on a tiny input in its own runtime (``verify=True``, the default);
+    a failure names the failing module and the way out (e.g. ``round_to=``); nothing is returned or
+    written and the input model is unchanged."""
+
+
+__all__.append("ResultError")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import check_round_to, check_weights, kept_width
+from ..checks import check_round_to, check_weights
 from ..device import model_device, resolve_device
 from ..errors import InvalidRatioError
 from ..report import FoldReport, GroupReport, count_params
@@ -21,6 +21,7 @@ from .attention import fold_attention, prune_attention
 from .io import drop_gguf_quantizer
 from .mlp import fold_mlp, prune_mlp
 from .plan import make_plan
+from .runcheck import check_model_runs
 from .sizing import ratio_for_sparsity
 
 HF_REPAIRS = ("none", "ar")
@@ -69,7 +70,7 @@ def resolve_ratio(model: nn.Module, adapter: Adapter, ratio: float | Mapping | N
 def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, targets: str | Iterable[str],
          skip_first: int, skip_last: int, progress: bool, repair: str, layer_fn,
          sparsity: float | None = None, attention_mode: str = "auto",
-         round_to: int | None = None) -> tuple[nn.Module, FoldReport]:
+         round_to: int | None = None, verify: bool = True) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
     adapter = _adapter(model)
     check_weights(model)
@@ -89,10 +90,19 @@ def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, target
                 print(f"modelfold: layer {i + 1}/{n_layers} {time.perf_counter() - t1:.2f}s", file=sys.stderr)
     record_sizes(work, adapter)
     work.eval()
+    if verify:  # a result that cannot run is never handed out (``work`` is a copy: ``model`` is untouched)
+        check_model_runs(work, adapter)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
     report = FoldReport(method, rmax, params0, count_params(work), None, None, time.perf_counter() - t0,
-                        groups, repair, info={"round_to": round_to} if round_to else {})
+                        groups, repair, info=width_info(work, adapter, round_to))
     return work, report
+
+
+def width_info(model: nn.Module, adapter: Adapter, round_to: int | None) -> dict[str, Any]:
+    """The report's width rules: the user's ``round_to`` and the runtime alignment honoured per kind
+    (e.g. ``{"align": {"experts": 8}}``: every expert keeps a multiple of 8 neurons)."""
+    align = adapter.align(model)
+    return {**({"round_to": round_to} if round_to else {}), **({"align": align} if align else {})}
 
 
 LayerFn = Callable[[nn.Module, Adapter, int, dict], list[GroupReport]]
@@ -128,7 +138,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
                 warnings.warn("repair='ar' on a gated (SwiGLU) MLP: in our SmolLM2 benchmark it raised perplexity "
                               "by orders of magnitude; prefer repair='none' (see docs/transformers.md)", stacklevel=4)
             n = spec.width
-            k = kept_width(n, p["mlp"], round_to)
+            k = spec.kept(p["mlp"], round_to)  # round_to and the runtime's alignment (experts: 8)
             err = fold_mlp(spec, k, seed=seed, n_init=n_init, repair=repair, device=device) if k < n else None
             out.append(GroupReport(spec.name, spec.member_names(), n, k if k < n else n,
                                    "folded" if k < n else "kept", "" if k < n else "ratio 0", err))
@@ -153,7 +163,7 @@ def prune_layer_fn(*, norm: int = 2, attention_mode: str = "auto", round_to: int
                                    "pruned" if after < before else "kept"))
         for spec in adapter.mlps(work, i) if "mlp" in p else ():  # one per expert in MoE layers
             n = spec.width
-            k = kept_width(n, p["mlp"], round_to)
+            k = spec.kept(p["mlp"], round_to)
             if k < n:
                 prune_mlp(spec, k, norm=norm)
             out.append(GroupReport(spec.name, spec.member_names(), n, k, "pruned" if k < n else "kept"))
@@ -167,7 +177,7 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
                return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                skip_last: int = 0, n_init: int = 3, progress: bool = False, attention_mode: str = "auto",
                device: str | torch.device | None = None,
-               round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
+               round_to: int | None = None, verify: bool = True) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Fold the MLP neurons and/or attention heads of a transformers model; ``model`` is not modified.
 
     ratio: fraction removed per folded layer (float), or {layer index: ratio | {"mlp": r, "attention": r}}.
@@ -177,13 +187,16 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
         GELU MLPs of MiniLM but was catastrophic on SwiGLU (SmolLM2); a warning is issued for gated MLPs.
     attention_mode: "auto" | "query" (fold query heads inside each KV group) | "group" (whole KV groups).
     device: where k-means runs ("cpu", "cuda", "cuda:N", "auto"); the model stays where it is.
-    round_to: kept MLP widths (and heads x head_dim) at multiples of it, e.g. 8, 16, 64 (see ``modelfold.fold``).
+    round_to: kept MLP widths (and heads x head_dim) at multiples of it, e.g. 8, 16, 64 (see ``modelfold.fold``);
+        runtime constraints are honoured on top of it (MoE experts: multiples of 8; ``report.info["align"]``).
+    verify: before returning, the result runs one forward on a (2, 8) batch of token ids in its own class;
+        if it cannot, a ``ResultError`` names the module and the way out (False skips the check).
     """
     layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode, device=device,
                           round_to=round_to)
     work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
                         progress=progress, repair=repair, layer_fn=layer, sparsity=sparsity,
-                        attention_mode=attention_mode, round_to=check_round_to(round_to))
+                        attention_mode=attention_mode, round_to=check_round_to(round_to), verify=verify)
     return (work, report) if return_report else work
 
 
@@ -191,12 +204,15 @@ def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, spars
                 norm: int = 2,
                 return_report: bool = False, targets: str | Iterable[str] = "mlp", skip_first: int = 0,
                 skip_last: int = 0, progress: bool = False, attention_mode: str = "auto", seed: int = 0,
-                n_init: int = 3, round_to: int | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm)."""
+                n_init: int = 3, round_to: int | None = None,
+                verify: bool = True) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Structured magnitude pruning on exactly the slices ``fold_model`` clusters (keep largest Lp norm).
+
+    ``round_to`` and ``verify`` as in :func:`fold_model`."""
     layer = prune_layer_fn(norm=norm, attention_mode=attention_mode, round_to=round_to)
     work, report = _run(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
                         skip_last=skip_last, progress=progress, repair="none", layer_fn=layer, sparsity=sparsity,
-                        attention_mode=attention_mode, round_to=check_round_to(round_to))
+                        attention_mode=attention_mode, round_to=check_round_to(round_to), verify=verify)
     return (work, report) if return_report else work
 
 
@@ -208,7 +224,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                    feedback: bool = False, weighting: str = "token", seed: int = 0, n_init: int = 3,
                    attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
                    return_report: bool = False, round_to: int | None = None,
-                   device: str | torch.device | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
+                   device: str | torch.device | None = None,
+                   verify: bool = True) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Calibrated compression: activation-aware selection (or folding) + least-squares refit, sequential.
 
     calibration: "self" (text the causal LM samples itself; random vocabulary words for encoders, which
@@ -222,8 +239,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
         small calibration sets measured so far; docs/calibration.md).
     device: where everything runs ("cpu", "cuda", "cuda:N", "auto"): a copy of the model is moved
         there (sampling, forward passes, least squares) and the result comes back on the model's device.
-    Other arguments as in :func:`fold_model` (``round_to``: kept widths at multiples of it). See
-    docs/calibration.md.
+    Other arguments as in :func:`fold_model` (``round_to``: kept widths at multiples of it; ``verify``:
+    the result runs one forward before it is returned). See docs/calibration.md.
     """
     if device is not None:
         dev, home = resolve_device(device), model_device(model)
@@ -234,8 +251,10 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                         weighting=weighting, seed=seed, n_init=n_init, attention_mode=attention_mode,
                         max_ratio=max_ratio, progress=progress, round_to=round_to)
             check_weights(model)
-            work, report = compress_model(copy.deepcopy(model).to(dev), return_report=True, **args)
+            work, report = compress_model(copy.deepcopy(model).to(dev), return_report=True, verify=False, **args)
             work = work.to(home)
+            if verify:  # where it is returned
+                check_model_runs(work, _adapter(work))
             return (work, report) if return_report else work
     round_to = check_round_to(round_to)
     from ..calib import data as cdata
@@ -271,7 +290,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
     work, report = _run(model, ratio, name, targets=targets, skip_first=skip_first, skip_last=skip_last,
                         progress=progress, repair="none", layer_fn=fn, sparsity=sparsity,
-                        attention_mode=attention_mode, round_to=round_to)
+                        attention_mode=attention_mode, round_to=round_to, verify=verify)
     report.seconds = time.perf_counter() - t0
     report.repair = "calibrated"
     info["calibration"] = "self" if isinstance(calibration, str) else "data"

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..checks import kept_width, smallest_ratio
 from ..errors import InvalidRatioError
 from ..report import count_params
-from .adapters.base import Adapter, AttnSpec, MLPSpec, get
+from .adapters.base import Adapter, AttnSpec, MLPSpec, get, width_multiple
 from .attention import resolve_mode, units_k
 from .plan import Plan, make_plan
 
@@ -32,8 +32,7 @@ def _per_neuron(spec: MLPSpec) -> int:
 
 
 def mlp_removed(spec: MLPSpec, ratio: float, round_to: int | None = None) -> int:
-    n = spec.width
-    return (n - kept_width(n, ratio, round_to)) * _per_neuron(spec)
+    return (spec.width - spec.kept(ratio, round_to)) * _per_neuron(spec)  # with the runtime's alignment
 
 
 def attention_removed(spec: AttnSpec, ratio: float, mode: str = "auto", round_to: int | None = None) -> int:
@@ -53,11 +52,14 @@ class Geometry:
     def __init__(self, model: nn.Module, adapter: Adapter, round_to: int | None = None) -> None:
         self.model, self.adapter, self.round_to = model, adapter, round_to
         self._mlp: dict[int, list[tuple[int, int]]] = {}
+        self._mult: dict[int, list[int | None]] = {}  # round_to combined with each MLP's runtime alignment
         self._attn: dict[int, AttnSpec] = {}
 
     def mlps(self, i: int) -> list[tuple[int, int]]:
         if i not in self._mlp:
-            self._mlp[i] = [(m.width, _per_neuron(m)) for m in self.adapter.mlps(self.model, i)]
+            specs = self.adapter.mlps(self.model, i)
+            self._mlp[i] = [(m.width, _per_neuron(m)) for m in specs]
+            self._mult[i] = [width_multiple(self.round_to, m.align) for m in specs]
         return self._mlp[i]
 
     def attention(self, i: int) -> AttnSpec:
@@ -69,7 +71,8 @@ class Geometry:
         total = 0
         for i, p in plan.items():
             if p.get("mlp", 0) > 0:
-                total += sum((n - kept_width(n, p["mlp"], self.round_to)) * per for n, per in self.mlps(i))
+                total += sum((n - kept_width(n, p["mlp"], r)) * per
+                             for (n, per), r in zip(self.mlps(i), self._mult[i], strict=True))
             if p.get("attention", 0) > 0:
                 total += attention_removed(self.attention(i), p["attention"], attention_mode, self.round_to)
         return total

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from ...checks import kept_width
 from .refs import View
 
 # (parent module, attribute name) of an nn.Linear, or a View (Conv1D, part of a fused projection,
@@ -67,6 +69,13 @@ def resized(lin: nn.Linear, out_features: int | None = None, in_features: int | 
     return linear_like(w, b)
 
 
+def width_multiple(round_to: int | None, align: int = 1) -> int | None:
+    """The multiple kept widths must have: the user's ``round_to`` combined with a runtime's ``align``
+    (their least common multiple, so both hold), or None when neither constrains anything."""
+    m = math.lcm(round_to or 1, align or 1)
+    return m if m > 1 else None
+
+
 @dataclass
 class MLPSpec:
     """Intermediate neurons: rows of ``producers`` (gate/up or fc1), columns of ``consumer``."""
@@ -77,10 +86,16 @@ class MLPSpec:
     owner: nn.Module | None = None  # module whose ``width_attrs`` attributes are updated
     size_key: str = "intermediate_size"  # key of this MLP's width in Adapter.sizes()
     width_attrs: tuple[str, ...] = ("intermediate_size",)
+    kind: str = "mlp"  # "mlp", "experts" (one expert of a stacked expert tensor) or "shared_expert"
+    align: int = 1  # the runtime needs kept widths at multiples of it (Family.align; experts: 8)
 
     @property
     def width(self) -> int:
         return get(self.consumer).in_features
+
+    def kept(self, ratio: float, round_to: int | None = None) -> int:
+        """Neurons kept at ``ratio``: ``checks.kept_width`` at multiples of ``round_to`` and of ``align``."""
+        return kept_width(self.width, ratio, width_multiple(round_to, self.align))
 
     def member_names(self) -> list[str]:
         return [f"{self.name}.{ref_name(r)}" for r in self.producers] + [f"{self.name}.{ref_name(self.consumer)}"]
@@ -137,6 +152,19 @@ class Adapter:
 
     def mlp(self, model: nn.Module, i: int) -> MLPSpec:
         return self.mlps(model, i)[0]
+
+    def align(self, model: nn.Module) -> dict[str, int]:
+        """Width multiples the runtime needs for ``model``'s tensors, by kind ({"experts": 8}; {} if none).
+
+        Only kinds present in ``model`` are listed; the folding steps honour them through
+        ``MLPSpec.kept`` (combined with the user's ``round_to``), and sizing counts with them.
+        """
+        out: dict[str, int] = {}
+        for i in range(len(self.layers(model))):
+            for m in self.mlps(model, i):
+                if m.align > 1:
+                    out[m.kind] = max(out.get(m.kind, 1), m.align)
+        return out
 
     def attention(self, model: nn.Module, i: int) -> AttnSpec:
         raise NotImplementedError

@@ -16,6 +16,12 @@ import torch.nn as nn
 from .base import Adapter, AttnSpec, MLPSpec, Ref, get
 from .refs import Conv1DRef, ExpertRef, Fused, Stacked
 
+# Width multiples the runtimes need, by MLP kind (MLPSpec.kind). transformers runs stacked experts with
+# grouped/batched matmul kernels (torch grouped_mm) that want 16-byte aligned rows: a multiple of 8
+# covers fp32, bf16 and fp16 (an expert width of 123 raises "strides should be multiple of 16 bytes").
+# Dense MLPs and attention run as plain Linear layers at any width.
+RUNTIME_ALIGN: dict[str, int] = {"experts": 8}
+
 # attributes of an attention module that hold head counts or their products (set when present)
 _Q_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 _KV_ATTRS = ("num_key_value_heads",)
@@ -67,6 +73,8 @@ class Family:
     dense_key: str = "intermediate_size"
     mlp_sum: str | None = None  # post-norm layers: the norm whose input is residual + MLP output
     mlp_feedback: bool = True  # is that sum linear in the MLP's output (see Adapter.mlp_sum)?
+    # kept widths at multiples of these, by MLP kind ("mlp", "experts", "shared_expert"); see RUNTIME_ALIGN
+    align: dict[str, int] = field(default_factory=lambda: dict(RUNTIME_ALIGN))
 
 
 class StructuredAdapter(Adapter):
@@ -118,7 +126,9 @@ class StructuredAdapter(Adapter):
             prods = [fused.part("gate"), fused.part("up")]
         else:
             prods = [self._ref(mod, p) for p in f.producers]
-        return MLPSpec(name, prods, self._ref(mod, f.consumer), owner=mod, size_key=key)
+        kind = "shared_expert" if key == "shared_expert_intermediate_size" else "mlp"
+        return MLPSpec(name, prods, self._ref(mod, f.consumer), owner=mod, size_key=key, kind=kind,
+                       align=f.align.get(kind, 1))
 
     def mlps(self, model: nn.Module, i: int) -> list[MLPSpec]:
         f = self.fam
@@ -134,7 +144,8 @@ class StructuredAdapter(Adapter):
             n = get(ExpertRef(dn, e)).in_features
             fused = Fused(ExpertRef(gu, e), ["gate", "up"], [n, n])
             out.append(MLPSpec(f"{name}.{f.experts}.{e}", [fused.part("gate"), fused.part("up")], ExpertRef(dn, e),
-                               owner=experts, size_key=f.expert_key, width_attrs=("intermediate_dim",)))
+                               owner=experts, size_key=f.expert_key, width_attrs=("intermediate_dim",),
+                               kind="experts", align=f.align.get("experts", 1)))
         shared = getattr(mod, f.shared_expert, None)
         if shared is not None:
             out.append(self._dense(shared, f"{name}.{f.shared_expert}", "shared_expert_intermediate_size"))

@@ -1,0 +1,165 @@
+"""Does a compressed transformers model run? One forward on a few token ids, as a user calls it.
+
+* :func:`check_model_runs`: the whole model (the plain transformers class, its own forward) on a
+  (2, 8) batch of token ids; used before ``fold_model`` / ``prune_model`` / ``compress_model`` return
+  and before ``save`` / ``save_gguf`` write.
+* :func:`check_layer_runs`: decoder/encoder layer ``i`` alone, for the layer-by-layer paths, where
+  the rest of the model is a meta-device skeleton: the layer's inputs are captured once at layer 0
+  (a fake-tensor forward that stops there; shapes only) and replaced by real tensors of the same
+  shapes, dtype and device as layer ``i``'s weights.
+
+A failure raises :class:`modelfold.errors.ResultError` naming the module and the way out.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..runcheck import run_or_raise
+from .adapters import Adapter
+
+BATCH, SEQ = 2, 8
+
+
+def _special_ids(config: Any) -> set[int]:
+    """Token ids with a meaning beyond text (image/audio placeholders, ...): never fed to the check."""
+    out: set[int] = set()
+    for c in (config, getattr(config, "text_config", None)):
+        for k, v in (vars(c).items() if c is not None else ()):
+            if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_token_index", "_token_id")):
+                out.add(v)
+    return out
+
+
+def tiny_ids(model: nn.Module, device: torch.device | str | None = None) -> torch.Tensor:
+    """A deterministic (2, 8) batch of ordinary token ids for ``model`` (on its embeddings' device)."""
+    emb = model.get_input_embeddings()
+    vocab = int(getattr(emb, "num_embeddings", 0) or model.config.vocab_size)
+    special = _special_ids(model.config)
+    cand = [t for t in range(2, vocab) if t not in special] or list(range(vocab))
+    ids = torch.tensor([cand[(7 * j + 3) % len(cand)] for j in range(BATCH * SEQ)]).view(BATCH, SEQ)
+    return ids.to(emb.weight.device if device is None else device)
+
+
+def _way_out(model: nn.Module, adapter: Adapter | None):
+    def advice(name: str) -> str:
+        try:
+            align = adapter.align(model) if adapter is not None else {}
+        except Exception:  # noqa: BLE001 - advice only
+            align = {}
+        known = f" (declared for this family: {align})" if align else ""
+        return ("Runtimes constrain widths (grouped/fused kernels want 16-byte aligned rows): pass round_to=16 "
+                f"(or 64) so every kept width is a multiple of it{known}, or a smaller ratio, or leave that "
+                "layer out (skip_first/skip_last or a per-layer plan); please report the family so the "
+                "constraint can be declared in modelfold/hf/adapters.")
+
+    return advice
+
+
+def check_model_runs(model: nn.Module, adapter: Adapter | None = None, what: str = "the compressed model") -> None:
+    """One forward of ``model`` (its own class and forward) on :func:`tiny_ids`; a failure is a ResultError."""
+    ids = tiny_ids(model)
+    run_or_raise(model, lambda: model(input_ids=ids), what=what, way_out=_way_out(model, adapter))
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: layer 0's inputs are known, the rest of the forward is not needed."""
+
+
+_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _meta(v: Any) -> Any:
+    """``v`` with every tensor replaced by an empty meta tensor of its shape and dtype (a template)."""
+    if isinstance(v, torch.Tensor):
+        return torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
+    if isinstance(v, tuple | list):
+        return type(v)(_meta(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _meta(x) for k, x in v.items()}
+    return v
+
+
+def _capture(model: nn.Module, adapter: Adapter) -> tuple[tuple, dict]:
+    """(args, kwargs) layer 0 receives on a (2, 8) batch, as meta templates (shapes and dtypes).
+
+    The forward runs under a FakeTensorMode up to layer 0 (embeddings, positions, masks): no weights
+    are read or computed on, so it works alike on a loaded model and on a meta-device skeleton, and
+    transformers skips its data-dependent checks (it treats fake tensors as tracing).
+    """
+    if model in _TEMPLATES:
+        return _TEMPLATES[model]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    got: dict[str, Any] = {}
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        got["v"] = (_meta(args), _meta(kwargs))
+        raise _Stop
+
+    h = adapter.layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            model(input_ids=torch.zeros(BATCH, SEQ, dtype=torch.long, device="meta"), **extra)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if "v" not in got:
+        raise RuntimeError(f"{type(model).__name__}: the forward never reached layer 0")
+    _TEMPLATES[model] = got["v"]
+    return got["v"]
+
+
+def _real(v: Any, name: str, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> Any:
+    """A real input for template ``v`` (same shapes) on ``device``: floats random in ``dtype`` (masks
+    zero: attend everywhere), booleans True, integers positions 0..n-1 along the last dimension."""
+    if isinstance(v, torch.Tensor):
+        shape = tuple(v.shape)
+        if v.is_floating_point():
+            if "mask" in name:
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        if v.dtype == torch.bool:
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        if not shape:
+            return torch.zeros((), dtype=v.dtype, device=device)
+        return torch.arange(shape[-1], dtype=v.dtype).expand(shape).contiguous().to(device)
+    if isinstance(v, tuple | list):
+        return type(v)(_real(x, name, device, dtype, gen) for x in v)
+    if isinstance(v, dict):
+        return {k: _real(x, f"{name}.{k}", device, dtype, gen) for k, x in v.items()}
+    return v
+
+
+def check_layer_runs(model: nn.Module, adapter: Adapter, i: int) -> None:
+    """Run decoder/encoder layer ``i`` of ``model`` once on a tiny input (2 x 8 tokens); raise a
+    :class:`~modelfold.errors.ResultError` naming the failing module if it cannot run.
+
+    For the layer-by-layer paths: call it after layer ``i`` was folded (its weights real, in place in
+    ``model``); the rest of ``model`` may be the meta-device skeleton. Layer ``i``'s inputs are built
+    from what layer 0 receives (captured once per model, shapes only) as real tensors on layer ``i``'s
+    device and dtype; nothing in ``model`` changes.
+    """
+    layer = adapter.layers(model)[i]
+    w = next((p for p in layer.parameters() if p.is_floating_point()), None)
+    if w is None or w.is_meta:
+        raise ValueError(f"layer {i} has no materialised weights; call check_layer_runs after loading and "
+                         "folding it, before it goes back to the meta device")
+    args, kwargs = _capture(model, adapter)
+    gen = torch.Generator().manual_seed(i)
+    args = tuple(_real(a, "hidden_states" if j == 0 else f"arg{j}", w.device, w.dtype, gen)
+                 for j, a in enumerate(args))
+    kwargs = {k: _real(v, k, w.device, w.dtype, gen) for k, v in kwargs.items()}
+    prefix = next((n for n, m in model.named_modules() if m is layer), f"layer {i}")
+    run_or_raise(layer, lambda: layer(*args, **kwargs), what=f"layer {i} of the compressed model",
+                 way_out=_way_out(model, adapter), prefix=prefix)
+
+
+__all__ = ["check_layer_runs", "check_model_runs", "tiny_ids"]
