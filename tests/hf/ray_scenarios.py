@@ -1,12 +1,14 @@
-"""The Ray side of ``test_distributed.py``, run as a child process: ``python ray_scenarios.py SRC WORK``.
+"""The Ray side of ``test_distributed.py``, run as child processes.
 
-Ray can end its driver process from its own threads (``_exit(1)`` when the local raylet dies, for one).
-On CI (stop 15) the test session ended inside this module with exit status 1 and no report, while a Ray
-driver was live in the pytest process. Here no Ray driver ever runs in the pytest process: such a death is
-only this child's death, and the test shows Ray's logs and tries once more.
+``python ray_scenarios.py die SRC WORK``: a Ray fold of ``SRC/llama`` into ``WORK/resumed`` whose driver
+SIGKILLs itself once two layers are recorded as done (a driver lost mid-run).
+``python ray_scenarios.py run SRC WORK``: resumes that fold, then folds, prunes, folds by the CLI and
+fails on NaN weights, all with ``executor="ray"``.
 
+Ray can end its driver process from its own threads (``_exit(1)`` when the local raylet dies, for one),
+which must not end the pytest session without a report, so no Ray driver runs in the pytest process.
 Every outcome that Python sees, errors included, is written to ``WORK/result.json``; a run that leaves
-no ``result.json`` died under Ray.
+no ``result.json`` died under Ray, and the test fails with Ray's logs (it is not retried).
 """
 
 from __future__ import annotations
@@ -21,22 +23,54 @@ FOLD = {"ratio": {0: 0.25, 1: {"mlp": 0.5, "attention": 0.5}, 3: 0.5},  # non-un
 PRUNE = {"ratio": 0.5, "norm": 1, "targets": "all", "progress": False}
 CLI = ["--ratio", "0.3", "--executor", "ray", "--ray-cpus", "1", "--ray-memory", "200MB"]
 SOURCES = ("llama", "qwen2", "nan")  # subdirectories of SRC the test writes
-OUTPUTS = ("fold_ray", "prune_ray", "cli_ray")  # subdirectories of WORK this script writes
+OUTPUTS = ("fold_ray", "prune_ray", "cli_ray", "resumed")  # subdirectories of WORK these scripts write
+DIE_AFTER = 2  # layers recorded before the "die" driver kills itself
+
+
+def _init() -> None:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error", log_to_driver=False,
+             object_store_memory=100 * 2**20)
+
+
+def die(src: Path, work: Path) -> None:
+    """Start the Ray fold of ``resumed`` and SIGKILL this driver once ``DIE_AFTER`` layers are recorded."""
+    import os
+    import signal
+    import time
+
+    import modelfold.hf.distributed as dist
+    from modelfold.hf.resume import partial_path
+    from modelfold.hf.stream import fold_checkpoint
+
+    part = partial_path(work / "resumed")
+
+    def gather(*args, **kw):
+        while len(list(part.glob("layer-*.json"))) < DIE_AFTER:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    dist._gather = gather
+    _init()
+    fold_checkpoint(src / "llama", work / "resumed", executor="ray", **FOLD)
 
 
 def run(src: Path, work: Path) -> dict:
-    """Fold, prune, fold by the CLI and fail on NaN weights, all with ``executor="ray"``."""
+    """Resume the killed fold; fold, prune, fold by the CLI and fail on NaN weights, all with ``executor="ray"``."""
     import ray
 
     from modelfold.cli import main
     from modelfold.hf.stream import fold_checkpoint, prune_checkpoint
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error", log_to_driver=False,
-             object_store_memory=100 * 2**20)
+    _init()
     try:
+        resumed = fold_checkpoint(src / "llama", work / "resumed", executor="ray", **FOLD)
+        (work / "killed").unlink(missing_ok=True)  # the next fold's layer-1 worker is killed once
         report = fold_checkpoint(src / "llama", work / "fold_ray", executor="ray", **FOLD)
         out: dict = {"fold": {"groups": [[g.root, g.channels_after] for g in report.groups],
-                              "params_after": report.params_after, "executor": report.info["executor"]}}
+                              "params_after": report.params_after, "executor": report.info["executor"]},
+                     "resumed_layers": resumed.info.get("resumed_layers", 0)}
         prune_checkpoint(src / "qwen2", work / "prune_ray", executor="ray", **PRUNE)
         out["cli_rc"] = main(["fold", str(src / "qwen2"), *CLI, "--out", str(work / "cli_ray")])
         try:
@@ -50,7 +84,10 @@ def run(src: Path, work: Path) -> dict:
 
 
 if __name__ == "__main__":
-    src_dir, work_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    mode, src_dir, work_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if mode == "die":
+        die(src_dir, work_dir)
+        sys.exit(3)  # the driver was not killed
     try:
         result = run(src_dir, work_dir)
     except BaseException:  # a Python-level failure is a result too: the test reports it, no retry

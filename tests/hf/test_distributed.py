@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from hf_models import make_model
-from ray_scenarios import CLI, FOLD, OUTPUTS, PRUNE
+from ray_scenarios import CLI, DIE_AFTER, FOLD, OUTPUTS, PRUNE
 from safetensors.torch import load_file, save_file
 
 from modelfold.cli import main
@@ -44,8 +44,8 @@ def _ray_logs(lines: int = 30) -> str:
 
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory) -> tuple[Path, Path, dict]:
-    """Sources, and the work directory and results of one child run of ray_scenarios.py (retried once if
-    the child died without a result, i.e. under Ray; a Python error is not retried)."""
+    """Sources, and the work directory and results of the child runs of ray_scenarios.py: a driver killed
+    mid-fold, then the scenarios (the killed fold resumed first). Not retried: a death fails the test."""
     root = tmp_path_factory.mktemp("ray")
     src = root / "src"
     make_model("llama", layers=4).save_pretrained(src / "llama", max_shard_size="20KB")
@@ -54,23 +54,26 @@ def ray_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     sd = load_file(str(src / "nan" / "model.safetensors"))
     sd["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(sd, str(src / "nan" / "model.safetensors"), metadata={"format": "pt"})
-    deaths = []
-    for attempt in (1, 2):
-        work = root / f"attempt{attempt}"
-        work.mkdir()
-        env = {**os.environ, KILL_HOOK: f"{KILLED_LAYER}:{work / 'killed'}"}  # inherited by the Ray workers
-        proc = subprocess.run([sys.executable, str(SCRIPT), str(src), str(work)], env=env, capture_output=True,
-                              text=True, timeout=900)
-        if (work / "result.json").is_file():
-            result = json.loads((work / "result.json").read_text())
-            assert "error" not in result, result["error"]
-            if deaths:
-                warnings.warn(f"the first Ray driver died without a result; the second run passed:\n{deaths[0]}",
-                              stacklevel=1)
-            return src, work, result
-        deaths.append(f"exit {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}\n"
-                      f"{_ray_logs()}")
-    pytest.fail("the Ray driver died twice without a result:\n" + "\n\n".join(deaths))
+    work = root / "work"
+    work.mkdir()
+    env = {**os.environ, KILL_HOOK: f"{KILLED_LAYER}:{work / 'killed'}"}  # inherited by the Ray workers
+    die = subprocess.Popen([sys.executable, str(SCRIPT), "die", str(src), str(work)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = die.communicate(timeout=900)
+    try:
+        os.killpg(die.pid, signal.SIGKILL)  # what the dead driver's Ray processes left running
+    except ProcessLookupError:
+        pass
+    assert die.returncode == -signal.SIGKILL, f"exit {die.returncode}\n{out[-3000:]}\n{err[-3000:]}\n{_ray_logs()}"
+    (work / "killed").unlink(missing_ok=True)  # the worker kill is injected again in the next run
+    proc = subprocess.run([sys.executable, str(SCRIPT), "run", str(src), str(work)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    if not (work / "result.json").is_file():
+        pytest.fail(f"the Ray driver died without a result: exit {proc.returncode}\nstdout: {proc.stdout[-3000:]}\n"
+                    f"stderr: {proc.stderr[-3000:]}\n{_ray_logs()}")
+    result = json.loads((work / "result.json").read_text())
+    assert "error" not in result, result["error"]
+    return src, work, result
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -104,6 +107,13 @@ def test_ray_fold_is_bit_identical_to_one_process_despite_a_killed_worker(ray_ru
     assert (result["fold"]["params_after"], result["fold"]["executor"]) == (local.params_after, "ray")
     # nothing but the outputs, the kill marker and the result: no temporary directories, no failed output
     assert sorted(p.name for p in work.iterdir()) == sorted([*OUTPUTS, "killed", "result.json"])
+
+
+def test_a_killed_ray_driver_resumes_to_the_same_bytes(ray_run, tmp_path):
+    src, work, result = ray_run
+    assert result["resumed_layers"] >= DIE_AFTER  # the layers the dead driver's tasks finished were kept
+    files = {p.name: p.read_bytes() for p in sorted((work / "resumed").iterdir())}
+    assert files == {p.name: p.read_bytes() for p in sorted((work / "fold_ray").iterdir())}
 
 
 def test_ray_prune_and_cli_match_one_process(ray_run, tmp_path, capsys):
