@@ -172,6 +172,10 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                              seed=seed, progress=progress, on_kept=on_kept, calib=calib, round_to=round_to)
     work = fixer.after(work)
     work.eval()
+    if verify:  # the result runs once (example's first item) before it is handed out; ``model`` is untouched
+        from .runcheck import check_cnn_runs
+
+        check_cnn_runs(work, example_inputs)
     info = dict(fixer.summary)
     if calib is not None:
         info.update(calib_info, refit=calib.info["refit"], refit_skipped=calib.info["refit_skipped"])
@@ -209,7 +213,13 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     round_to: hardware-friendly widths, e.g. 8, 16 or 64: every reduced group (transformers: MLP width,
         heads x head_dim) keeps the multiple of it nearest to k, at least one multiple and never more than
         its width; groups narrower than round_to, or left whole by the ratio, stay whole. sparsity= takes
-        the rounding into account. None or 1: no rounding.
+        the rounding into account. None or 1: no rounding. Runtime width constraints are honoured on top
+        of it (transformers MoE experts: multiples of 8; ``report.info["align"]``, docs/families.md).
+    verify: check before trusting (default True). CNNs: every group's channel coupling is verified by
+        perturbation before it folds (a group that fails stays whole, listed in the report). All models:
+        the result runs one forward before it is returned (CNNs: the example input's first item;
+        transformers: a (2, 8) batch of token ids, in the model's own class); if it cannot, a
+        ``ResultError`` names the failing module and the way out, and nothing is returned. False skips both.
     Returns a new, physically smaller module; ``model`` is not modified.
     """
     dev = None if device is None else resolve_device(device)
@@ -225,9 +235,9 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
                     raise TypeError("repair= does not apply to calibrated transformers folding (calibration=)")
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="fold", seed=seed,
                                          n_init=n_init, progress=progress, return_report=return_report,
-                                         calibration=calibration, round_to=round_to, device=dev, **kwargs)
+                                         calibration=calibration, round_to=round_to, device=dev, verify=verify, **kwargs)
             return hf.fold_model(model, ratio=ratio, sparsity=sparsity, repair=repair, seed=seed, n_init=n_init, progress=progress,
-                                 return_report=return_report, device=dev, round_to=round_to, **kwargs)
+                                 return_report=return_report, device=dev, round_to=round_to, verify=verify, **kwargs)
         raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
@@ -257,7 +267,8 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
           return_report: bool = False, merge: str | None = None, merge_threshold: float = 0.45,
           calibration: Any = None, calibration_kwargs: dict | None = None, round_to: int | None = None,
           **kwargs: Any) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold`` (``round_to`` too).
+    """Structured magnitude pruning (SP-L1/SP-L2) on the same channel groups as ``fold`` (``round_to`` and
+    ``verify`` too: the result runs one forward before it is returned).
 
     merge="neuron" (CNNs): Neuron Merging (Kim et al. 2020, data-free): each pruned channel's consumer
     columns go to its most similar kept channel (cosine of the effective producer rows >=
@@ -275,9 +286,9 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
             if calibration is not None:  # activation-aware selection + LS refit
                 return hf.compress_model(model, ratio=ratio, sparsity=sparsity, method="select", seed=seed,
                                          progress=progress, return_report=return_report, calibration=calibration,
-                                         round_to=round_to, **kwargs)
+                                         round_to=round_to, verify=verify, **kwargs)
             return hf.prune_model(model, ratio=ratio, sparsity=sparsity, norm=norm, seed=seed, progress=progress,
-                                  return_report=return_report, round_to=round_to, **kwargs)
+                                  return_report=return_report, round_to=round_to, verify=verify, **kwargs)
         raise hf.unsupported(model) if hf.is_transformers(model) else checks.missing_inputs(model)
     if kwargs:
         raise TypeError(f"prune() got unexpected arguments {sorted(kwargs)}")

@@ -161,7 +161,7 @@ def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn
 
 
 def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", source: str | os.PathLike | None = None,
-              progress: bool = False) -> GGUFInfo:
+              progress: bool = False, verify: bool = True) -> GGUFInfo:
     """Write ``model`` (a llama/mistral/qwen2/qwen3 causal LM, folded or not) to a GGUF file, atomically.
 
     dtype: one of :data:`TYPES` for every matrix, or ``"source"``: each tensor in the type it has in
@@ -171,6 +171,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     source: the GGUF the model was loaded from; its metadata (tokenizer, chat template) is carried over.
     Without it the file has no vocabulary (llama.cpp then evaluates token ids, not text).
     Per-layer sizes (a non-uniform plan) are refused: llama.cpp's loaders build every layer at one size.
+    verify: the model first runs one forward on a few token ids (transformers, its own class); one that
+    cannot run raises ``ResultError`` and nothing is written (False skips the check).
     """
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -191,6 +193,11 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     elif dtype == "source":
         raise ModelFoldError("dtype='source' needs source= (the GGUF file the model was loaded from)")
     src_types = {t.name: t.tensor_type for t in reader.tensors} if reader is not None else {}
+    if verify:
+        from .adapters import find_adapter
+        from .runcheck import check_model_runs
+
+        check_model_runs(model, find_adapter(model), what="the model to write as GGUF")
 
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

@@ -59,8 +59,16 @@ def atomic_dir(out_dir: str | os.PathLike, what: str = "the model") -> Iterator[
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """``save_pretrained`` into a temporary sibling directory, then rename it into place (``atomic_dir``)."""
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *, verify: bool = True) -> Path:
+    """``save_pretrained`` into a temporary sibling directory, then rename it into place (``atomic_dir``).
+
+    verify: a model of a supported family first runs one forward on a (2, 8) batch of token ids; one
+    that cannot run raises ``ResultError`` and nothing is written (False skips the check).
+    """
+    if verify and find_adapter(model) is not None:
+        from .runcheck import check_model_runs
+
+        check_model_runs(model, find_adapter(model), what="the model to save")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
