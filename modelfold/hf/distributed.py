@@ -62,11 +62,12 @@ def _maybe_die(ids: Sequence[int]) -> None:
 
 
 def fold_task(src: str, out: str, plan: Plan, method: str, options: dict, max_bytes: int, ids: list[int],
-              threads: int) -> dict:
+              threads: int, verify: bool = True) -> dict:
     """One Ray task: fold layers ``ids`` of ``src`` and write them as shards ``part-<first layer>-*`` in ``out``."""
     torch.set_num_threads(threads)
     cpu0 = time.process_time()
     source = open_source(src)
+    source.verify = verify
     for p in Path(out).glob(_prefix(ids) + "-*"):  # what an attempt killed earlier left behind
         p.unlink()
     expected = {k: source.reader.shapes[k] for i in ids for k in source.per_layer[i]}
@@ -124,7 +125,7 @@ def _gather(ray: Any, submit: Any, refs: dict, total: int, progress: bool) -> di
 
 def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, options: dict, max_bytes: int, *,
                 address: str | None = None, options_ray: Mapping | None = None,
-                progress: bool = False) -> tuple[list[GroupReport], int, int, dict]:
+                progress: bool = False, verify: bool = True) -> tuple[list[GroupReport], int, int, dict]:
     """Fold every layer of ``source`` as Ray tasks into ``partial``; returns (groups, bytes, numel, stages).
 
     Layers an earlier attempt recorded in ``partial`` are not folded again. Leaves the driver's meta
@@ -151,7 +152,8 @@ def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, optio
         remote = ray.remote(fold_task).options(**opts)
 
         def submit(i: int) -> Any:
-            return remote.remote(str(source.path), str(tmp), plan, method, dict(options), max_bytes, [i], threads)
+            return remote.remote(str(source.path), str(tmp), plan, method, dict(options), max_bytes, [i], threads,
+                                 verify)
 
         refs = {submit(i): i for i in range(n) if i not in results}
         try:

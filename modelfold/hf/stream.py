@@ -37,6 +37,7 @@ from .core import LayerFn, _adapter, fold_layer_fn, prune_layer_fn, record_sizes
 from .io import _model_class, is_hf_dir
 from .plan import Plan, make_plan
 from .resume import Partial, fingerprint, group_from_dict, group_to_dict, resumable_dir
+from .runcheck import check_layer_runs
 from .shards import INDEX, WEIGHT_SUFFIXES, ShardReader, ShardWriter, parse_size
 from .validate import check_model_dir
 
@@ -96,6 +97,7 @@ class Source:
     prefixes: list[str]  # "model.layers.3." for every layer
     per_layer: list[list[str]]  # tensor names of every layer
     rest: list[str]  # embeddings, final norm, LM head ...
+    verify: bool = True  # each folded layer runs once on a tiny input before it is written
 
 
 def open_source(src: str | os.PathLike) -> Source:
@@ -264,6 +266,8 @@ def _fold_one(source: Source, plan: Plan, layer_fn: LayerFn, i: int, sd: dict[st
                               "the checkpoint and its config disagree")
     with torch.no_grad():
         groups.extend(layer_fn(model, adapter, i, plan.get(i, {})))
+        if source.verify and plan.get(i):
+            check_layer_runs(model, adapter, i)  # a layer that cannot run is never written
     layer = adapter.layers(model)[i]
     out = to_disk(model, {prefix + k: v for k, v in layer.state_dict().items()})
     out = {k: v for k, v in out.items() if k in source.reader.weight_map}
@@ -286,7 +290,8 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
             options: dict, *, targets: str | Iterable[str], skip_first: int, skip_last: int,
             repair: str, max_shard_size: int | str, progress: bool, sparsity: float | None,
             attention_mode: str, executor: str, ray_address: str | None, ray_options: Mapping | None,
-            layer_fn: LayerFn | None = None, prepare: Callable[[Source], Any] | None = None) -> FoldReport:
+            layer_fn: LayerFn | None = None, prepare: Callable[[Source], Any] | None = None,
+            verify: bool = True) -> FoldReport:
     t0, cpu0 = time.perf_counter(), time.process_time()
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r} is not one of {EXECUTORS}: 'local' folds in this process, "
@@ -304,6 +309,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
                               "choose another output directory (the input is never overwritten)")
     max_bytes = parse_size(max_shard_size)
     source = open_source(src_p)
+    source.verify = verify
     model, adapter = source.model, source.adapter
     n_layers = len(source.prefixes)
     if prepare is not None:  # e.g. calibration: may measure the layers first and return a per-layer plan
@@ -323,7 +329,7 @@ def _stream(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mappi
 
             groups, total, numel, stages = fold_on_ray(source, partial, plan, method, options, max_bytes,
                                                        address=ray_address, options_ray=ray_options,
-                                                       progress=progress)
+                                                       progress=progress, verify=verify)
         else:
             writer = ShardWriter(tmp, max_bytes, expected=source.reader.shapes)
             groups, stages = fold_layers(source, plan, layer_fn, writer, range(n_layers), rest=True,
@@ -347,7 +353,7 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
                     attention_mode: str = "auto", max_shard_size: int | str = "2GB", progress: bool = True,
                     executor: str = "local", ray_address: str | None = None,
                     ray_options: Mapping | None = None, device: str | torch.device | None = None,
-                    round_to: int | None = None) -> FoldReport:
+                    round_to: int | None = None, verify: bool = True) -> FoldReport:
     """Fold the transformers checkpoint directory ``src`` into ``dst`` one layer at a time.
 
     Same arguments and bit-identical result as ``fold_model`` + ``save``, but only a few layers' tensors
@@ -359,14 +365,17 @@ def fold_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float
     ``ray_options`` go to the tasks' ``.options()`` (e.g. ``{"num_cpus": 4, "memory": 40e9}``). See
     docs/distributed.md. ``device``: where k-means runs ("cpu", "cuda", "cuda:N", "auto"; on Ray, each
     worker resolves it, so give GPU tasks ``ray_options={"num_gpus": 1}``). ``round_to``: kept widths at
-    multiples of it (see ``modelfold.fold``).
+    multiples of it (see ``modelfold.fold``). ``verify``: each folded layer runs once on a tiny input
+    before it is written (a ``ResultError`` otherwise). A run that dies (killed, interrupted, disk
+    full) keeps its work in ``.<dst>.partial``: the same call again continues from there and writes
+    the same bytes (``modelfold.hf.resume``).
     """
     options = {"repair": repair, "seed": seed, "n_init": n_init, "attention_mode": attention_mode,
                "device": None if device is None else str(device), "round_to": round_to}
     return _stream(src, dst, ratio, "fold", options, targets=targets, skip_first=skip_first,
                    skip_last=skip_last, repair=repair, max_shard_size=max_shard_size, progress=progress,
                    sparsity=sparsity, attention_mode=attention_mode, executor=executor,
-                   ray_address=ray_address, ray_options=ray_options)
+                   ray_address=ray_address, ray_options=ray_options, verify=verify)
 
 
 def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
@@ -374,14 +383,14 @@ def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: floa
                      skip_first: int = 0, skip_last: int = 0, attention_mode: str = "auto",
                      max_shard_size: int | str = "2GB", progress: bool = True, executor: str = "local",
                      ray_address: str | None = None, ray_options: Mapping | None = None,
-                     round_to: int | None = None) -> FoldReport:
+                     round_to: int | None = None, verify: bool = True) -> FoldReport:
     """Magnitude-prune (SP-L1/L2) a checkpoint directory layer by layer; see ``fold_checkpoint``."""
     return _stream(src, dst, ratio, f"sp-l{norm}", {"norm": norm, "attention_mode": attention_mode,
                                                       "round_to": round_to},
                    targets=targets, skip_first=skip_first, skip_last=skip_last, repair="none",
                    max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
                    attention_mode=attention_mode, executor=executor, ray_address=ray_address,
-                   ray_options=ray_options)
+                   ray_options=ray_options, verify=verify)
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:

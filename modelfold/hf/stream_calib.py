@@ -63,7 +63,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                         feedback: bool = False, weighting: str = "token", seed: int = 0,
                         n_init: int = 3, attention_mode: str = "auto", max_ratio: float = 0.8,
                         max_shard_size: int | str = "2GB", progress: bool = True,
-                        round_to: int | None = None) -> FoldReport:
+                        round_to: int | None = None, verify: bool = True) -> FoldReport:
     """:func:`~modelfold.hf.core.compress_model` + save, one block in memory at a time.
 
     ``calibration="self"`` for a causal LM samples the text from the whole model first (loaded
@@ -117,7 +117,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
     report = _stream(src, dst, ratio, name, {"round_to": round_to}, targets=targets, skip_first=skip_first, skip_last=skip_last,
                      repair="calibrated", max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
                      attention_mode=attention_mode, executor="local", ray_address=None, ray_options=None,
-                     layer_fn=fn, prepare=prepare)
+                     layer_fn=fn, prepare=prepare, verify=verify)
     info["plan"] = {g.root: g.channels_after for g in report.groups}
     report.repair_info = info
     report.seconds = time.perf_counter() - t0

@@ -272,3 +272,32 @@ def test_stream_round_to_matches_in_memory(tmp_path):
     with pytest.raises(InvalidRatioError, match="round_to"):
         fold_checkpoint(src, tmp_path / "bad", ratio=0.3, round_to=0, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_layer_that_cannot_run_is_never_written(tmp_path, monkeypatch):
+    import torch.nn as nn
+
+    import modelfold.hf.stream as stream
+    from modelfold.errors import ResultError
+    from modelfold.hf.resume import partial_path
+
+    src = _checkpoint(tmp_path)
+    fold = stream.fold_layer_fn
+
+    def breaking(**kw):
+        inner = fold(**kw)
+
+        def layer(work, adapter, i, p):
+            out = inner(work, adapter, i, p)
+            if i == 1:  # a width the next projection does not read: the layer's forward fails
+                mlp = adapter.layers(work)[i].mlp
+                mlp.down_proj = nn.Linear(mlp.down_proj.in_features + 1, mlp.down_proj.out_features, bias=False)
+            return out
+        return layer
+
+    monkeypatch.setattr(stream, "fold_layer_fn", breaking)
+    with pytest.raises(ResultError, match=r"layers\.1"):
+        fold_checkpoint(src, tmp_path / "out", ratio=0.3, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    fold_checkpoint(src, tmp_path / "out", ratio=0.3, progress=False, verify=False)  # the check is what refused it
+    assert (tmp_path / "out" / "config.json").is_file() and not partial_path(tmp_path / "out").exists()
