@@ -18,7 +18,7 @@ from .cli_args import (
     ray_options,
     repair_options,
 )
-from .errors import ModelFoldError
+from .errors import CalibrationError, CheckpointError, InvalidRatioError, ModelFoldError
 from .repair.ar import RHO_MODES
 
 EPILOG = """\
@@ -188,21 +188,34 @@ def _calibration(src: str, tokenizer: object) -> object:
         return src
     path = Path(src)
     if not path.is_file():
-        raise ModelFoldError(f"--calibration {src}: no such file; give 'self', a .txt file or a .pt tensor of ids")
+        raise CalibrationError(f"--calibration {src}: no such file; give 'self', a .txt file or a .pt tensor of ids")
+    if path.stat().st_size == 0:
+        raise CalibrationError(f"--calibration {src} is an empty file; give a .txt file of text, a .pt tensor of "
+                               "token ids saved with torch.save(ids, path), or 'self'")
     if path.suffix in (".pt", ".pth"):
         try:
             ids = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file
-            raise ModelFoldError(f"--calibration {src} is not a readable torch tensor file ({e})") from None
+            why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CalibrationError(f"--calibration {src} is not a readable torch tensor file ({why[:200]}); save "
+                                   "the token ids with torch.save(ids, path), a LongTensor (n, L)") from None
         return ids
-    if tokenizer is None:
-        raise ModelFoldError(f"--calibration {src}: text calibration needs the model's tokenizer, and none was "
-                             "found beside the model; pass token ids as a .pt tensor instead")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ModelFoldError(f"--calibration {src} is not UTF-8 text; give a .txt file or a .pt tensor") from None
-    return [t for t in text.split("\n\n") if t.strip()]
+        text = None
+    if text is None or "\x00" in text:
+        raise CalibrationError(f"--calibration {src} is a binary file, not UTF-8 text; give a .txt file of text, "
+                               "or token ids as a .pt tensor")
+    texts = [t for t in text.split("\n\n") if t.strip()]
+    if not texts:
+        raise CalibrationError(f"--calibration {src} holds no text (only blank lines); give a .txt file with "
+                               "enough text for the calibration sequences, or 'self'")
+    if tokenizer is None:
+        raise CalibrationError(f"--calibration {src}: text calibration needs the model's tokenizer, and none was "
+                               "found beside the model; copy its tokenizer files (tokenizer.json, "
+                               "tokenizer_config.json, ...) next to it, or pass token ids as a .pt tensor instead")
+    return texts
 
 
 def _use_stream(args: argparse.Namespace) -> bool:
@@ -294,6 +307,7 @@ def _inspect_hf(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check_arguments(args)
     if args.command == "eval":
         from .evaluate.cli import run as run_eval
 
@@ -381,8 +395,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except (ModelFoldError, ValueError, TypeError) as e:
-        print(f"modelfold: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"modelfold: error: {message}", file=sys.stderr)
         return 2
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or written, a sparsity outside (0, 1) and an output that would
+    overwrite or sit inside an input (the model, --weights, --calibration, --data)."""
+    sparsity = getattr(args, "sparsity", None)
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise InvalidRatioError(f"--sparsity {sparsity} is outside (0, 1): it is the fraction of parameters "
+                                "removed, e.g. --sparsity 0.3 removes 30%")
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    dst = Path(out).resolve()
+    for name, spec in (("the input model", args.model), ("--weights", getattr(args, "weights", None)),
+                       ("--calibration", getattr(args, "calibration", None)), ("--data", getattr(args, "data", None))):
+        if spec is None or not Path(spec).exists():
+            continue
+        src = Path(spec).resolve()
+        if dst == src or src in dst.parents:
+            raise CheckpointError(f"--out {out} would write into {name} {spec}; inputs are never modified: "
+                                  "choose an output path outside it")
+        if dst in src.parents:
+            raise CheckpointError(f"--out {out} contains {name} {spec} and would be replaced as a whole; choose "
+                                  "an output path that does not contain the input")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ User data for transformers: a LongTensor of token ids (n, L), or a list of strin
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..checks import check_weights
 from ..device import model_device
 from ..errors import CalibrationError
 
@@ -68,6 +72,7 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
     if bos is None:
         raise CalibrationError(f"{type(model).__name__} has no bos_token_id to start sampling from; pass "
                                "calibration token ids (or text with tokenizer=) instead")
+    check_weights(model)  # NaN/Inf weights: a clear error, not torch.multinomial's on the probabilities
     t0 = time.perf_counter()
     key = f"text-{_fingerprint(model)}-{n_seq}x{seq_len}-s{seed}-t{temperature}"
     path = cache_dir() / f"{key}.pt"
@@ -101,13 +106,27 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
     bar.close()
     ids = out[:, :seq_len].cpu()
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(ids, tmp)
-        tmp.replace(path)
+        _store(ids, path)
     if info is not None:
         info.update(source="sampled", seconds=time.perf_counter() - t0)
     return ids
+
+
+def _store(ids: torch.Tensor, path: Path) -> None:
+    """Cache ``ids`` at ``path`` atomically; the cache is an optimisation, so a full disk or a read-only
+    cache directory only warns (and leaves no temporary file)."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        torch.save(ids, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        warnings.warn(f"calibration cache not written ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "it is sampled again next time", stacklevel=3)
 
 
 def random_words(tokenizer: Any, n_seq: int = 128, seq_len: int = 32, *, seed: int = 0) -> torch.Tensor:
@@ -115,7 +134,8 @@ def random_words(tokenizer: Any, n_seq: int = 128, seq_len: int = 32, *, seed: i
     vocab = tokenizer.get_vocab()
     words = sorted(i for t, i in vocab.items() if t.isalpha() and t.isascii() and len(t) > 1)
     if not words:
-        raise CalibrationError("the tokenizer's vocabulary has no whole-word tokens to sample from")
+        raise CalibrationError("the tokenizer's vocabulary has no whole-word tokens to sample from; pass "
+                               "calibration text (with tokenizer=) or token ids instead of 'self'")
     gen = torch.Generator().manual_seed(seed)
     table = torch.tensor(words, dtype=torch.long, device="cpu")
     body = table[torch.randint(len(words), (n_seq, seq_len - 2), generator=gen, device="cpu")]
@@ -154,7 +174,8 @@ def resolve(model: nn.Module, calibration: Any, tokenizer: Any = None, *, n_seq:
             return self_text(model, n_seq or 8, seq_len or 512, seed=seed, progress=progress, info=info)
         if tokenizer is None:
             raise CalibrationError(f"calibration='self' for the encoder {type(model).__name__} needs tokenizer= "
-                                   "(random whole-word sequences are drawn from its vocabulary)")
+                                   "(random whole-word sequences are drawn from its vocabulary; on the command line: "
+                                   "the tokenizer files beside the model), or pass token ids")
         if info is not None:
             info.update(source="random-words")
         return random_words(tokenizer, n_seq or 128, seq_len or 32, seed=seed)
@@ -173,5 +194,8 @@ def resolve(model: nn.Module, calibration: Any, tokenizer: Any = None, *, n_seq:
         if info is not None:
             info.update(source="data")
         return text_ids(tokenizer, calibration, n_seq or 8, seq_len or 512, bos=is_causal_lm(model))
+    if isinstance(calibration, Sequence) and not isinstance(calibration, str) and not calibration:
+        raise CalibrationError("calibration= is an empty list: give texts (with tokenizer=), a LongTensor of token "
+                               "ids (n, L), or 'self'")
     raise CalibrationError(f"calibration={calibration!r:.60} is not understood: use 'self', a LongTensor of token "
                            "ids (n, L), or a list of strings with tokenizer=")

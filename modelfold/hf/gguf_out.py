@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ModelFoldError, UnsupportedModelError
+from ..errors import CheckpointError, InvalidWeightsError, ModelFoldError, UnsupportedModelError
 from ..io import atomic_write
 
 #: transformers ``model_type`` -> GGUF architecture (llama.cpp runs Mistral as ``llama``).
@@ -160,6 +160,24 @@ def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn
             writer.add_key_value(key, int(v), GGUFValueType.UINT32)
 
 
+def _check_complete(tmp: str, path: Path, n_tensors: int) -> None:
+    """The file just written holds every tensor completely: numpy's ``tofile`` (used by the gguf package)
+    can stop short at a full disk or a file-size limit without raising."""
+    import gguf
+
+    size = os.path.getsize(tmp)
+    try:
+        reader = gguf.GGUFReader(tmp)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        complete = len(reader.tensors) == n_tensors and end <= size
+    except Exception:  # noqa: BLE001 - a truncated file fails to parse
+        complete = False
+    if not complete:
+        raise CheckpointError(f"could not write {path}: the file came out incomplete ({size} bytes): the disk is "
+                              "full or a file-size limit was hit. Free some space and run again; nothing was "
+                              "written there")
+
+
 def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", source: str | os.PathLike | None = None,
               progress: bool = False, verify: bool = True) -> GGUFInfo:
     """Write ``model`` (a llama/mistral/qwen2/qwen3 causal LM, folded or not) to a GGUF file, atomically.
@@ -178,6 +196,9 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     from gguf import GGMLQuantizationType as T
 
     source = None if source is None else Path(source)
+    if source is not None and Path(path).resolve() == source.resolve():
+        raise CheckpointError(f"the output {path} is the source GGUF {source}; the input is never overwritten: "
+                              "write to another path")
     arch = _check(model, source)
     if dtype != "source" and dtype not in TYPES:
         raise ModelFoldError(f"unknown GGUF type {dtype!r}; use one of {', '.join(TYPES)} or 'source'")
@@ -186,7 +207,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
         try:
             reader = gguf.GGUFReader(source)
         except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
-            raise CheckpointError(f"cannot read the source GGUF {source}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"cannot read the source GGUF {source}: {type(e).__name__}: {e}; pass the intact "
+                                  "GGUF file the model was loaded from, or no source") from None
         src_arch = reader.fields["general.architecture"].contents()
         if src_arch != arch:
             raise CheckpointError(f"{source} is a {src_arch!r} GGUF but the model is {arch!r}")
@@ -202,6 +224,11 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     sd = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and c.tie_word_embeddings)}
+    for key, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidWeightsError(f"tensor {key} holds NaN or Inf values; a GGUF file of them would not run (a "
+                                      "quantized block with one NaN loses all its values). Reload or repair the "
+                                      "model's weights before writing it; nothing was written")
     sizes = _sizes(sd, c.num_hidden_layers, head_dim)
     uneven = {k: v for k, v in sizes.items() if len(set(v)) > 1}
     if uneven:
@@ -267,7 +294,11 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
+        for f in writer.fout or ():  # a full disk shows at the latest here
+            f.flush()
+            os.fsync(f.fileno())
         writer.close()
+        _check_complete(tmp, path, len(written) + len(info.copied))
 
     try:
         atomic_write(path, write)

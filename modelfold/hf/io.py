@@ -116,8 +116,19 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     from .validate import check_model_dir
 
     path = Path(path)
-    check_model_dir(path)  # config.json readable, a model_type transformers knows, weights present
-    config = AutoConfig.from_pretrained(path)
+    check_model_dir(path)  # config.json readable, a model_type transformers knows, complete weight files
+    try:
+        return _load_pretrained(path, AutoConfig.from_pretrained(path), **kwargs)
+    except (ModelFoldError, TypeError):  # TypeError: a keyword argument from_pretrained does not take
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors raise OSError, ValueError, RuntimeError ...
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"cannot load the model in {path} ({type(e).__name__}: {first[:300]}); its files are "
+                              "corrupt or do not match config.json: copy them again, or re-save the model with "
+                              "save_pretrained") from e
+
+
+def _load_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
     cls = _model_class(config)
     layers = getattr(config, "modelfold_layers", None)
     if not layers:
@@ -162,9 +173,10 @@ def _gguf(path: Path) -> Path | None:
 
 def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a transformers directory (via ``load_pretrained``) or a ``.gguf`` file (dequantized)."""
-    from .validate import check_gguf, looks_like_hf_dir
+    from .validate import check_exists, check_gguf, looks_like_hf_dir
 
     path = Path(path)
+    check_exists(path)
     if is_hf_dir(path) or (looks_like_hf_dir(path) and _gguf(path) is None):
         return load_pretrained(path)
     g = _gguf(path)
@@ -196,6 +208,11 @@ def drop_gguf_quantizer(model: nn.Module) -> None:
                 delattr(model.config, attr)
 
 
+#: files one of which a saved tokenizer has (fast, sentencepiece, BPE and WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer stored with a transformers directory or a ``.gguf`` file (CheckpointError if none)."""
     from transformers import AutoTokenizer
@@ -204,6 +221,11 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     g = None if is_hf_dir(path) else _gguf(path)
     if not is_hf_dir(path) and g is None:
         raise CheckpointError(f"no tokenizer found at {path}: it is neither a transformers directory nor a .gguf file")
+    if g is None and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        # transformers 5 builds an empty tokenizer (special tokens only) from config.json alone
+        raise CheckpointError(f"no usable tokenizer at {path}: none of its files ({', '.join(TOKENIZER_FILES[:3])}, "
+                              "...) is there. Copy the tokenizer files of the original model into the directory; "
+                              "folding never changes the tokenizer.")
     try:
         if g is None:
             return AutoTokenizer.from_pretrained(path)

@@ -83,8 +83,10 @@ def has_weights(path: str | os.PathLike) -> bool:
 
 def check_model_dir(path: str | os.PathLike, *, weights: bool = True, foldable: bool = False) -> dict[str, Any]:
     """Validate a model directory: config.json, a model_type transformers knows, weights, and (if
-    ``foldable``) a family modelfold folds. Returns the parsed config."""
+    ``foldable``) a family modelfold folds; with ``weights``, complete safetensors headers. Returns the
+    parsed config."""
     p = Path(path)
+    check_exists(p)
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a directory holding a transformers model (config.json and weights)")
     data = read_config(p)
@@ -96,6 +98,8 @@ def check_model_dir(path: str | os.PathLike, *, weights: bool = True, foldable: 
         raise CheckpointError(f"{p} has a config.json but no weights (expected model.safetensors, a sharded "
                               f"model-*.safetensors with its index, or pytorch_model.bin; found {found[:8]}). Copy "
                               "the weight files next to config.json, or re-save the model with save_pretrained.")
+    if weights:
+        check_safetensors(p)
     return data
 
 
@@ -109,7 +113,32 @@ def gguf_architecture(path: str | os.PathLike) -> str:
         return bytes(field.parts[field.data[0]]).decode("utf-8")
     except Exception as e:  # noqa: BLE001 - gguf raises plain ValueError/KeyError on bad files
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be "
-                              "truncated or not a GGUF file at all") from None
+                              "truncated or not a GGUF file at all: copy or download it again, or convert the "
+                              "original model again") from None
+
+
+def check_exists(path: str | os.PathLike) -> None:
+    """CheckpointError naming the path when nothing is there (a typo, or a file still downloading)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: give a transformers model directory (config.json and weights) "
+                              "or a .gguf file; check the path")
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Every ``*.safetensors`` file of a model directory has a complete header covering the file (a truncated
+    or foreign file is refused before transformers reads it)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise CheckpointError(f"{f} is not a readable safetensors file ({type(e).__name__}: {first[:200]}); it "
+                                  "is truncated or corrupt: copy or download it again, or re-save the model with "
+                                  "save_pretrained") from None
 
 
 def check_gguf(path: str | os.PathLike) -> str:
@@ -133,6 +162,7 @@ def check_foldable(path: str | os.PathLike, weights: bool = True) -> None:
     """Before loading anything: ``path`` is a model directory of a family modelfold folds (with its weights),
     or a GGUF file (or a directory holding one) of an architecture transformers reads."""
     p = Path(path)
+    check_exists(p)
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() and not (p / "config.json").is_file() else []
     if p.suffix == ".gguf" and p.is_file():
         check_gguf(p)
