@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -18,7 +17,6 @@ from .groups import ChannelGroup, build_graph, iter_groups
 from .policies import (
     activation_kmeans_planner,
     activation_planner,
-    first_k_planner,
     kmeans_planner,
     magnitude_planner,
     neuron_merging_planner,
@@ -63,35 +61,59 @@ def _reject_cnn_only(**options: Iterable) -> None:
 
 
 def _measured_sparsity(work: nn.Module, example_inputs: Any, ignore: set[str], keep_outputs: set[str],
-                       round_to: int | None = None):
+                       round_to: int | None = None, groups: dict | None = None, calib: Any = None):
     """count(plan): the parameter fraction a first-k compression of ``work`` with ``plan`` (one ratio
-    or {group root: ratio}) removes, widths rounded as the real compression rounds them."""
-    total = count_params(work)
-    memo: dict[Any, float] = {}
+    or {group root: ratio}) removes, widths rounded as the real compression rounds them (and the
+    biases a calibrated refit adds counted; ``calib.cnn_budget.counter``)."""
+    from .calib.cnn_budget import counter
 
-    def count(plan: float | dict[str, float]) -> float:
-        key = tuple(sorted(plan.items())) if isinstance(plan, dict) else plan
-        if key not in memo:
-            m = copy.deepcopy(work)
-            compress_groups(m, example_inputs, plan, first_k_planner, ignore=ignore, keep_outputs=keep_outputs,
-                            verify=False, round_to=round_to)
-            memo[key] = 1.0 - count_params(m) / total
-        return memo[key]
+    return counter(work, example_inputs, ignore, keep_outputs, round_to, groups, calib)
 
-    return count
+
+MAX_RATIO = 0.95  # the largest per-group ratio sparsity= may choose
+
+
+def _plan_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float, ignore: set[str],
+                       keep_outputs: set[str], round_to: int | None = None, *, verify: bool = True, seed: int = 0,
+                       calib: Any = None) -> tuple[float, dict[str, float], float]:
+    """(ratio, plan, planned sparsity): one channel ratio for every group the engine will reduce whose
+    compressed model removes ``sparsity`` of the parameters within ``calib.budget.SPARSITY_TOL``.
+
+    The ratio is bisected against the measured count; groups whose width the ratio leaves between two
+    integers keep the floor or the ceiling (a uniform ratio, rounded per group) so that coarse widths
+    still land on the target. Raises InvalidRatioError naming the nearest reachable sparsity."""
+    from .calib.budget import SPARSITY_TOL, refine, settle, unreachable
+    from .calib.cnn_budget import foldable_groups, levels, snap
+
+    groups = foldable_groups(work, example_inputs, ignore, keep_outputs, verify, seed)
+    count = _measured_sparsity(work, example_inputs, ignore, keep_outputs, round_to, groups, calib)
+    sizes = {r: cg.size for r, cg in groups.items()}
+
+    def at(r: float) -> dict[str, float]:
+        return snap({g: r for g in groups}, sizes, round_to)
+
+    top = count(at(MAX_RATIO))
+    if sparsity > top + SPARSITY_TOL:
+        raise InvalidRatioError(
+            f"sparsity={sparsity:.3f} is not reachable: removing {MAX_RATIO:.0%} of every foldable group's "
+            f"channels removes only {top:.1%} of the parameters; the nearest reachable sparsity is {top:.3f}. "
+            "Ask for at most that, or check the report for groups kept intact.")
+    ratio, got = settle(lambda r: count(at(r)), 0.0, MAX_RATIO, sparsity, steps=16)
+    plan = at(ratio)
+    if abs(got - sparsity) > SPARSITY_TOL / 4:  # coarse widths: correct single groups
+        plan, got = refine(plan, got, count, {g: levels(n, round_to, MAX_RATIO) for g, n in sizes.items()},
+                           sparsity, SPARSITY_TOL / 4)
+    if abs(got - sparsity) > SPARSITY_TOL:
+        raise unreachable(sparsity, got, "one ratio for every group (rounded per group) moves in channel steps "
+                          "too coarse for this network")
+    return ratio, plan, got
 
 
 def _ratio_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float,
                         ignore: set[str], keep_outputs: set[str], round_to: int | None = None) -> float:
-    """Bisect the channel ratio whose pruned/folded model removes ``sparsity`` of the params."""
-    removed = _measured_sparsity(work, example_inputs, ignore, keep_outputs, round_to)
-    hi_s = removed(0.95)
-    if sparsity > hi_s + 1e-9:
-        raise InvalidRatioError(
-            f"sparsity={sparsity:.3f} is not reachable: removing 95% of every foldable group's "
-            f"channels removes only {hi_s:.1%} of the parameters. Ask for at most {hi_s:.2f}, or "
-            "check the report for groups kept intact.")
-    return checks.smallest_ratio(removed, sparsity, 0.95, steps=12)
+    """The channel ratio whose pruned/folded model removes about ``sparsity`` of the params (the
+    per-group plan that meets it exactly: :func:`_plan_for_sparsity`)."""
+    return _plan_for_sparsity(work, example_inputs, sparsity, ignore, keep_outputs, round_to)[0]
 
 
 def _calibration_options(calibration: Any, options: dict | None, repair: str) -> dict:
@@ -143,16 +165,20 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
     kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
     calib, calib_info = _calibrator(model, example_inputs, calibration, calib_opts, seed, progress)
     plan: float | dict[str, float] = ratio
+    run_info: dict[str, Any] = {"round_to": round_to} if round_to else {}
     if sparsity is not None and calib is not None and calib_opts.get("budget", "auto") == "auto":
-        from .calib.cnn_budget import auto_budget, counter
+        from .calib.cnn_budget import auto_budget, foldable_groups
 
-        count = counter(work, example_inputs, names, kept) if round_to is None else \
-            _measured_sparsity(work, example_inputs, names, kept, round_to)
-        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept, count)
+        groups = foldable_groups(work, example_inputs, names, kept, verify, seed)
+        count = _measured_sparsity(work, example_inputs, names, kept, round_to, groups, calib)
+        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept, count, groups, round_to)
         calib_info.update(budget_info)
         ratio = sum(plan.values()) / max(1, len(plan))
+        run_info["sparsity"] = sparsity
     elif sparsity is not None:
-        ratio = plan = _ratio_for_sparsity(work, example_inputs, sparsity, names, kept, round_to)
+        ratio, plan, _ = _plan_for_sparsity(work, example_inputs, sparsity, names, kept, round_to, verify=verify,
+                                            seed=seed, calib=calib)
+        run_info["sparsity"] = sparsity  # asked; report.param_sparsity is what was removed
     params0, macs0 = count_params(work), count_macs(work, example_inputs)
 
     from .repair import make_repair
@@ -181,7 +207,7 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
         info.update(calib_info, refit=calib.info["refit"], refit_skipped=calib.info["refit_skipped"])
     report = FoldReport(method, ratio, params0, count_params(work), macs0,
                         count_macs(work, example_inputs), time.perf_counter() - t0, groups, repair, info,
-                        {"round_to": round_to} if round_to else {})
+                        run_info)
     return work, report
 
 

@@ -157,7 +157,7 @@ def test_sparsity_target_is_met() -> None:
     model = randomize_bn(VGGish(8)).eval()
     x = torch.randn(1, 3, 16, 16)
     _, report = modelfold.fold(model, x, sparsity=0.5, return_report=True)
-    assert abs(report.param_sparsity - 0.5) < 0.08
+    assert abs(report.param_sparsity - 0.5) <= 0.01 and report.info["sparsity"] == 0.5
     assert 0 < report.ratio < 1
 
 
@@ -220,14 +220,14 @@ def test_round_to_with_sparsity_reaches_the_target() -> None:
     x = torch.randn(2, 3, 16, 16)
     out, report = modelfold.fold(model, x, sparsity=0.4, round_to=8, return_report=True)
     assert all(w % 8 == 0 for w in _widths(out))
-    assert report.param_sparsity >= 0.4
+    assert abs(report.param_sparsity - 0.4) <= 0.01
 
 
 def test_round_to_with_calibration_and_an_automatic_budget() -> None:
     torch.manual_seed(0)
     model = randomize_bn(VGGish(16)).eval()
     x = torch.randn(2, 3, 16, 16)
-    out, report = modelfold.prune(model, x, sparsity=0.3, round_to=8, calibration=torch.randn(32, 3, 16, 16),
-                                  return_report=True)
+    out, report = modelfold.prune(model, x, sparsity=0.32, round_to=8, calibration=torch.randn(32, 3, 16, 16),
+                                  return_report=True)  # multiples of 8 of widths 16/32/64: 0.3 is not reachable
     assert all(w % 8 == 0 for w in _widths(out))
-    assert report.param_sparsity >= 0.3
+    assert abs(report.param_sparsity - 0.32) <= 0.01

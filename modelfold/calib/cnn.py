@@ -325,6 +325,28 @@ class CNNCalibrator:
                 mod.bias = nn.Parameter(bias.to(mod.weight.dtype))
 
 
+def added_params(model: nn.Module, consumers: set[str], x: Any) -> int:
+    """Parameters :meth:`CNNCalibrator.finish` adds to the compressed ``model`` when it refits
+    ``consumers``: a new bias for every refitted consumer that has none and no BatchNorm (with running
+    statistics) reading its output. ``sparsity=`` counts them, so the asked fraction stays exact."""
+    if not any(getattr(model.get_submodule(n), "bias", 0) is None for n in consumers):
+        return 0  # every consumer has its bias: nothing to add (and no forward needed)
+    order, calls = execution_order(model, x)
+    bns = bn_after(model, x)
+    added = 0
+    for name in order:
+        if name not in consumers:
+            continue
+        mod = model.get_submodule(name)
+        if not refittable(mod) or calls.get(name, 0) != 1 or mod.bias is not None:
+            continue
+        bn = bns.get(name)
+        if bn is not None and model.get_submodule(bn).running_mean is not None:
+            continue
+        added += mod.weight.shape[0]
+    return added
+
+
 def _run_through(model: nn.Module, name: str, x: Any) -> None:
     """Forward ``x`` until module ``name`` has run (its train-mode BN statistics update)."""
     def hook(mod: nn.Module, inp: Any, out: Any) -> None:

@@ -3,9 +3,11 @@
 Sensitivity of a group at a ratio r = the relative output error of the whole network when the
 group's lowest-scoring channels (activation scores, ``policies.activation_scores``) are silenced,
 i.e. their consumer columns zeroed, on the calibration inputs: a pruning of that one group without
-compensation, measured end to end without re-tracing the model. ``calib.budget.allocate`` then
-spreads the parameter target over the groups (Lagrangian, fragile groups keep more), and the target
-handed to it is bisected so that the measured sparsity of the compressed model reaches ``sparsity``.
+compensation, measured end to end without re-tracing the model. The curves' continuous allocation
+(``calib.budget.fill``: fragile groups keep more) is bisected on its parameter target against the
+*measured* sparsity of the compressed model (``counter``: the real compression's widths, its
+coupled tensors, BatchNorms and the biases a refit adds), so ``sparsity`` is met within
+``budget.SPARSITY_TOL`` or refused with the nearest reachable value.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import forward
+from ..checks import forward, kept_width
 from ..engine import CONSUMER, group_features, mark_user_kept, resolve
 from ..errors import InvalidRatioError
 from ..groups import ChannelGroup, build_graph, iter_groups
 from ..policies import activation_scores
-from .budget import allocate
+from .budget import SPARSITY_TOL, fill, refine, settle, unreachable
 
 CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
 
@@ -102,49 +104,111 @@ def _silenced_error(model: nn.Module, cg: ChannelGroup, drop: torch.Tensor, x: t
                 t.data.index_copy_(dim, pos, vals)
 
 
+def levels(n: int, round_to: int | None, max_ratio: float) -> list[float]:
+    """Admissible ratios of a group of ``n`` channels up to ``max_ratio``: one per distinct kept width
+    (``1 - k/n``, which ``kept_width`` maps back to exactly k), ascending."""
+    ks = {kept_width(n, 1.0 - k / n, round_to) for k in range(1, n + 1) if 1.0 - k / n <= max_ratio + 1e-9}
+    return sorted(1.0 - k / n for k in ks | {n})
+
+
+def snap(plan: dict[str, float], sizes: dict[str, int], round_to: int | None) -> dict[str, float]:
+    """Each ratio replaced by the level of the width it keeps (same compression, canonical key)."""
+    return {u: 1.0 - kept_width(sizes[u], r, round_to) / sizes[u] for u, r in plan.items()}
+
+
+def foldable_groups(model: nn.Module, example_inputs: Any, ignore: set[str], keep_outputs: set[str],
+                    verify: bool = True, seed: int = 0) -> dict[str, ChannelGroup]:
+    """Root -> group for every group ``engine.compress`` will reduce, decided exactly as it decides
+    (user marks, then the coupling check with the same seeds): a plan over these is what it removes."""
+    from ..engine import _outputs, verify_coupling
+
+    dg = build_graph(model, example_inputs)
+    ignored = [m for n, m in model.named_modules() if n in ignore]
+    described = [cg for _, cg in iter_groups(dg, ignored)]
+    ref = _outputs(model, example_inputs) if verify else None
+    out = {}
+    for i, cg in enumerate(described):
+        mark_user_kept(cg, ignore, keep_outputs)
+        if cg.foldable and verify and not verify_coupling(model, cg, example_inputs, seed + i, ref):
+            cg.foldable = False
+        if cg.foldable:
+            out[cg.root] = cg
+    return out
+
+
 def auto_budget(model: nn.Module, example_inputs: Any, calib: Any, sparsity: float, ignore: set[str],
-                keep_outputs: set[str], count: Callable[[dict[str, float]], float], steps: int = 10
+                keep_outputs: set[str], count: Callable[[dict[str, float]], float],
+                groups: dict[str, ChannelGroup] | None = None, round_to: int | None = None
                 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Ratio per group root whose compressed model (``count(plan)`` = measured sparsity) removes at
-    least ``sparsity`` of the parameters, spread by :func:`sensitivity_curves`."""
-    curves, _ = sensitivity_curves(model, example_inputs, calib, ignore, keep_outputs)
+    """Ratio per group root whose compressed model removes ``sparsity`` of the parameters (within
+    ``SPARSITY_TOL``, measured by ``count(plan)``), spread by :func:`sensitivity_curves`.
+
+    The curves' continuous allocation (``budget.fill``) is bisected on its parameter target against
+    the measured count, so the plan moves one channel at a time; a last correction of single groups
+    (``budget.refine``) covers coarse widths. ``groups``: the groups the engine will reduce (others
+    are left out of the plan). Raises InvalidRatioError naming the nearest reachable sparsity.
+    """
+    curves, sizes = sensitivity_curves(model, example_inputs, calib, ignore, keep_outputs)
+    if groups is not None:
+        curves = {r: c for r, c in curves.items() if r in groups}
     if not curves:
         raise InvalidRatioError("no group could be measured for an automatic budget; pass ratio= instead")
-    total = sum(p.numel() for p in model.parameters())
     reach = sum(max(c[1] for c in curve) for curve in curves.values())
-    best = {r: max(c[0] for c in curve) for r, curve in curves.items()}
-    if count(best) < sparsity:
-        raise InvalidRatioError(f"sparsity={sparsity:.3f} is not reachable with per-group ratios up to "
-                                f"{max(CANDIDATES)}: at most {count(best):.1%}; lower the sparsity")
-    lo, hi = 0.0, min(reach, total)
-    plan = best
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        cand = allocate(curves, mid)
-        if count(cand) >= sparsity:
-            hi, plan = mid, cand
-        else:
-            lo = mid
-    info = {"budget": "auto", "plan": {k: v for k, v in plan.items()}}
+    most = max(CANDIDATES)
+
+    def at(target: float) -> dict[str, float]:
+        return snap(fill(curves, target), sizes, round_to)
+
+    top = count(at(reach))
+    if top < sparsity - SPARSITY_TOL:
+        raise unreachable(sparsity, top, f"the automatic budget removes at most {most:.0%} of any group's "
+                          f"channels, {top:.1%} of the parameters (budget='uniform' goes further)")
+    target, got = settle(lambda t: count(at(t)), 0.0, reach, sparsity)
+    plan = at(target)
+    if abs(got - sparsity) > SPARSITY_TOL / 4:  # coarse widths: correct single groups
+        plan, got = refine(plan, got, count, {u: levels(sizes[u], round_to, most) for u in curves}, sparsity,
+                           SPARSITY_TOL / 4)
+    if abs(got - sparsity) > SPARSITY_TOL:
+        raise unreachable(sparsity, got, "the groups' channels are too coarse")
+    info = {"budget": "auto", "plan": dict(plan), "sparsity_planned": round(got, 6)}
     return plan, info
 
 
-def counter(work: nn.Module, example_inputs: Any, ignore: set[str], keep_outputs: set[str]
-            ) -> Callable[[dict[str, float]], float]:
-    """Measured parameter sparsity of ``work`` compressed with a per-group ratio plan (first-k)."""
+def counter(work: nn.Module, example_inputs: Any, ignore: set[str], keep_outputs: set[str],
+            round_to: int | None = None, groups: dict[str, ChannelGroup] | None = None, calib: Any = None
+            ) -> Callable[[dict[str, float] | float], float]:
+    """Measured parameter sparsity of ``work`` compressed with a plan (one ratio or {group root: ratio};
+    first-k, widths rounded to ``round_to`` as the real compression rounds them). With ``calib`` (a
+    CNNCalibrator that refits), the biases its refit adds are counted too. Plans that keep the same
+    widths share one measurement (``groups`` gives the widths)."""
     from ..engine import compress
     from ..policies import first_k_planner
+    from ..report import count_params
+    from .cnn import added_params
 
-    total = sum(p.numel() for p in work.parameters())
+    total = count_params(work)
     memo: dict[tuple, float] = {}
+    refits = calib is not None and getattr(calib, "compensate", False)
 
-    def count(plan: dict[str, float]) -> float:
-        key = tuple(sorted(plan.items()))
-        if key not in memo:
+    def key(plan: dict[str, float] | float) -> tuple:
+        if groups is None:
+            return tuple(sorted(plan.items())) if isinstance(plan, dict) else (plan,)
+        get = plan.get if isinstance(plan, dict) else (lambda _r, _d: plan)
+        return tuple(kept_width(cg.size, get(r, 0.0), round_to) for r, cg in sorted(groups.items()))
+
+    def count(plan: dict[str, float] | float) -> float:
+        k = key(plan)
+        if k not in memo:
             m = copy.deepcopy(work)
-            compress(m, example_inputs, plan, first_k_planner, ignore=ignore, keep_outputs=keep_outputs,
-                     verify=False)
-            memo[key] = 1.0 - sum(p.numel() for p in m.parameters()) / total
-        return memo[key]
+            reports = compress(m, example_inputs, plan, first_k_planner, ignore=ignore, keep_outputs=keep_outputs,
+                               verify=False, round_to=round_to)
+            after = count_params(m)
+            if refits:
+                reduced = {g.root for g in reports if g.channels_after < g.channels_before}
+                cons = {sl.module for r in reduced if groups and r in groups
+                        for sl in groups[r].slices if sl.kind == CONSUMER}
+                after += added_params(m, cons, example_inputs)
+            memo[k] = 1.0 - after / total
+        return memo[k]
 
     return count

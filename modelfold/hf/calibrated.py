@@ -19,13 +19,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..calib.budget import allocate
+from ..calib.budget import SPARSITY_TOL, fill, refine, settle, unreachable
 from ..calib.compensate import output_error
 from ..calib.score import FeatureStats, unit_importance
 from ..checks import kept_width
 from ..device import model_device
 from ..errors import UnsupportedModelError
-from ..report import GroupReport
+from ..report import GroupReport, count_params
 from .adapters import Adapter
 from .adapters.base import MLPSpec, get, hook_module
 from .attention import resolve_mode, units_k
@@ -310,6 +310,8 @@ class Sensitivity:
         self.probe = probe and PROBE_RATIO in self.grid
         self.ref: BlockInputs | None = None  # original stream of the probe sequences
         self.streams: dict[str, BlockInputs] = {}  # probe streams, one unit compressed in each
+        self.levels: dict[str, list[tuple[float, int]]] = {}  # unit -> [(ratio, parameters removed)]
+        self.total: int | None = None  # parameters of the whole model
 
     def start(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: int = 4) -> None:
         """Capture the inputs of block 0 for the calibration ids (and the probe's first few)."""
@@ -334,9 +336,19 @@ class Sensitivity:
         acts = record(block, self.inputs, mods)
         if scale is not None:
             acts = {k: v * scale[:, None] for k, v in acts.items()}
+        if self.total is None:
+            self.total = count_params(model)  # every tensor (meta ones too): what sparsity= is a fraction of
         if "mlp" in acts:
-            self.curves[f"{i}:mlp"] = _mlp_curve(_mlp(adapter, model, i), acts["mlp"], self.opts, energy, self.grid)
+            spec = _mlp(adapter, model, i)
+            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["mlp"], self.opts, energy, self.grid)
+            self.levels[f"{i}:mlp"] = _levels(spec.width, lambda r: mlp_removed(spec, r, self.opts.round_to),
+                                              max(self.grid))
         if "attention" in acts:
+            spec = adapter.attention(model, i)
+            mode = resolve_mode(spec, self.opts.attention_mode)
+            self.levels[f"{i}:attention"] = _levels(
+                spec.n_rep if mode == "query" else spec.num_kv_heads,
+                lambda r: attention_removed(spec, r, self.opts.attention_mode, self.opts.round_to), max(self.grid))
             self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["attention"], self.opts,
                                                         energy, self.grid)
         del acts
@@ -375,14 +387,59 @@ class Sensitivity:
             out[key] = [(r, p, e * f) for r, p, e in curve]
         return out
 
-    def plan(self, target: float) -> Plan:
-        """Ratios removing ``target`` parameters with the least total error (``calib.budget.allocate``)."""
+    def plan(self, target: float, total: int | None = None) -> Plan:
+        """Ratios removing ``target`` parameters (of ``total``, default: the measured model's) with the
+        least total error: the curves' continuous allocation (``calib.budget.fill``), each unit snapped to
+        a width it can have, bisected against the exact count of the removed parameters, then single
+        units corrected (``budget.refine``). The plan removes ``target`` within ``SPARSITY_TOL * total``,
+        else InvalidRatioError names the nearest reachable sparsity."""
+        curves = self.scaled_curves()
+        total = total or self.total or 1
+        sparsity = target / total
+        removal = {u: dict(lv) for u, lv in self.levels.items()}
+
+        def at(t: float) -> dict[str, float]:
+            out = {}
+            for u, r in fill(curves, t).items():
+                lv = self.levels.get(u)
+                out[u] = r if lv is None else max(x for x, _ in lv if x <= r + 1e-9)
+            return out
+
+        def count(p: dict[str, float]) -> float:
+            return sum(removal[u][r] for u, r in p.items() if u in removal) / total
+
+        if not curves or target <= 0:
+            return {}
+        reach = sum(max(c[1] for c in curve) for curve in curves.values())
+        top = count(at(reach))
+        if top < sparsity - SPARSITY_TOL:
+            raise unreachable(sparsity, top, f"per-layer ratios up to max_ratio={max(self.grid)} of the targeted "
+                              "units remove no more")
+        t, got = settle(lambda t: count(at(t)), 0.0, reach, sparsity, steps=64, tight=0.0)
+        p = at(t)
+        if abs(got - sparsity) > SPARSITY_TOL / 4:
+            p, got = refine(p, got, count, {u: [x for x, _ in lv] for u, lv in self.levels.items() if u in p},
+                            sparsity, SPARSITY_TOL / 4, rounds=64)
+        if abs(got - sparsity) > SPARSITY_TOL:
+            raise unreachable(sparsity, got, "the targeted neurons/heads are too coarse")
         plan: Plan = {}
-        for key, r in allocate(self.scaled_curves(), target).items():
-            i, t = key.split(":")
+        for key, r in p.items():
+            i, t_ = key.split(":")
             if r > 0:
-                plan.setdefault(int(i), {})[t] = r
+                plan.setdefault(int(i), {})[t_] = r
         return plan
+
+
+def _levels(n: int, removed: Any, max_ratio: float) -> list[tuple[float, int]]:
+    """[(ratio, parameters removed)] for every distinct width a unit of ``n`` neurons/heads can keep at
+    ratios up to ``max_ratio`` (ratio ``1 - k/n``, the smallest giving that removal), ascending."""
+    out: dict[int, float] = {0: 0.0}
+    for k in range(n, 0, -1):
+        r = 1.0 - k / n
+        if r > max_ratio + 1e-9:
+            break
+        out.setdefault(removed(r), r)
+    return sorted((r, p) for p, r in out.items())
 
 
 def mods_of(targets: Iterable[str]) -> list[str]:

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 import torch.nn as nn
 
-from ..checks import kept_width, smallest_ratio
+from ..calib.budget import SPARSITY_TOL, settle, unreachable
+from ..checks import kept_width
 from ..errors import InvalidRatioError
 from ..report import count_params
 from .adapters.base import Adapter, AttnSpec, MLPSpec, get, width_multiple
@@ -87,8 +88,9 @@ def plan_removed(model: nn.Module, adapter: Adapter, plan: Plan, attention_mode:
 def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
                        targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
                        attention_mode: str = "auto", round_to: int | None = None) -> float:
-    """The smallest uniform ratio whose plan removes at least ``sparsity`` of the parameters
-    (widths rounded to ``round_to`` as the fold rounds them)."""
+    """The uniform ratio whose plan removes ``sparsity`` of the parameters as nearly as any uniform ratio
+    does (widths rounded to ``round_to`` as the fold rounds them): within ``calib.budget.SPARSITY_TOL``,
+    else InvalidRatioError naming the nearest reachable sparsity."""
     if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise InvalidRatioError(f"sparsity={sparsity!r} is outside [0, 1): it is the fraction of parameters "
                                 "removed, e.g. 0.2 removes 20%")
@@ -100,12 +102,17 @@ def ratio_for_sparsity(model: nn.Module, adapter: Adapter, sparsity: float, *,
         return geo.removed(make_plan(r, n_layers, targets, skip_first, skip_last), attention_mode) / total
 
     most = removed(MAX_RATIO)
-    if sparsity > most + 1e-12:
+    if sparsity > most + SPARSITY_TOL:
         raise InvalidRatioError(
             f"sparsity={sparsity:.3f} is not reachable with targets={targets!r}: removing {MAX_RATIO:.0%} of "
             f"every targeted layer's neurons/heads removes only {most:.1%} of the parameters (embeddings, "
-            "norms and the LM head never fold). Ask for less, or add targets (e.g. 'all').")
-    return smallest_ratio(removed, sparsity, MAX_RATIO, steps=40)  # cheap: shapes only
+            f"norms and the LM head never fold); the nearest reachable sparsity is {most:.3f}. Ask for at "
+            "most that, or add targets (e.g. 'all').")
+    ratio, got = settle(removed, 0.0, MAX_RATIO, sparsity, steps=48, tight=0.0)  # cheap: shapes only
+    if abs(got - sparsity) > SPARSITY_TOL:
+        raise unreachable(sparsity, got, "one ratio for every layer changes the widths of all layers at once"
+                          + (f", in steps of round_to={round_to}" if round_to else ""))
+    return ratio
 
 
 def summary(model: nn.Module, adapter: Adapter) -> str:

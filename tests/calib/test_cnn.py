@@ -136,12 +136,12 @@ def test_auto_budget_spares_the_fragile_group():
     with torch.no_grad():
         net[2].bias[:8] = -100.0
     x = torch.randn(64, 6)
-    out, rep = modelfold.prune(net, x[:1], sparsity=0.35, calibration=x, calibration_kwargs={"lam": 0.0},
-                               return_report=True)
+    out, rep = modelfold.prune(net, x[:1], sparsity=0.365, calibration=x, calibration_kwargs={"lam": 0.0},
+                               return_report=True)  # the 8 silent channels hold 160 of the 435 parameters
     plan = rep.repair_info["plan"]
-    assert plan == {"0": 0.0, "2": 0.5} and rep.param_sparsity >= 0.35
+    assert plan == {"0": 0.0, "2": 0.5} and abs(rep.param_sparsity - 0.365) <= 0.01
     assert _err(out, net, x) < 1e-10
-    uniform = modelfold.prune(net, x[:1], sparsity=0.35, calibration=x, calibration_kwargs={"budget": "uniform"})
+    uniform = modelfold.prune(net, x[:1], sparsity=0.365, calibration=x, calibration_kwargs={"budget": "uniform"})
     assert _err(uniform, net, x) > 1e-4
 
 

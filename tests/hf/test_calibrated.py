@@ -103,7 +103,7 @@ def test_auto_budget_reaches_the_sparsity_and_protects_a_fragile_layer():
     with torch.no_grad():  # make layer 1's MLP output dominate: removing its neurons costs the most
         m.model.layers[1].mlp.down_proj.weight.mul_(30.0)
     small, rep = compress_model(m, sparsity=0.15, calibration=ids(), return_report=True)
-    assert rep.param_sparsity >= 0.15 - 1e-9
+    assert abs(rep.param_sparsity - 0.15) <= 0.01
     widths = [layer.mlp.down_proj.in_features for layer in small.model.layers]
     assert widths[1] == max(widths) and widths[1] > min(widths)
 
