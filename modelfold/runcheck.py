@@ -22,22 +22,26 @@ def _shapes(module: nn.Module) -> str:
     return f" (parameters: {', '.join(parts[:4])})" if parts else ""
 
 
-def run_or_raise(root: nn.Module, fn: Callable[[], Any], *, what: str, way_out: str | Callable[[str], str],
-                 prefix: str = "") -> Any:
+def run_or_raise(root: nn.Module, fn: Callable[[], Any], *, what: str,
+                 way_out: str | Callable[[str, str | None], str], prefix: str = "") -> Any:
     """``fn()`` (a forward of ``root``); any exception becomes a ResultError naming the failing module.
 
-    ``way_out``: the advice, or a function of the failing module's name returning it. ``prefix``: the
-    name of ``root`` inside the model the user knows (e.g. "model.layers.3").
+    ``way_out``: the advice, or a function of (the failing module's name, the name of the last module
+    with its own parameters that finished before it, or None) returning it. ``prefix``: the name of
+    ``root`` inside the model the user knows (e.g. "model.layers.3").
     """
     names = {m: n for n, m in root.named_modules()}
     stack: list[str] = []
+    last: list[str] = []  # the last module with its own weights that finished (a conv/linear feeding the failure)
 
     def pre(mod: nn.Module, _args: Any) -> None:
         stack.append(names.get(mod, "?"))
 
     def post(mod: nn.Module, _args: Any, _out: Any) -> None:
         if stack:
-            stack.pop()
+            done = stack.pop()
+            if next(mod.parameters(recurse=False), None) is not None:
+                last[:] = [done]
 
     handles = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
@@ -47,7 +51,8 @@ def run_or_raise(root: nn.Module, fn: Callable[[], Any], *, what: str, way_out: 
         inner = stack[-1] if stack else ""
         name = ".".join(filter(None, (prefix, inner))) or type(root).__name__
         mod = root.get_submodule(inner) if inner else root
-        advice = way_out(name) if callable(way_out) else way_out
+        prev = ".".join(filter(None, (prefix, last[0]))) if last else None
+        advice = way_out(name, prev) if callable(way_out) else way_out
         raise ResultError(
             f"{what} cannot run: its module '{name}' ({type(mod).__name__}{_shapes(mod)}) raised "
             f"{type(e).__name__}: {e}. {advice} Nothing was returned or written and the input model is "
@@ -74,10 +79,15 @@ def check_cnn_runs(model: nn.Module, example_inputs: Any, what: str = "the compr
 
     x = first_item(example_inputs)
 
-    def advice(name: str) -> str:
-        return (f"Keep that module intact with ignore=['{name}'] (or keep_outputs=), or pass strict=True to "
-                "refuse groups that cannot be folded safely; please report the model if the groups looked "
-                "foldable.")
+    def advice(name: str, prev: str | None) -> str:
+        try:
+            own = next(model.get_submodule(name).parameters(recurse=False), None) is not None
+        except AttributeError:  # the top-level forward itself
+            own = False
+        keep = f"ignore=['{name}']" if own else \
+            (f"keep_outputs=['{prev}'] (the layer that ran last before it)" if prev else "keep_outputs=[...]")
+        return (f"It assumes channel counts the fold changed: keep its channels with {keep}, or fold less "
+                "(a smaller ratio); please report the model if the module looked foldable.")
 
     run_or_raise(model, lambda: forward(model, x), what=what, way_out=advice)
 

@@ -47,7 +47,7 @@ def tiny_ids(model: nn.Module, device: torch.device | str | None = None) -> torc
 
 
 def _way_out(model: nn.Module, adapter: Adapter | None):
-    def advice(name: str) -> str:
+    def advice(name: str, _prev: str | None) -> str:
         try:
             align = adapter.align(model) if adapter is not None else {}
         except Exception:  # noqa: BLE001 - advice only
