@@ -196,9 +196,10 @@ def _calibration(src: str, tokenizer: object) -> object:
         try:
             ids = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file
-            why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise CalibrationError(f"--calibration {src} is not a readable torch tensor file ({why[:200]}); save "
-                                   "the token ids with torch.save(ids, path), a LongTensor (n, L)") from None
+            why = next((line.strip() for line in str(e).splitlines() if line.strip()), "").split(". ")[0]
+            raise CalibrationError(f"--calibration {src} is not a readable torch tensor file ({type(e).__name__}: "
+                                   f"{why[:120]}); save the token ids with torch.save(ids, path), a LongTensor "
+                                   "(n, L)") from None
         return ids
     try:
         text = path.read_text(encoding="utf-8")
