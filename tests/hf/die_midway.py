@@ -16,20 +16,20 @@ import torch
 
 if __name__ == "__main__":
     spec = json.loads(open(sys.argv[1]).read())
-    import modelfold.hf.stream as stream
-    from modelfold.hf.stream_calib import compress_checkpoint
+    import modelfold.hf.checkpoint.layers as layers
+    from modelfold.hf.checkpoint import compress_checkpoint, fold_checkpoint, prune_checkpoint
 
-    fold_one = stream._fold_one
+    fold_one = layers.fold_one
 
     def dying(source, plan, layer_fn, i, sd, groups):
         if i == spec["die_at"]:
             os.kill(os.getpid(), signal.SIGKILL)
         return fold_one(source, plan, layer_fn, i, sd, groups)
 
-    stream._fold_one = dying
+    layers.fold_one = dying
     kwargs = spec["kwargs"]
     if "calibration" in kwargs:
         kwargs["calibration"] = torch.tensor(kwargs["calibration"])
-    call = {"fold": stream.fold_checkpoint, "prune": stream.prune_checkpoint, "compress": compress_checkpoint}
+    call = {"fold": fold_checkpoint, "prune": prune_checkpoint, "compress": compress_checkpoint}
     call[spec["call"]](spec["src"], spec["dst"], **kwargs)
     sys.exit(3)  # the kill did not happen

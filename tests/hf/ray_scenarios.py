@@ -40,9 +40,9 @@ def die(src: Path, work: Path) -> None:
     import signal
     import time
 
-    import modelfold.hf.distributed as dist
-    from modelfold.hf.resume import partial_path
-    from modelfold.hf.stream import fold_checkpoint
+    import modelfold.hf.checkpoint.on_ray as on_ray
+    from modelfold.hf.checkpoint import fold_checkpoint
+    from modelfold.hf.checkpoint.resume import partial_path
 
     part = partial_path(work / "resumed")
 
@@ -51,7 +51,7 @@ def die(src: Path, work: Path) -> None:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    dist._gather = gather
+    on_ray.gather = gather
     _init()
     fold_checkpoint(src / "llama", work / "resumed", executor="ray", **FOLD)
 
@@ -61,7 +61,7 @@ def run(src: Path, work: Path) -> dict:
     import ray
 
     from modelfold.cli import main
-    from modelfold.hf.stream import fold_checkpoint, prune_checkpoint
+    from modelfold.hf.checkpoint import fold_checkpoint, prune_checkpoint
 
     _init()
     try:

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from modelfold.cli import main
 from modelfold.errors import ModelFoldError
-from modelfold.hf.distributed import KILL_HOOK
-from modelfold.hf.stream import fold_checkpoint, prune_checkpoint
+from modelfold.hf.checkpoint import fold_checkpoint, prune_checkpoint
+from modelfold.hf.checkpoint.on_ray import KILL_HOOK
 
 pytest.importorskip("ray", reason="ray is not installed (pip install 'modelfold[ray]'; CI installs it)")
 

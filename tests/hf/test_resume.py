@@ -17,9 +17,8 @@ import torch
 from hf_models import VOCAB, make_model
 
 from modelfold.errors import CheckpointError, InvalidWeightsError
-from modelfold.hf.resume import partial_path
-from modelfold.hf.stream import fold_checkpoint, prune_checkpoint
-from modelfold.hf.stream_calib import compress_checkpoint
+from modelfold.hf.checkpoint import compress_checkpoint, fold_checkpoint, prune_checkpoint
+from modelfold.hf.checkpoint.resume import partial_path
 
 SCRIPT = Path(__file__).with_name("die_midway.py")
 LAYERS = 6
@@ -97,21 +96,21 @@ def test_a_run_with_other_settings_refuses_the_partial_output(tmp_path):
 
 
 def test_interrupt_keeps_the_work_and_bad_input_leaves_nothing(tmp_path, monkeypatch):
-    import modelfold.hf.stream as stream
+    import modelfold.hf.checkpoint.layers as layers
 
     src = _src(tmp_path)
-    fold_one = stream._fold_one
+    fold_one = layers.fold_one
 
     def interrupted(source, plan, layer_fn, i, sd, groups):
         if i == 3:
             raise KeyboardInterrupt
         return fold_one(source, plan, layer_fn, i, sd, groups)
 
-    monkeypatch.setattr(stream, "_fold_one", interrupted)
+    monkeypatch.setattr(layers, "fold_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fold_checkpoint(src, tmp_path / "out", **_kwargs("fold"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "src"]  # kept for the rerun
-    monkeypatch.setattr(stream, "_fold_one", fold_one)
+    monkeypatch.setattr(layers, "fold_one", fold_one)
     rep = fold_checkpoint(src, tmp_path / "out", **_kwargs("fold"))
     assert rep.info["resumed_layers"] >= 1
     fold_checkpoint(src, tmp_path / "ref", **_kwargs("fold"))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modelfold.hf import shards
-from modelfold.hf.shards import ShardWriter
+from modelfold.hf.checkpoint import shards
+from modelfold.hf.checkpoint.shards import ShardWriter
 
 
 def _tensors(g: torch.Generator, n: int) -> dict[str, torch.Tensor]:

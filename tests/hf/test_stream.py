@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import modelfold.hf as mh
 from modelfold.errors import CheckpointError, InvalidRatioError
-from modelfold.hf.stream import ShardWriter, fold_checkpoint, parse_size, prune_checkpoint
+from modelfold.hf.checkpoint import ShardWriter, fold_checkpoint, parse_size, prune_checkpoint
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -277,12 +277,12 @@ def test_stream_round_to_matches_in_memory(tmp_path):
 def test_a_layer_that_cannot_run_is_never_written(tmp_path, monkeypatch):
     import torch.nn as nn
 
-    import modelfold.hf.stream as stream
+    import modelfold.hf.checkpoint.layers as layers
     from modelfold.errors import ResultError
-    from modelfold.hf.resume import partial_path
+    from modelfold.hf.checkpoint.resume import partial_path
 
     src = _checkpoint(tmp_path)
-    fold = stream.fold_layer_fn
+    fold = layers.fold_layer_fn
 
     def breaking(**kw):
         inner = fold(**kw)
@@ -295,7 +295,7 @@ def test_a_layer_that_cannot_run_is_never_written(tmp_path, monkeypatch):
             return out
         return layer
 
-    monkeypatch.setattr(stream, "fold_layer_fn", breaking)
+    monkeypatch.setattr(layers, "fold_layer_fn", breaking)
     with pytest.raises(ResultError, match=r"layers\.1"):
         fold_checkpoint(src, tmp_path / "out", ratio=0.3, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -6,8 +6,8 @@ from hf_models import make_model
 from safetensors.torch import load_file
 
 import modelfold.hf as mh
+from modelfold.hf.checkpoint import compress_checkpoint
 from modelfold.hf.core import compress_model
-from modelfold.hf.stream_calib import compress_checkpoint
 
 
 def tensors(d):

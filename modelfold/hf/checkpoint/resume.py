@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, ModelFoldError
-from ..report import GroupReport
+from ...errors import CheckpointError, ModelFoldError
+from ...report import GroupReport
 
 MANIFEST, PROGRESS = "resume.json", "progress.json"
 FORMAT = 1
@@ -139,7 +139,7 @@ def _differences(old: Mapping, new: Mapping) -> list[str]:
 def resumable_dir(out: Path, fp: Mapping, what: str = "the compressed checkpoint") -> Iterator[Partial]:
     """Yield the partial directory for ``out`` (continued if an earlier attempt with fingerprint ``fp`` left
     one); on success it replaces ``out`` in one rename, as ``atomic_dir`` does."""
-    from .io import is_hf_dir
+    from ..io import is_hf_dir
 
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory; choose another --out path")

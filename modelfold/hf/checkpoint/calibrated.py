@@ -1,0 +1,125 @@
+"""Calibrated compression layer by layer, from safetensors shards (checkpoints larger than RAM).
+
+The calibration activations stream from layer to layer beside the weights: a front model (the
+embeddings and everything outside the blocks, plus one block that never runs) catches the first
+block's inputs; then each block is read from the shards, measured (``budget="auto"``: a first pass
+over all blocks), compressed by the same step as in memory (:class:`~modelfold.hf.calibrated.Calibrated`),
+run on the activations, written and released. Memory: one block plus the activations. The result
+is bit-identical to :func:`~modelfold.hf.core.compress_model` on the same model loaded whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ...calib import data as cdata
+from ...checks import check_round_to
+from ...errors import InvalidRatioError
+from ...report import FoldReport
+from ..calib_layer import CalibOptions
+from ..calibrated import PROBE_SHAPE, Calibrated, Sensitivity, capture
+from .run import run_checkpoint
+from .source import Source, load_layer, release_layer
+
+
+def _front(ctx: Source) -> nn.Module:
+    """The model with a single block, on CPU, holding the checkpoint's non-block tensors."""
+    from ..io import _model_class
+
+    config = copy.deepcopy(ctx.model.config)
+    config.num_hidden_layers = 1
+    for attr in ("layer_types", "modelfold_layers"):
+        if isinstance(getattr(config, attr, None), list):
+            setattr(config, attr, getattr(config, attr)[:1])
+    cls = _model_class(config)
+    build = getattr(cls, "_from_config", None) or cls.from_config
+    dtype = next((ctx.reader.get(k).dtype for k in ctx.rest if ctx.reader.get(k).is_floating_point()), None)
+    front = build(config, dtype=dtype) if dtype is not None else build(config)
+    from ..convert import to_model
+
+    front.load_state_dict(to_model(front, {k: ctx.reader.get(k) for k in ctx.rest}), strict=False, assign=True)
+    ctx.reader.release()
+    return front.eval()
+
+
+def _full_model(src: Any) -> nn.Module:
+    from ..io import load_any
+
+    return load_any(src)
+
+
+def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float | Mapping | None = None, *,
+                        sparsity: float | None = None, calibration: Any = "self", tokenizer: Any = None,
+                        method: str = "select", score: str = "act", compensate: str = "ls", budget: str = "auto",
+                        targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
+                        n_calib: int | None = None, calib_len: int | None = None, lam: float = 1e-3,
+                        feedback: bool = False, weighting: str = "token", seed: int = 0,
+                        n_init: int = 3, attention_mode: str = "auto", max_ratio: float = 0.8,
+                        max_shard_size: int | str = "2GB", progress: bool = True,
+                        round_to: int | None = None, verify: bool = True) -> FoldReport:
+    """:func:`~modelfold.hf.core.compress_model` + save, one block in memory at a time.
+
+    ``calibration="self"`` for a causal LM samples the text from the whole model first (loaded
+    memory-mapped; cached on disk, so later runs skip it); token ids or texts need no full load.
+    """
+    if budget not in ("auto", "uniform"):
+        raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
+    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
+                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init,
+                        round_to=check_round_to(round_to))
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    fn = Calibrated(torch.empty(0, dtype=torch.long), opts)
+
+    def prepare(ctx: Source) -> Any:
+        front = _front(ctx)
+        if isinstance(calibration, str) and calibration == "self" and cdata.is_causal_lm(front):
+            whole = _full_model(ctx.path)
+            ids = cdata.resolve(whole, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
+                                progress=progress, info=info)
+            del whole
+        else:
+            ids = cdata.resolve(front, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
+                                progress=progress, info=info)
+        info.update(calibration="self" if isinstance(calibration, str) else "data",
+                    calibration_tokens=int(ids.numel()), calibration_seconds=round(time.perf_counter() - t0, 2))
+        with torch.no_grad():
+            start = capture(front, ctx.adapter, ids)
+            probe_ref = capture(front, ctx.adapter, ids[:PROBE_SHAPE[0], :PROBE_SHAPE[1]])
+        del front
+        plan = None
+        if budget == "auto" and sparsity is not None:
+            if ratio is not None:
+                raise InvalidRatioError("give either ratio= or sparsity=, not both")
+            if not 0.0 < sparsity < 1.0:
+                raise InvalidRatioError(f"sparsity={sparsity!r} must be in (0, 1)")
+            sens = Sensitivity(opts, targets, max_ratio)
+            sens.inputs = start
+            sens.ref = probe_ref if sens.probe else None
+            n = len(ctx.per_layer)
+            with torch.no_grad():
+                for i in tqdm(range(n), desc="measuring sensitivity", disable=not progress, leave=False):
+                    load_layer(ctx, i)
+                    sens.step(ctx.model, ctx.adapter, i)
+                    release_layer(ctx, i)
+            plan = sens.plan(sparsity * ctx.reader.numel())
+        fn.inputs, fn.ids = start, ids  # ids: the fingerprint of a resumable run
+        return plan
+
+    name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
+    report = run_checkpoint(src, dst, ratio, name, {"round_to": round_to}, targets=targets, skip_first=skip_first, skip_last=skip_last,
+                     repair="calibrated", max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
+                     attention_mode=attention_mode, executor="local", ray_address=None, ray_options=None,
+                     layer_fn=fn, prepare=prepare, verify=verify)
+    info["plan"] = {g.root: g.channels_after for g in report.groups}
+    report.repair_info = info
+    report.seconds = time.perf_counter() - t0
+    return report
