@@ -155,7 +155,7 @@ def _outputs(model: nn.Module, inputs: object) -> list[torch.Tensor]:
             if isinstance(o, torch.Tensor)]
 
 
-def _close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+def outputs_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
@@ -176,7 +176,7 @@ def verify_coupling(model: nn.Module, cg: ChannelGroup, inputs: object, seed: in
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(cg.size, generator=gen)
     permute(model, cg, perm)
-    ok = _close(ref, _outputs(model, inputs))
+    ok = outputs_close(ref, _outputs(model, inputs))
     permute(model, cg, torch.argsort(perm))  # restore exactly (pure index moves)
     return ok
 

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..engine import Plan, Planner, _close, _outputs
+from ..engine import Plan, Planner, _outputs, outputs_close
 from ..groups import CONSUMER, PRODUCER, ChannelGroup
 from . import Repair, RepairError
-from .stats import BN_TYPES, _safe_resolve, conv_bn_pairs
+from .stats import BN_TYPES, conv_bn_pairs, safe_resolve
 
 RHO_MODES = ("pooled", "producer", "all", "bn")
 NO_BN = "no BatchNorm in the group"
@@ -88,7 +88,7 @@ def rho_blocks(feats: dict[str, torch.Tensor], mode: str, model: nn.Module | Non
         if kind not in kinds or attr != "weight":
             continue
         if mode == "pooled" and model is not None:
-            v = pool_spatial(v, spatial_taps(_safe_resolve(model, module)))
+            v = pool_spatial(v, spatial_taps(safe_resolve(model, module)))
         blocks.append(v)
     return blocks
 
@@ -119,9 +119,9 @@ class FoldAR(Repair):
     @classmethod
     def from_kwargs(cls, model: nn.Module | None = None, example_inputs: Any = None, ar_rho: str | None = None,
                     ar_no_bn: str | None = None, **kwargs: Any) -> FoldAR:
-        from .data import _reject
+        from .data import reject_options
 
-        _reject(kwargs, "ar")
+        reject_options(kwargs, "ar")
         return cls(example_inputs, ar_rho or "pooled", ar_no_bn or "naive")
 
     def before(self, model: nn.Module) -> nn.Module:
@@ -133,7 +133,7 @@ class FoldAR(Repair):
             saved = {k: v.clone() for k, v in list(conv.state_dict().items()) + list(bn.state_dict().items())}
             had_bias = conv.bias is not None
             _absorb(conv, bn)
-            if _close(ref, _outputs(model, self.example_inputs)):
+            if outputs_close(ref, _outputs(model, self.example_inputs)):
                 self.absorbed[bn_name] = conv_name
                 if not had_bias:
                     self.created_bias.add(conv_name)
@@ -151,7 +151,7 @@ class FoldAR(Repair):
 
     def _reason(self, cg: ChannelGroup) -> str:
         assert self._model is not None
-        mods = {s.module: _safe_resolve(self._model, s.module) for s in cg.slices}
+        mods = {s.module: safe_resolve(self._model, s.module) for s in cg.slices}
         if any(isinstance(m, nn.LayerNorm) for m in mods.values()):
             return "LayerNorm in the group"
         bns = [n for n, m in mods.items() if isinstance(m, BN_TYPES)]

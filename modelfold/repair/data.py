@@ -14,10 +14,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..checks import forward
 from ..engine import Planner
 from ..merge import representatives
 from . import Repair, RepairError
-from .stats import BN_TYPES, PlanLog, _forward, as_batches, group_has_bn, reset_bn_stats
+from .stats import BN_TYPES, PlanLog, as_batches, group_has_bn, reset_bn_stats
 
 
 def _channel_dim(mod: nn.Module, out: torch.Tensor) -> int:
@@ -47,7 +48,7 @@ def channel_stats(model: nn.Module, names: list[str], batches: list[torch.Tensor
     model.eval()
     try:
         for x in batches:
-            _forward(model, x)
+            forward(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -65,7 +66,7 @@ def _execution_order(model: nn.Module, names: set[str], x: torch.Tensor) -> list
     handles = [model.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: order.append(n) if n not in order else None) for n in names]
     try:
-        _forward(model, x[:1])
+        forward(model, x[:1])
     finally:
         for h in handles:
             h.remove()
@@ -161,7 +162,7 @@ class FoldR(Repair):
     @classmethod
     def from_kwargs(cls, model: nn.Module | None = None, data: Any = None, batch_size: int = 256,
                     max_samples: int | None = None, **kwargs: Any) -> FoldR:
-        _reject(kwargs, "data")
+        reject_options(kwargs, "data")
         if model is None:
             raise RepairError("repair='data' needs the original model")
         return cls(model, as_batches(data, batch_size, max_samples))
@@ -174,7 +175,7 @@ class FoldR(Repair):
         return model
 
 
-def _reject(kwargs: dict[str, Any], name: str) -> None:
+def reject_options(kwargs: dict[str, Any], name: str) -> None:
     extra = {k for k, v in kwargs.items() if k not in ("example_inputs", "seed", "progress") and v is not None}
     if extra:
         raise RepairError(f"repair={name!r} got unknown options {sorted(extra)}")

@@ -27,11 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import forward
 from ..device import resolve_device
 from ..engine import Planner
 from ..errors import InputShapeError
 from . import Repair, RepairError
-from .stats import BN_TYPES, PlanLog, _forward
+from .stats import BN_TYPES, PlanLog
 
 CACHE_VERSION = 1
 
@@ -111,7 +112,7 @@ def _synthesize(model: nn.Module, input_shape: tuple[int, ...], settings: DIRSet
     gen = torch.Generator().manual_seed(settings.seed)  # random draws on the CPU: the same on every device
     x = torch.randn((settings.batch, *input_shape), generator=gen).to(device).requires_grad_(True)
     with torch.no_grad():
-        n_cls = _forward(work, x[:1]).shape[-1]
+        n_cls = forward(work, x[:1]).shape[-1]
     targets = (torch.arange(settings.batch) % n_cls)[torch.randperm(settings.batch, generator=gen)].to(device)
     opt = torch.optim.Adam([x], lr=settings.lr, betas=(0.5, 0.9), eps=1e-8)
     losses, handles = _bn_losses(work)
@@ -211,9 +212,9 @@ class FoldDIR(Repair):
                     progress: bool = False, dir_batch: int | None = None, dir_iters: int | None = None,
                     dir_lr: float | None = None, dir_settings: DIRSettings | None = None,
                     dir_cache: bool = True, device: str | torch.device | None = None, **kwargs: Any) -> FoldDIR:
-        from .data import _reject
+        from .data import reject_options
 
-        _reject(kwargs, "dir")
+        reject_options(kwargs, "dir")
         if model is None:
             raise RepairError("repair='dir' needs the original model")
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.ndim < 2:

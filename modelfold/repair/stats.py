@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import forward as _forward
+from ..checks import forward
 from ..engine import Plan, Planner, resolve
 from ..groups import PRODUCER, ChannelGroup
 from ..merge import representatives
@@ -81,7 +81,7 @@ def conv_bn_pairs(model: nn.Module, example_inputs: Any) -> list[tuple[str, str]
         elif isinstance(m, BN_TYPES):
             handles.append(m.register_forward_pre_hook(bn_hook(name)))
     try:
-        _forward(model, example_inputs)
+        forward(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
@@ -141,10 +141,10 @@ class PlanLog:
 
 def group_has_bn(model: nn.Module, cg: ChannelGroup) -> bool:
     """True if a BatchNorm layer normalizes the group's channels."""
-    return any(isinstance(_safe_resolve(model, s.module), BN_TYPES) for s in cg.slices)
+    return any(isinstance(safe_resolve(model, s.module), BN_TYPES) for s in cg.slices)
 
 
-def _safe_resolve(model: nn.Module, name: str) -> nn.Module | torch.Tensor | None:
+def safe_resolve(model: nn.Module, name: str) -> nn.Module | torch.Tensor | None:
     try:
         return resolve(model, name)
     except AttributeError:
