@@ -16,6 +16,13 @@ from .errors import CheckpointError
 ZOO = ("resnet18_fmnist", "vgg11_bn_fmnist")
 
 
+def _why(e: BaseException) -> str:
+    """``Type: first sentence`` of an exception from a file reader (torch's run to many lines)."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    first = first.split(". ")[0][:160]
+    return f"{type(e).__name__}: {first}" if first else f"{type(e).__name__} (the file ends early)"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then move the result onto ``path`` in one step.
 
@@ -48,8 +55,8 @@ def _load_state(path: Path) -> dict:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}. "
-                              "Is it a complete state_dict saved with torch.save or safetensors?") from e
+        raise CheckpointError(f"cannot read weights file {path} ({_why(e)}); it is truncated, corrupt or not a "
+                              "state_dict: pass a complete one saved with torch.save or safetensors") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -73,8 +80,9 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
         try:
             model = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot load model file {path}: {type(e).__name__}: {e}. Pass a file "
-                                  "written by torch.save(model), or a torchvision name with --weights") from e
+            raise CheckpointError(f"cannot load model file {path} ({_why(e)}); it is truncated, corrupt or not a "
+                                  "model: pass a file written by torch.save(model), or a torchvision name with "
+                                  "--weights") from e
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"{path} holds a {type(model).__name__}, not a full nn.Module; if it is a "
                                   "state_dict, pass the architecture as MODEL and this file as --weights")
@@ -127,6 +135,9 @@ def load_inputs(spec: str, limit: int = 1024) -> torch.Tensor:
     path = Path(spec)
     if not path.is_file():
         raise CheckpointError(f"data file {path} does not exist; pass a .pt/.pth tensor, a .npy array or 'fmnist'")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"data file {path} is empty; pass a tensor of inputs (N, ...) saved with "
+                              "torch.save(x, path), a .npy array or 'fmnist'")
     try:
         if path.suffix == ".npy":
             import numpy as np
@@ -135,7 +146,8 @@ def load_inputs(spec: str, limit: int = 1024) -> torch.Tensor:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise CheckpointError(f"cannot read data file {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read data file {path} ({_why(e)}); pass a tensor of inputs (N, ...) saved "
+                              "with torch.save(x, path), a .npy array (np.save) or 'fmnist'") from None
     if isinstance(obj, dict):
         obj = obj.get("inputs", obj.get("x"))
     elif isinstance(obj, list | tuple) and obj:

@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 def main() -> int:
     import torch
-    from test_bad_input_sweep import CASES, build_assets, observe
+    from test_bad_input_sweep import CASES, build_assets, observe, observe_limited
 
     torch.set_num_threads(1)
     rows = ["| # | bad input | via | got | message | nothing written | input unchanged |",
@@ -28,10 +28,12 @@ def main() -> int:
         os.environ["MODELFOLD_CACHE"] = str(Path(tmp) / "cache")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         assets = build_assets(Path(tmp) / "assets")
+        limited = observe_limited([c for c in CASES if c.disk_limit is not None], assets, Path(tmp) / "limited")
         for i, case in enumerate(CASES, 1):
-            work = Path(tmp) / case.id
-            work.mkdir()
-            obs = observe(case, assets, work)
+            work = Path(tmp) / ("limited" if case.disk_limit is not None else "") / case.id
+            if case.disk_limit is None:
+                work.mkdir()
+            obs = limited[case.id] if case.disk_limit is not None else observe(case, assets, work)
             got = "no error" if obs.error == "none" else f"`{obs.error}`"
             if case.surface == "cli":
                 got += f", exit {obs.exit_code}" + ("" if obs.one_line and not obs.traceback else ", NOT one line")

@@ -67,6 +67,11 @@ def build_assets(root: Path) -> Path:
         make_model("bert", layers=2).save_pretrained(root / "bert")  # an encoder without its tokenizer
         hf.save_gguf(llama, root / "llama.gguf", dtype="f32")
     torch.save(torch.randint(3, 58, (2, 8), generator=torch.Generator().manual_seed(0)), root / "ids.pt")
+    from nets import VGGish, randomize_bn
+
+    torch.manual_seed(0)
+    torch.save(randomize_bn(VGGish(4)).eval(), root / "cnn.pt")  # a CNN: compress = calibrated selection
+    torch.save(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)), root / "x.pt")
     return root
 
 
@@ -334,6 +339,47 @@ CASES: list[Case] = [
 ]
 
 
+def _cnn(work: Path, *args: str, model: str = "cnn.pt") -> list[str]:
+    return ["compress", str(work / model), "--input-shape", "1,3,16,16", *args]
+
+
+def _nan_cnn(work: Path) -> None:
+    m = torch.load(work / "cnn.pt", weights_only=False)
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] = float("nan")
+    torch.save(m, work / "cnn.pt")
+
+
+CASES += [
+    # -- the same on a CNN (calibrated selection with example inputs)
+    Case("cnn-calib-empty-cli", "CNN: empty `--calibration x.pt`", "cli", ("cnn.pt",),
+         lambda w: _cnn(w, "--ratio", "0.3", "--calibration", str(w / "c.pt"), "--out", str(w / "out.pt")),
+         CheckpointError, ("is empty", "torch.save(x, path)"), prepare=_files("c.pt", b"")),
+    Case("cnn-calib-binary-cli", "CNN: binary `--calibration x.npy`", "cli", ("cnn.pt",),
+         lambda w: _cnn(w, "--ratio", "0.3", "--calibration", str(w / "c.npy"), "--out", str(w / "out.pt")),
+         CheckpointError, ("cannot read data file", "a .npy array (np.save)"),
+         prepare=_files("c.npy", bytes(range(256)) * 8)),
+    Case("cnn-truncated-cli", "CNN: truncated model file", "cli", ("cnn.pt", "x.pt"),
+         lambda w: _cnn(w, "--ratio", "0.3", "--calibration", str(w / "x.pt"), "--out", str(w / "out.pt")),
+         CheckpointError, ("truncated, corrupt", "torch.save(model)"), prepare=lambda w: _truncate(w / "cnn.pt")),
+    Case("cnn-nan-cli", "CNN: NaN weight", "cli", ("cnn.pt", "x.pt"),
+         lambda w: _cnn(w, "--ratio", "0.3", "--calibration", str(w / "x.pt"), "--out", str(w / "out.pt")),
+         InvalidWeightsError, ("NaN or Inf", "Repair or reload"), prepare=_nan_cnn),
+    Case("cnn-sparsity-1-cli", "CNN: `--sparsity 1`", "cli", ("cnn.pt", "x.pt"),
+         lambda w: _cnn(w, "--sparsity", "1", "--calibration", str(w / "x.pt"), "--out", str(w / "out.pt")),
+         InvalidRatioError, ("outside (0, 1)", "e.g. --sparsity 0.3")),
+    Case("cnn-sparsity-unreachable-cli", "CNN: `--sparsity 0.99` (more than reachable)", "cli", ("cnn.pt", "x.pt"),
+         lambda w: _cnn(w, "--sparsity", "0.99", "--calibration", str(w / "x.pt"), "--out", str(w / "out.pt")),
+         InvalidRatioError, ("sparsity=0.990", "nearest reachable sparsity is")),
+    Case("cnn-out-is-input-cli", "CNN: `--out` = the input model file", "cli", ("cnn.pt",),
+         lambda w: _cnn(w, "--ratio", "0.3", "--out", str(w / "cnn.pt")),
+         CheckpointError, ("would write into the input model", "outside it")),
+    Case("hf-compress-model-api", "`hf.compress_model(sparsity=-0.2)`", "api", ("llama", "ids.pt"),
+         lambda w: mh.compress_model(mh.load_any(w / "llama"), sparsity=-0.2, calibration=_ids(w)),
+         InvalidRatioError, ("sparsity=", "(0, 1)")),
+]
+
+
 def _compress_checkpoint(work: Path, src: Path, dst: Path, **kw: Any) -> Any:
     from modelfold.hf.stream_calib import compress_checkpoint
 
@@ -393,37 +439,48 @@ def _run_cli(argv: list[str]) -> dict[str, Any]:
 _LIMITED = """
 import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
-limit, argv = int(sys.argv[1]), json.loads(sys.argv[2])
-sys.path.insert(0, sys.argv[3])
+runs = json.loads(sys.argv[1])
+sys.path.insert(0, sys.argv[2])
 from test_bad_input_sweep import _run_cli
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-sys.stdout.write("\\n" + json.dumps(_run_cli(argv)))
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+out = []
+for limit, argv in runs:  # one process for every case: torch and transformers are imported once
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        out.append(_run_cli(argv))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+sys.stdout.write("\\n" + json.dumps(out))
 """
 
 
-def _cli(argv: list[str], disk_limit: int | None) -> dict[str, Any]:
-    if disk_limit is not None:
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-        root = str(HERE.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        r = subprocess.run([sys.executable, "-c", _LIMITED, str(disk_limit), json.dumps(argv), str(HERE)],
-                           capture_output=True, text=True, env=env, timeout=300, check=False)
-        try:
-            return json.loads(r.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return {"code": None, "err": r.stderr[-3000:], "cls": None,
-                    "escaped": f"the subprocess died (exit {r.returncode})"}
-    return _run_cli(argv)
+def _cli_limited(runs: list[tuple[int, list[str]]], cache: Path) -> list[dict[str, Any]]:
+    """``_run_cli`` for each (file-size limit, argv), in one subprocess."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MODELFOLD_CACHE": str(cache)}
+    root = str(HERE.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    r = subprocess.run([sys.executable, "-c", _LIMITED, json.dumps(runs), str(HERE)],
+                       capture_output=True, text=True, env=env, timeout=600, check=False)
+    try:
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        assert len(got) == len(runs)
+        return got
+    except (ValueError, IndexError, AssertionError):
+        return [{"code": None, "err": r.stderr[-3000:], "cls": None,
+                 "escaped": f"the subprocess died (exit {r.returncode})"}] * len(runs)
 
 
-def observe(case: Case, assets: Path, work: Path) -> Observed:
-    """Run ``case`` on fresh copies of its inputs in ``work`` (an empty folder) and record what happened."""
+def _start(case: Case, assets: Path, work: Path) -> dict[str, str]:
+    """Fresh copies of the case's inputs in ``work`` (an empty folder), broken as the case says; their hashes."""
     _copy(assets, work, *case.inputs)
     if case.prepare is not None:
         case.prepare(work)
-    before = _snapshot(work)
+    return _snapshot(work)
+
+
+def _finish(case: Case, work: Path, before: dict[str, str], got: dict[str, Any] | None) -> Observed:
+    """What happened: the CLI's result ``got``, or (API) run the case now."""
     if case.surface == "cli":
-        got = _cli(case.run(work), case.disk_limit)
         err = got["err"]
         lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("modelfold: error:")]
@@ -444,9 +501,32 @@ def observe(case: Case, assets: Path, work: Path) -> Observed:
     return obs
 
 
+def observe(case: Case, assets: Path, work: Path) -> Observed:
+    """Run ``case`` (without a file-size limit) in ``work`` and record what happened."""
+    before = _start(case, assets, work)
+    return _finish(case, work, before, _run_cli(case.run(work)) if case.surface == "cli" else None)
+
+
+def observe_limited(cases: list[Case], assets: Path, root: Path) -> dict[str, Observed]:
+    """The cases with a file-size limit, each in ``root / case.id``, all in one subprocess."""
+    works = {c.id: root / c.id for c in cases}
+    before = {}
+    for c in cases:
+        works[c.id].mkdir(parents=True)
+        before[c.id] = _start(c, assets, works[c.id])
+    got = _cli_limited([(c.disk_limit, c.run(works[c.id])) for c in cases], root / "cache")
+    return {c.id: _finish(c, works[c.id], before[c.id], g) for c, g in zip(cases, got, strict=True)}
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     return build_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def limited(assets, tmp_path_factory) -> tuple[Path, dict[str, Observed]]:
+    root = tmp_path_factory.mktemp("limited")
+    return root, observe_limited([c for c in CASES if c.disk_limit is not None], assets, root)
 
 
 @pytest.fixture(autouse=True)
@@ -459,16 +539,21 @@ def _cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
-def test_bad_input(case: Case, assets: Path, tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    obs = observe(case, assets, work)
+def test_bad_input(case: Case, assets: Path, tmp_path: Path, request) -> None:
+    if case.disk_limit is None:
+        work, cache = tmp_path / "work", tmp_path / "cache"
+        work.mkdir()
+        obs = observe(case, assets, work)
+    else:  # run with the others in one subprocess
+        root, results = request.getfixturevalue("limited")
+        work, cache, obs = root / case.id, root / "cache", results[case.id]
     assert obs.changed == [], f"input files changed: {obs.changed}"
     created = obs.created
     if case.resumable:  # issue 17 part 3: work done before a failure is kept to resume from, and said so
         assert str(work / case.resumable) in obs.message, obs.message
         created = [p for p in created if p != case.resumable and not p.startswith(case.resumable + "/")]
     assert created == [], f"written despite the error: {created}"
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")], "temporary files left in the cache"
     cls = getattr(errors, obs.error, None)
     assert isinstance(cls, type) and issubclass(cls, case.expect), f"{obs.error}: {obs.message}"
     for needle in case.needles:
