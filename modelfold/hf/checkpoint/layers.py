@@ -43,99 +43,116 @@ def fold_layers(source: Source, plan: Plan, layer_fn: LayerFn, writer: ShardWrit
     A reader thread loads the next layer and a writer thread writes the previous one while this
     thread folds; outputs go to ``writer`` in order, so the result does not depend on the timing.
     With ``partial`` the run is resumable: each closed shard is recorded there, and a run that finds
-    such a record continues behind it (see ``modelfold.hf.resume``), writing the same bytes.
+    such a record continues behind it (see ``modelfold.hf.checkpoint.resume``), writing the same bytes.
     Returns the group reports and the seconds spent reading, folding and writing.
     """
-    reader = source.reader
-    stages = {"read": 0.0, "fold": 0.0, "write": 0.0}
-    items: list[int | None] = ([None] if rest else []) + list(ids)
-    reports: dict[int, list[GroupReport]] = {}
-    written: set[str] = set()
-    first = 0  # index into ``items`` of the first item not entirely in closed shards
-    stateful = partial is not None and hasattr(layer_fn, "state")
-    prog = partial.progress() if partial is not None else None
-    if prog is not None:
-        writer.restore(prog["files"], prog["sizes"])
-        written = {k for _, keys in prog["files"] for k in keys}
-        first = int(prog["first"])
-        for i, rec in prog["layers"].items():
-            reports[int(i)] = [group_from_dict(g) for g in rec["groups"]]
-            source.adapter.resize(source.model, int(i), rec["sizes"])
-        partial.resumed_layers = sum(1 for item in items[:first] if item is not None)
-        if stateful and first < len(items) and items[first] is not None:
-            layer_fn.restore(partial.load_state(items[first]))
-    if partial is not None:  # shards an attempt was writing when it died
-        closed = {f for f, _ in writer.files}
-        for p in partial.path.glob(f"{writer.prefix}-*"):
+    loop = LayerLoop(source, plan, layer_fn, writer, ([None] if rest else []) + list(ids), partial)
+    return loop.run(progress, desc, len(ids))
+
+
+class LayerLoop:
+    """One pass of :func:`fold_layers` over ``items`` (None: the non-layer tensors; i: layer i)."""
+
+    def __init__(self, source: Source, plan: Plan, layer_fn: LayerFn, writer: ShardWriter,
+                 items: list[int | None], partial: Partial | None) -> None:
+        self.source, self.plan, self.layer_fn, self.writer = source, plan, layer_fn, writer
+        self.items, self.partial = items, partial
+        self.stages = {"read": 0.0, "fold": 0.0, "write": 0.0}
+        self.reports: dict[int, list[GroupReport]] = {}
+        self.written: set[str] = set()  # tensors already in closed shards (a resumed run)
+        self.first = 0  # index into ``items`` of the first item not entirely in closed shards
+        self.stateful = partial is not None and hasattr(layer_fn, "state")
+        if partial is not None:
+            self._resume(partial)
+
+    def _resume(self, partial: Partial) -> None:
+        """Continue behind what an earlier attempt recorded; remove the shards it was writing."""
+        prog = partial.progress()
+        if prog is not None:
+            self.writer.restore(prog["files"], prog["sizes"])
+            self.written = {k for _, keys in prog["files"] for k in keys}
+            self.first = int(prog["first"])
+            for i, rec in prog["layers"].items():
+                self.reports[int(i)] = [group_from_dict(g) for g in rec["groups"]]
+                self.source.adapter.resize(self.source.model, int(i), rec["sizes"])
+            partial.resumed_layers = sum(1 for item in self.items[:self.first] if item is not None)
+            if self.stateful and self.first < len(self.items) and self.items[self.first] is not None:
+                self.layer_fn.restore(partial.load_state(self.items[self.first]))
+        closed = {f for f, _ in self.writer.files}
+        for p in partial.path.glob(f"{self.writer.prefix}-*"):
             if p.name not in closed:
                 p.unlink()
 
-    def read(item: int | None) -> dict[str, torch.Tensor]:
+    def read(self, item: int | None) -> dict[str, torch.Tensor]:
         t = time.perf_counter()
-        sd = {k: reader.get(k) for k in item_keys(source, item)}
-        reader.release()  # pages read so far stop counting against this process
-        stages["read"] += time.perf_counter() - t
+        sd = {k: self.source.reader.get(k) for k in item_keys(self.source, item)}
+        self.source.reader.release()  # pages read so far stop counting against this process
+        self.stages["read"] += time.perf_counter() - t
         return sd
 
-    def record() -> None:
+    def record(self) -> None:
         """After a shard closed: where a rerun would start, and what it needs of the layers before."""
-        closed = {k for _, keys in writer.files for k in keys}
+        items, source = self.items, self.source
+        closed = {k for _, keys in self.writer.files for k in keys}
         nxt = next((j for j, item in enumerate(items) if not set(item_keys(source, item)) <= closed), len(items))
-        layers = {str(item): {"groups": [group_to_dict(g) for g in reports[item]],
+        layers = {str(item): {"groups": [group_to_dict(g) for g in self.reports[item]],
                               "sizes": source.adapter.sizes(source.model, item)}
                   for item in items[:nxt] if item is not None}
-        partial.save_progress({"files": writer.files, "sizes": writer.sizes, "first": nxt, "layers": layers})
-        if stateful and nxt < len(items) and items[nxt] is not None:
-            partial.drop_states(below=items[nxt])
+        self.partial.save_progress({"files": self.writer.files, "sizes": self.writer.sizes, "first": nxt,
+                                    "layers": layers})
+        if self.stateful and nxt < len(items) and items[nxt] is not None:
+            self.partial.drop_states(below=items[nxt])
 
-    def write(sd: dict[str, torch.Tensor]) -> None:
+    def write(self, sd: dict[str, torch.Tensor]) -> None:
         t = time.perf_counter()
-        n_closed = len(writer.files)
+        n_closed = len(self.writer.files)
         for k, v in sd.items():
-            if k not in written:
-                writer.add(k, v)
-        if partial is not None and len(writer.files) > n_closed:
-            record()
-        stages["write"] += time.perf_counter() - t
+            if k not in self.written:
+                self.writer.add(k, v)
+        if self.partial is not None and len(self.writer.files) > n_closed:
+            self.record()
+        self.stages["write"] += time.perf_counter() - t
 
-    todo = items[first:]
-    n_layers = sum(1 for item in todo if item is not None)
-    resumed = len(ids) - n_layers
-    bar = tqdm(total=len(ids), initial=resumed, disable=not progress, file=sys.stderr,
-               desc=desc + (f" (resumed: {resumed} layers already written)" if resumed else ""))
-    try:
-        with ThreadPoolExecutor(1, "modelfold-read") as rd, ThreadPoolExecutor(1, "modelfold-write") as wr:
-            pending: Future | None = None
-            nxt = rd.submit(read, todo[0]) if todo else None
-            for j, item in enumerate(todo):
-                sd = nxt.result()
-                if j + 1 < len(todo):
-                    nxt = rd.submit(read, todo[j + 1])
-                if item is None:
-                    out = sd
-                else:
-                    if stateful:
-                        partial.save_state(item, layer_fn.state())
-                    t = time.perf_counter()
-                    reports[item] = []
-                    out = fold_one(source, plan, layer_fn, item, sd, reports[item])
-                    stages["fold"] += time.perf_counter() - t
-                    bar.update()
-                del sd
+    def fold(self, item: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.stateful:
+            self.partial.save_state(item, self.layer_fn.state())
+        t = time.perf_counter()
+        self.reports[item] = []
+        out = fold_one(self.source, self.plan, self.layer_fn, item, sd, self.reports[item])
+        self.stages["fold"] += time.perf_counter() - t
+        return out
+
+    def run(self, progress: bool, desc: str, n_layers: int) -> tuple[list[GroupReport], dict]:
+        todo = self.items[self.first:]
+        resumed = n_layers - sum(1 for item in todo if item is not None)
+        bar = tqdm(total=n_layers, initial=resumed, disable=not progress, file=sys.stderr,
+                   desc=desc + (f" (resumed: {resumed} layers already written)" if resumed else ""))
+        try:
+            with ThreadPoolExecutor(1, "modelfold-read") as rd, ThreadPoolExecutor(1, "modelfold-write") as wr:
+                pending: Future | None = None
+                nxt = rd.submit(self.read, todo[0]) if todo else None
+                for j, item in enumerate(todo):
+                    sd = nxt.result()
+                    if j + 1 < len(todo):
+                        nxt = rd.submit(self.read, todo[j + 1])
+                    out = sd if item is None else self.fold(item, sd)
+                    if item is not None:
+                        bar.update()
+                    del sd
+                    if pending is not None:
+                        pending.result()
+                    pending = wr.submit(self.write, out)
+                    del out
+                    trim_heap()
                 if pending is not None:
                     pending.result()
-                pending = wr.submit(write, out)
-                del out
-                trim_heap()
-            if pending is not None:
-                pending.result()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    groups = [g for item in items if item is not None for g in reports.get(item, [])]
-    return groups, stages
+        except BaseException:
+            self.writer.abort()
+            raise
+        finally:
+            bar.close()
+        groups = [g for item in self.items if item is not None for g in self.reports.get(item, [])]
+        return groups, self.stages
 
 
 def fold_one(source: Source, plan: Plan, layer_fn: LayerFn, i: int, sd: dict[str, torch.Tensor],
