@@ -91,7 +91,7 @@ def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, target
     record_sizes(work, adapter)
     work.eval()
     if verify:  # a result that cannot run is never handed out (``work`` is a copy: ``model`` is untouched)
-        check_model_runs(work, adapter)
+        check_model_runs(work, adapter, original=model)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
     report = FoldReport(method, rmax, params0, count_params(work), None, None, time.perf_counter() - t0,
                         groups, repair, info=width_info(work, adapter, round_to))

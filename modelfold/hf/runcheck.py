@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import ResultError
 from ..runcheck import run_or_raise
 from .adapters import Adapter
 
@@ -61,10 +62,27 @@ def _way_out(model: nn.Module, adapter: Adapter | None):
     return advice
 
 
-def check_model_runs(model: nn.Module, adapter: Adapter | None = None, what: str = "the compressed model") -> None:
-    """One forward of ``model`` (its own class and forward) on :func:`tiny_ids`; a failure is a ResultError."""
+def check_model_runs(model: nn.Module, adapter: Adapter | None = None, what: str = "the compressed model",
+                     original: nn.Module | None = None) -> None:
+    """One forward of ``model`` (its own class and forward) on :func:`tiny_ids`; a failure is a ResultError.
+
+    ``original``: the model it was compressed from; on a failure it runs too, and if it fails as well
+    the message says so (the input itself cannot run in this runtime: fix it first).
+    """
     ids = tiny_ids(model)
-    run_or_raise(model, lambda: model(input_ids=ids), what=what, way_out=_way_out(model, adapter))
+    try:
+        run_or_raise(model, lambda: model(input_ids=ids), what=what, way_out=_way_out(model, adapter))
+    except ResultError as e:
+        if original is None:
+            raise
+        try:
+            with torch.no_grad():
+                original(input_ids=tiny_ids(original))
+        except Exception as e0:  # noqa: BLE001 - the input fails as well
+            raise ResultError(f"{e} Note: the input model fails the same check ({type(e0).__name__}: {e0}): it "
+                              "cannot run in this runtime either; fix it first (e.g. widths the kernels "
+                              "accept).") from e
+        raise
 
 
 class _Stop(Exception):

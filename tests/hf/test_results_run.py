@@ -163,14 +163,13 @@ def test_issue_mixtral_ratio_03_runs() -> None:
 def test_alignment_combines_with_round_to(round_to: int | None) -> None:
     m = _mixtral()
     multiple = {None: 8, 3: 24, 12: 24, 16: 16}[round_to]  # lcm(round_to, 8)
-    for method in (H.fold_model, H.prune_model):
-        for ratio in (0.05, 0.3, 0.62, 0.9):
-            kw = {"n_init": 1} if method is H.fold_model else {}
-            res, report = method(m, ratio, targets="mlp", round_to=round_to, return_report=True, **kw)
-            w = res.model.layers[0].mlp.experts.down_proj.shape[-1]
-            assert w % multiple == 0 and 0 < w <= 176, (ratio, w)
-            assert report.info["align"] == {"experts": 8}
-            assert report.info.get("round_to") == round_to
+    calls = [(H.prune_model, r, {}) for r in (0.05, 0.3, 0.62, 0.9)] + [(H.fold_model, 0.37, {"n_init": 1})]
+    for method, ratio, kw in calls:  # fold and prune share MLPSpec.kept: fold (k-means) once
+        res, report = method(m, ratio, targets="mlp", round_to=round_to, return_report=True, **kw)
+        w = res.model.layers[0].mlp.experts.down_proj.shape[-1]
+        assert w % multiple == 0 and 0 < w < 176, (ratio, w)
+        assert report.info["align"] == {"experts": 8}
+        assert report.info.get("round_to") == round_to
     dense, report = H.prune_model(make_model("llama"), 0.3, return_report=True)
     assert "align" not in report.info  # dense MLPs run at any width
 
@@ -282,3 +281,9 @@ def test_tiny_ids_avoid_special_tokens(family: str) -> None:
     assert ids.shape == (2, 8) and int(ids.min()) >= 2 and int(ids.max()) < m.get_input_embeddings().num_embeddings
     if family == "gemma3":
         assert m.config.image_token_index not in ids.tolist()
+
+
+def test_an_input_that_cannot_run_is_named() -> None:
+    m = _mixtral(inter=14)  # 14 fp32 values = 56-byte rows: the original already fails grouped_mm
+    with pytest.raises(ResultError, match="the input model fails the same check"):
+        H.prune_model(m, 0.01)  # every expert stays whole (round(14 * 0.99) = 14)
