@@ -21,10 +21,11 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, InvalidWeightsError, ModelFoldError, UnsupportedModelError
 from ..io import atomic_write
+from .gguf_layers import PER_LAYER, choose_arch, gguf_tensors, pad_ffn
 
-#: transformers ``model_type`` -> GGUF architecture (llama.cpp runs Mistral as ``llama``).
+#: transformers ``model_type`` -> GGUF architecture (llama.cpp runs Mistral as ``llama``). Per-layer sizes go to
+#: ``gguf_layers.PER_LAYER`` instead (``deci`` for llama/mistral/qwen2, ``openelm`` for qwen3).
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PERMUTE_QK = frozenset({"llama"})
 #: Output types: names accepted by ``save_gguf(dtype=...)`` / ``--gguf-type``.
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
@@ -37,11 +38,21 @@ class GGUFInfo:
     types: Counter = field(default_factory=Counter)
     fallbacks: list[str] = field(default_factory=list)
     copied: list[str] = field(default_factory=list)
+    arch: str = ""
+    #: layer -> (FFN width, width written): zero neurons added so that rows split into quantization blocks
+    padded: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         size = self.path.stat().st_size / 2**20
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.types.items()))
-        s = f"wrote {self.path} ({size:.1f} MiB; tensors: {types})"
+        s = f"wrote {self.path} ({size:.1f} MiB, architecture {self.arch}; tensors: {types})"
+        if self.arch in PER_LAYER.values():
+            s += f"\n  per-layer sizes: llama.cpp's {self.arch} architecture (transformers cannot load this file)"
+        if self.padded:
+            pads = ", ".join(f"{i}: {a}->{b}" for i, (a, b) in list(self.padded.items())[:4])
+            s += (f"\n  FFN widths padded with zero neurons to the 32-value quantization block in {len(self.padded)} "
+                  f"layers ({pads}{' ...' if len(self.padded) > 4 else ''}; same outputs; compress with "
+                  "--round-to 32 to avoid them)")
         if self.fallbacks:
             s += (f"\n  {len(self.fallbacks)} tensors kept at a wider type, their rows do not split into the "
                   f"quantization blocks: {', '.join(self.fallbacks[:4])}{' ...' if len(self.fallbacks) > 4 else ''}")
@@ -63,11 +74,6 @@ def _writable(qtype: Any) -> bool:
         return True
     cls = quants._type_traits.get(qtype)  # noqa: SLF001 - the package's own registry of numpy quantizers
     return cls is not None and "quantize_blocks" in vars(cls)
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's RoPE row order for Q/K (inverse of transformers' ``_reverse_permute_weights``)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _sizes(sd: dict[str, torch.Tensor], n_layers: int, head_dim: int) -> dict[str, list[int]]:
@@ -94,7 +100,8 @@ def _rope_theta(config: Any) -> float:
 def _hparams(model: nn.Module, arch: str, sizes: dict[str, list[int]], head_dim: int) -> dict[str, Any]:
     """Architecture key (without the ``arch.`` prefix) -> value, every size taken from the tensors."""
     c = model.config
-    per_layer = {k: v[0] for k, v in sizes.items()}  # uniform (checked by save_gguf)
+    arrays = arch in PER_LAYER.values()
+    per_layer = {k: (list(v) if arrays else v[0]) for k, v in sizes.items()}  # one number when uniform
     hp: dict[str, Any] = {
         "block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
         "embedding_length": c.hidden_size, "feed_forward_length": per_layer["ffn"],
@@ -102,7 +109,7 @@ def _hparams(model: nn.Module, arch: str, sizes: dict[str, list[int]], head_dim:
         "rope.dimension_count": head_dim, "rope.freq_base": _rope_theta(c),
         "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps), "vocab_size": c.vocab_size,
     }
-    if head_dim * max(sizes["heads"]) != c.hidden_size or head_dim * min(sizes["heads"]) != c.hidden_size:
+    if arrays or head_dim * max(sizes["heads"]) != c.hidden_size or head_dim * min(sizes["heads"]) != c.hidden_size:
         hp["attention.key_length"] = hp["attention.value_length"] = head_dim
     return hp
 
@@ -143,11 +150,14 @@ def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn
     derived = {f"{arch}.{k}" for k in hp} | {f"{arch}.attention.key_length", f"{arch}.attention.value_length"}
     skip = derived | {Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}
     if reader is not None:
+        src_arch = reader.fields["general.architecture"].contents()
         for f in reader.fields.values():
-            if f.name.startswith("GGUF.") or f.name in skip:
+            # the source's architecture keys (llama.rope..., qwen3.context_length) under the written architecture
+            name = f"{arch}.{f.name[len(src_arch) + 1:]}" if f.name.startswith(f"{src_arch}.") else f.name
+            if f.name.startswith("GGUF.") or name in skip:
                 continue
             sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+            writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
     else:
         name = model.config.name_or_path or f"modelfold {model.config.model_type}"
         writer.add_name(str(name))
@@ -156,6 +166,8 @@ def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn
         key = f"{arch}.{k}"
         if isinstance(v, float):
             writer.add_key_value(key, v, GGUFValueType.FLOAT32)
+        elif isinstance(v, list):  # per-layer sizes
+            writer.add_key_value(key, [int(x) for x in v], GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
         else:
             writer.add_key_value(key, int(v), GGUFValueType.UINT32)
 
@@ -179,16 +191,20 @@ def _check_complete(tmp: str, path: Path, n_tensors: int) -> None:
 
 
 def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", source: str | os.PathLike | None = None,
-              progress: bool = False, verify: bool = True) -> GGUFInfo:
+              progress: bool = False, verify: bool = True, pad: bool = True) -> GGUFInfo:
     """Write ``model`` (a llama/mistral/qwen2/qwen3 causal LM, folded or not) to a GGUF file, atomically.
 
     dtype: one of :data:`TYPES` for every matrix, or ``"source"``: each tensor in the type it has in
     ``source`` (where ``gguf.quants`` can write it, else Q8_0). 1-D tensors (norms, biases) stay F32, as
-    llama.cpp writes them; a matrix whose rows do not split into the type's blocks (e.g. a folded FFN
-    width that is not a multiple of 32) is written as F16 and listed in ``GGUFInfo.fallbacks``.
+    llama.cpp writes them. Quantized types need rows that split into 32-value blocks (``gguf_layers.ROUND_TO``):
+    with ``pad=True`` an FFN width that is not a multiple of 32 gets zero neurons (the same outputs; listed in
+    ``GGUFInfo.padded``; compress with ``round_to=32`` to avoid them); any other matrix whose rows do not split
+    (or every one, with ``pad=False``) is written as F16 and listed in ``GGUFInfo.fallbacks``.
     source: the GGUF the model was loaded from; its metadata (tokenizer, chat template) is carried over.
     Without it the file has no vocabulary (llama.cpp then evaluates token ids, not text).
-    Per-layer sizes (a non-uniform plan) are refused: llama.cpp's loaders build every layer at one size.
+    Per-layer sizes (a non-uniform plan: ``compress``'s automatic budget) are written as llama.cpp's ``deci``
+    architecture (llama, mistral, qwen2) or ``openelm`` (qwen3 with tied embeddings), which only llama.cpp loads;
+    other cases raise ``UnsupportedModelError`` naming why.
     verify: the model first runs one forward on a few token ids (transformers, its own class); one that
     cannot run raises ``ResultError`` and nothing is written (False skips the check).
     """
@@ -210,7 +226,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
             raise CheckpointError(f"cannot read the source GGUF {source}: {type(e).__name__}: {e}; pass the intact "
                                   "GGUF file the model was loaded from, or no source") from None
         src_arch = reader.fields["general.architecture"].contents()
-        if src_arch != arch:
+        if src_arch != arch and not (src_arch == PER_LAYER.get(model.config.model_type)):
             raise CheckpointError(f"{source} is a {src_arch!r} GGUF but the model is {arch!r}")
     elif dtype == "source":
         raise ModelFoldError("dtype='source' needs source= (the GGUF file the model was loaded from)")
@@ -230,18 +246,27 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
                                       "quantized block with one NaN loses all its values). Reload or repair the "
                                       "model's weights before writing it; nothing was written")
     sizes = _sizes(sd, c.num_hidden_layers, head_dim)
-    uneven = {k: v for k, v in sizes.items() if len(set(v)) > 1}
-    if uneven:
-        raise UnsupportedModelError(
-            f"per-layer sizes ({'; '.join(f'{k}: {v}' for k, v in uneven.items())}) cannot be written as GGUF: "
-            f"llama.cpp reads per-layer arrays but its {arch} loader builds every layer at one size (it refuses "
-            "such a file). Fold uniformly (no --skip-first/--skip-last or per-layer plan) for GGUF, or save a "
-            "transformers directory (--out DIR), which keeps per-layer sizes")
+    arch = choose_arch(c, sizes, head_dim, sd, arch)
+
+    def want_type(gname: str, ndim: int) -> Any:
+        if ndim == 1:
+            return T.F32
+        src = src_types.get(gname) or src_types.get(gname.replace(".attn_qkv.", ".attn_q."), T.F16)
+        want = _qtype(dtype) if dtype != "source" else src
+        return want if _writable(want) else T.Q8_0
+
+    info = GGUFInfo(path=Path(path).resolve(), arch=arch)
+    if pad:
+        blocks = {i: gguf.GGML_QUANT_SIZES[want_type(f"blk.{i}.ffn_down.weight", 2)][0]
+                  for i in range(c.num_hidden_layers)}
+        info.padded = pad_ffn(sd, c.num_hidden_layers, blocks)
+        if info.padded:
+            sizes = _sizes(sd, c.num_hidden_layers, head_dim)
+            arch = info.arch = choose_arch(c, sizes, head_dim, sd, arch)
     hp = _hparams(model, arch, sizes, head_dim)
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
     path = Path(path)
-    info = GGUFInfo(path=path.resolve())
     quantized = False
 
     def write(tmp: str) -> None:
@@ -249,22 +274,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
         writer = gguf.GGUFWriter(tmp, arch)
         _metadata(writer, reader, arch, hp, model)
         written = set()
-        for key, t in sd.items():
-            base, _, suffix = key.rpartition(".")
-            gname = names.get_name(base)
-            if gname is None:
-                raise UnsupportedModelError(f"no GGUF tensor name for {key} in the {arch} architecture")
-            gname = f"{gname}.{suffix}"
-            data = t.detach().to(torch.float32).cpu().numpy()
-            layer = int(base.split(".")[2]) if base.startswith("model.layers.") else -1
-            if arch in PERMUTE_QK and gname.endswith((".attn_q.weight", ".attn_k.weight")):
-                heads = sizes["heads" if ".attn_q." in gname else "kv_heads"][layer]
-                data = _permute(data, heads)
-            want = _qtype(dtype) if dtype != "source" else src_types.get(gname, T.F16)
-            if data.ndim == 1:
-                want = T.F32
-            elif not _writable(want):
-                want = T.Q8_0
+        for _key, gname, data in gguf_tensors(sd, arch, sizes, names):
+            want = want_type(gname, data.ndim)
             block = gguf.GGML_QUANT_SIZES[want][0]
             if data.shape[-1] % block:
                 info.fallbacks.append(gname)

@@ -1,5 +1,9 @@
 """llama.cpp itself reads the GGUF files modelfold writes. Needs llama-cpp-python: scripts/install.sh installs the
-portable prebuilt wheel from ../shared/wheels/ when it lies beside the repo (see docs/gguf.md); skipped otherwise."""
+portable prebuilt wheel from ../shared/wheels/ when it lies beside the repo (see docs/gguf.md); skipped otherwise.
+
+References are transformers on the same model with the weights the file stores (the ``gguf`` package's quantize ->
+dequantize), so the only differences left are llama.cpp's arithmetic (f16 KV cache, activations quantized to 8 bits
+for the quantized dot products)."""
 
 from __future__ import annotations
 
@@ -11,31 +15,94 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (scripts/install.sh installs it from "
     "../shared/wheels/llama_cpp_python-*.whl when present; pip install llama-cpp-python compiles it for ~1 h)")
 transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from gguf_llamacpp_util import llama_cpp_logits, rel_diff, stored, tiny  # noqa: E402
 
 import modelfold  # noqa: E402
+from modelfold.errors import UnsupportedModelError  # noqa: E402
 from modelfold.hf import save_gguf  # noqa: E402
 
-
-def tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(cfg).eval()
+IDS = torch.randint(0, 64, (24,), generator=torch.Generator().manual_seed(1))
+PER_LAYER = {0: 0.0, 1: 0.5, 2: 0.25}  # FFN 256 / 128 / 192, query heads 4 / 2 / 3 with targets="all"
 
 
-def llama_cpp_logits(path, ids: torch.Tensor) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    llm.reset()
-    llm.eval([int(i) for i in ids])
-    return np.array(llm.scores[:len(ids)])
-
-
-@pytest.mark.parametrize("targets", ["mlp", "all"])
-def test_llama_cpp_logits_equal_the_folded_model(tmp_path, targets) -> None:
-    model = modelfold.fold(tiny(), ratio=0.5, targets=targets)  # all: 4 -> 2 heads, key_length != hidden/heads
-    save_gguf(model, tmp_path / "m.gguf", dtype="f32")
-    ids = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(1))
+def ref_logits(model: torch.nn.Module) -> np.ndarray:
     with torch.no_grad():
-        ref = model(ids[None]).logits[0].numpy()
-    assert np.abs(llama_cpp_logits(tmp_path / "m.gguf", ids) - ref).max() < 1e-3
+        return model(IDS[None]).logits[0].numpy()
+
+
+def perplexity(logits: np.ndarray) -> float:
+    lp = torch.log_softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64))[:-1], -1)
+    return float(torch.exp(-lp.gather(1, IDS[1:, None]).mean()))
+
+
+@pytest.mark.parametrize(("family", "ratio", "targets", "arch"), [
+    ("llama", 0.5, "mlp", "llama"), ("llama", 0.5, "all", "llama"),       # uniform: FFN; FFN + heads 4 -> 2
+    ("llama", PER_LAYER, "all", "deci"), ("mistral", PER_LAYER, "mlp", "deci"),
+    ("qwen2", 0.5, "all", "deci"),     # llama.cpp's qwen2 loader wants hidden x hidden Q: fewer heads go to deci
+    ("qwen2", PER_LAYER, "all", "deci"), ("qwen3", 0.5, "all", "qwen3"), ("qwen3", PER_LAYER, "all", "openelm")])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_llama_cpp_logits_equal_transformers(tmp_path, family, ratio, targets, arch, dtype) -> None:
+    model = modelfold.fold(tiny(family), ratio=ratio, targets=targets)
+    info = save_gguf(model, tmp_path / "m.gguf", dtype=dtype)
+    assert info.arch == arch
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    if arch in ("deci", "openelm"):  # per-layer arrays, taken from the tensors
+        ffn = [model.model.layers[i].mlp.down_proj.in_features for i in range(3)]
+        assert list(r.fields[f"{arch}.feed_forward_length"].contents()) == ffn
+    assert rel_diff(llama_cpp_logits(tmp_path / "m.gguf", IDS), ref_logits(stored(model, dtype))) < 1e-3
+
+
+@pytest.mark.parametrize("plan", ["uniform", "per-layer"])
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_every_type_runs_in_llama_cpp(tmp_path, plan, dtype) -> None:
+    """Every type we write loads and runs (the shipped wheel has no AMX kernels: a native build crashed here on
+    every quantized file); logits and perplexity match transformers on the stored weights."""
+    model = modelfold.fold(tiny("llama"), ratio=0.5 if plan == "uniform" else PER_LAYER, targets="all")
+    info = save_gguf(model, tmp_path / "m.gguf", dtype=dtype)
+    assert info.types[dtype.upper()] == 22 and not info.fallbacks and info.arch == ("llama" if plan == "uniform"
+                                                                                    else "deci")
+    got, ref = llama_cpp_logits(tmp_path / "m.gguf", IDS), ref_logits(stored(model, dtype))
+    assert rel_diff(got, ref) < (1e-2 if dtype == "bf16" else 3e-2)
+    assert abs(perplexity(got) / perplexity(ref) - 1) < (0.01 if dtype in ("bf16", "q8_0") else 0.03)
+
+
+def test_unaligned_widths_are_padded_for_quantized_types(tmp_path) -> None:
+    """FFN widths that are not a multiple of the 32-value block get zero neurons: same function, every matrix
+    quantized (no F16 fallback), per layer."""
+    model = modelfold.fold(tiny("llama"), ratio={0: 0.3, 1: 0.1, 2: 0.5}, targets="mlp")  # 179 / 230 / 128
+    info = save_gguf(model, tmp_path / "m.gguf", dtype="q8_0")
+    assert info.padded == {0: (179, 192), 1: (230, 256)} and not info.fallbacks and info.types["Q8_0"] == 22
+    save_gguf(model, tmp_path / "f.gguf", dtype="f32")  # f32: no blocks, no padding
+    assert rel_diff(llama_cpp_logits(tmp_path / "f.gguf", IDS), ref_logits(model)) < 1e-3
+    got = llama_cpp_logits(tmp_path / "m.gguf", IDS)
+    assert rel_diff(got, ref_logits(model)) < 3e-2  # q8_0 of the unpadded model's weights
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert list(r.fields["deci.feed_forward_length"].contents()) == [192, 256, 128]
+
+
+def test_qwen3_with_a_separate_output_head_is_refused(tmp_path) -> None:
+    model = modelfold.fold(tiny("qwen3", tie=False), ratio=PER_LAYER, targets="mlp")
+    with pytest.raises(UnsupportedModelError, match=r"openelm.*separate output head.*--out DIR"):
+        save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_cli_compress_gguf_to_per_layer_gguf(tmp_path, capsys) -> None:
+    """`modelfold compress X.gguf --sparsity 0.18 --out small.gguf`: the automatic budget's per-layer widths,
+    written as deci, run in llama.cpp with the compressed model's logits."""
+    from modelfold.cli import main
+    from modelfold.hf import load_any
+
+    src = tmp_path / "src.gguf"
+    save_gguf(tiny("llama"), src, dtype="f32")
+    out = tmp_path / "small.gguf"
+    argv = ["compress", str(src), "--sparsity", "0.18", "--n-calib", "2", "--calib-len", "24", "--gguf-type", "f32"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "architecture deci" in capsys.readouterr().out
+    ffn = list(gguf.GGUFReader(out).fields["deci.feed_forward_length"].contents())
+    assert len(set(ffn)) > 1 and max(ffn) <= 256
+    small = modelfold.compress(load_any(src), sparsity=0.18, n_calib=2, calib_len=24)  # deterministic: same model
+    assert [m.mlp.down_proj.in_features for m in small.model.layers] == ffn
+    assert rel_diff(llama_cpp_logits(out, IDS), ref_logits(small)) < 1e-3

@@ -81,7 +81,7 @@ def test_unaligned_width_falls_back_to_f16_and_source_metadata_is_kept(tmp_path)
     src = tmp_path / "src.gguf"
     save_gguf(tiny(), src, dtype="q8_0")
     model = modelfold.fold(reload(src), ratio=0.3, targets="mlp")  # FFN 128 -> 90: not a multiple of 32
-    info = save_gguf(model, tmp_path / "out.gguf", dtype="source", source=src)
+    info = save_gguf(model, tmp_path / "out.gguf", dtype="source", source=src, pad=False)
     assert sorted(info.fallbacks) == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
     r = gguf.GGUFReader(tmp_path / "out.gguf")
     types = {t.name: t.tensor_type for t in r.tensors}
@@ -95,14 +95,35 @@ def test_unaligned_width_falls_back_to_f16_and_source_metadata_is_kept(tmp_path)
         assert torch.equal(dict(again.named_parameters())[name].detach(), stored(p, q)), name
 
 
-def test_per_layer_sizes_are_refused(tmp_path) -> None:
+def test_unaligned_width_is_padded_by_default(tmp_path) -> None:
+    """pad=True (default): 90 zero-padded to 96 neurons, every matrix Q8_0; transformers reloads the padded model,
+    whose real neurons hold the quantized weights and whose padding is zero."""
+    model = modelfold.fold(tiny(), ratio=0.3, targets="mlp")
+    info = save_gguf(model, tmp_path / "out.gguf", dtype="q8_0")
+    assert info.padded == {0: (90, 96), 1: (90, 96)} and not info.fallbacks and info.types["Q8_0"] == 15
+    assert info.arch == "llama" and "padded with zero neurons" in str(info)
+    again = reload(tmp_path / "out.gguf")
+    assert again.config.intermediate_size == 96
+    mlp, ref = again.model.layers[0].mlp, model.model.layers[0].mlp
+    assert torch.equal(mlp.up_proj.weight[90:], torch.zeros(6, 64)) and torch.equal(mlp.down_proj.weight[:, 90:],
+                                                                                   torch.zeros(64, 6))
+    assert torch.equal(mlp.up_proj.weight[:90], stored(ref.up_proj.weight, T.Q8_0))
+    assert (logits(again) - logits(model)).abs().max() <= 2e-2
+
+
+def test_per_layer_sizes_are_written_as_deci(tmp_path) -> None:
     from gguf import GGUFValueType
 
     model = modelfold.fold(tiny(), ratio=0.5, targets="mlp", skip_first=1)  # layer 0 kept: 128, layer 1: 64
-    with pytest.raises(UnsupportedModelError, match=r"ffn: \[128, 64\].*Fold uniformly"):
-        save_gguf(model, tmp_path / "m.gguf", dtype="f32")
-    assert not (tmp_path / "m.gguf").exists()
-    # Such a file from another tool: load_any refuses it cleanly instead of transformers' validation error.
+    info = save_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert info.arch == "deci" and r.fields["general.architecture"].contents() == "deci"
+    assert list(r.fields["deci.feed_forward_length"].contents()) == [128, 64]
+    assert list(r.fields["deci.attention.head_count"].contents()) == [4, 4]
+    assert r.fields["deci.attention.key_length"].contents() == 16
+    # Such a file (ours, or from another tool): load_any refuses it cleanly instead of transformers' error.
+    with pytest.raises(UnsupportedModelError, match="per-layer sizes"):
+        modelfold.hf.load_any(tmp_path / "m.gguf")
     save_gguf(tiny(), tmp_path / "u.gguf", dtype="f32")
     r = gguf.GGUFReader(tmp_path / "u.gguf")
     w = gguf.GGUFWriter(tmp_path / "a.gguf", "llama")
@@ -120,6 +141,19 @@ def test_per_layer_sizes_are_refused(tmp_path) -> None:
     w.close()
     with pytest.raises(UnsupportedModelError, match="per-layer sizes"):
         modelfold.hf.load_any(tmp_path / "a.gguf")
+
+
+def test_per_layer_from_a_source_gguf_renames_its_keys(tmp_path) -> None:
+    src = tmp_path / "src.gguf"
+    save_gguf(tiny(), src, dtype="f32")
+    model = modelfold.fold(reload(src), ratio={0: 0.0, 1: 0.5}, targets="mlp")
+    save_gguf(model, tmp_path / "m.gguf", dtype="f16", source=src)
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    keys = set(r.fields)
+    assert not any(k.startswith("llama.") for k in keys)
+    assert {"deci.rope.freq_base", "deci.context_length", "tokenizer.ggml.model"} <= keys
+    assert list(r.fields["deci.feed_forward_length"].contents()) == [128, 64]
+    assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_F16)
 
 
 def test_errors_write_nothing(tmp_path) -> None:
