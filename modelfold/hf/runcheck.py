@@ -124,7 +124,8 @@ def _capture(model: nn.Module, adapter: Adapter) -> tuple[tuple, dict]:
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            model(input_ids=torch.zeros(BATCH, SEQ, dtype=torch.long, device="meta"), **extra)
+            dev = model.get_input_embeddings().weight.device  # meta on a skeleton
+            model(input_ids=torch.zeros(BATCH, SEQ, dtype=torch.long, device=dev), **extra)
     except _Stop:
         pass
     finally:
