@@ -234,38 +234,42 @@ def compress(
             if cg.root not in accepted:
                 continue
             bar.update(1)
-            n = cg.size
             r = ratio.get(cg.root, 0.0) if isinstance(ratio, Mapping) else ratio
-            k = kept_width(n, r, round_to)
-            if k >= n:
-                reports.append(GroupReport(cg.root, cg.members, n, n, "unchanged"))
-                continue
-            feats = group_features(model, cg)
-            if calib is not None:
-                feats.update(calib.activation_features(model, cg))
-            plan = planner(cg, feats, k)
-            if plan.absorb is not None:
-                apply_absorb(model, cg, plan)
-            if plan.labels is not None:
-                apply_labels(model, cg, plan)
-                keep = representatives(plan.labels, plan.k)
-                status = "folded"
-            else:
-                assert plan.keep is not None
-                keep = plan.keep
-                status = "pruned"
-            drop = sorted(set(range(n)) - {int(i) for i in keep})
-            if calib is not None and drop:
-                calib.record(model, cg, torch.as_tensor(keep), plan.labels, plan.k)
-            if drop:
-                try:
-                    group.prune(idxs=drop)
-                except Exception as e:  # noqa: BLE001 - failures inside the dependency tracer
-                    raise UnsupportedModelError(
-                        f"removing channels of group '{cg.root}' failed inside the dependency tracer "
-                        f"({type(e).__name__}: {e}); pass ignore=['{cg.root}'] to keep it intact") from e
-            reports.append(GroupReport(cg.root, cg.members, n, n - len(drop), status, "", plan.rel_error))
+            reports.append(_compress_group(model, group, cg, kept_width(cg.size, r, round_to), planner, calib))
     bar.close()
     if calib is not None:
         calib.finish(model)
     return reports
+
+
+def _compress_group(model: nn.Module, group: Any, cg: ChannelGroup, k: int, planner: Planner,
+                    calib: Any) -> GroupReport:
+    """Fold or prune one group to ``k`` channels (its Torch-Pruning ``group`` removes the others)."""
+    n = cg.size
+    if k >= n:
+        return GroupReport(cg.root, cg.members, n, n, "unchanged")
+    feats = group_features(model, cg)
+    if calib is not None:
+        feats.update(calib.activation_features(model, cg))
+    plan = planner(cg, feats, k)
+    if plan.absorb is not None:
+        apply_absorb(model, cg, plan)
+    if plan.labels is not None:
+        apply_labels(model, cg, plan)
+        keep = representatives(plan.labels, plan.k)
+        status = "folded"
+    else:
+        assert plan.keep is not None
+        keep = plan.keep
+        status = "pruned"
+    drop = sorted(set(range(n)) - {int(i) for i in keep})
+    if calib is not None and drop:
+        calib.record(model, cg, torch.as_tensor(keep), plan.labels, plan.k)
+    if drop:
+        try:
+            group.prune(idxs=drop)
+        except Exception as e:  # noqa: BLE001 - failures inside the dependency tracer
+            raise UnsupportedModelError(
+                f"removing channels of group '{cg.root}' failed inside the dependency tracer "
+                f"({type(e).__name__}: {e}); pass ignore=['{cg.root}'] to keep it intact") from e
+    return GroupReport(cg.root, cg.members, n, n - len(drop), status, "", plan.rel_error)
