@@ -14,8 +14,7 @@ Reproducibility: every decision is taken on exact arithmetic. Features are scale
 and rounded onto an integer grid small enough that all dot products, squared distances and sums of
 points are integers below 2^53, so float64 computes them exactly whatever the summation order: the
 same labels with any number of threads (BLAS splits sums by thread count) and on any device. The
-PCA, which is not exact, runs on one thread. No empty clusters; the reported inertia is measured on
-the original features.
+PCA, which is not exact, runs on one thread. No empty clusters; inertia is of the original features.
 """
 
 from __future__ import annotations
