@@ -223,9 +223,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                    calib_len: int | None = None, lam: float = 1e-3,
                    feedback: bool = False, weighting: str = "token", seed: int = 0, n_init: int = 3,
                    attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
-                   return_report: bool = False, round_to: int | None = None,
-                   device: str | torch.device | None = None,
-                   verify: bool = True) -> nn.Module | tuple[nn.Module, FoldReport]:
+                   return_report: bool = False, round_to: int | None = None, verify: bool = True,
+                   device: str | torch.device | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Calibrated compression: activation-aware selection (or folding) + least-squares refit, sequential.
 
     calibration: "self" (text the causal LM samples itself; random vocabulary words for encoders, which

@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, InvalidWeightsError, ModelFoldError, UnsupportedModelError
 from ..io import atomic_write
 from .gguf_layers import PER_LAYER, choose_arch, gguf_tensors, pad_ffn
+from .runcheck import check_model_runs
 
 #: transformers ``model_type`` -> GGUF architecture (llama.cpp runs Mistral as ``llama``). Per-layer sizes go to
 #: ``gguf_layers.PER_LAYER`` instead (``deci`` for llama/mistral/qwen2, ``openelm`` for qwen3).
@@ -232,10 +233,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
         raise ModelFoldError("dtype='source' needs source= (the GGUF file the model was loaded from)")
     src_types = {t.name: t.tensor_type for t in reader.tensors} if reader is not None else {}
     if verify:
-        from .adapters import find_adapter
-        from .runcheck import check_model_runs
-
-        check_model_runs(model, find_adapter(model), what="the model to write as GGUF")
+        check_model_runs(model, what="the model to write as GGUF")
 
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, ModelFoldError
 from .adapters import find_adapter
+from .runcheck import check_model_runs
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -66,9 +67,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
     that cannot run raises ``ResultError`` and nothing is written (False skips the check).
     """
     if verify and find_adapter(model) is not None:
-        from .runcheck import check_model_runs
-
-        check_model_runs(model, find_adapter(model), what="the model to save")
+        check_model_runs(model, what="the model to save")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..errors import ResultError
 from ..runcheck import run_or_raise
-from .adapters import Adapter
+from .adapters import Adapter, find_adapter
 
 BATCH, SEQ = 2, 8
 
@@ -66,10 +66,11 @@ def check_model_runs(model: nn.Module, adapter: Adapter | None = None, what: str
                      original: nn.Module | None = None) -> None:
     """One forward of ``model`` (its own class and forward) on :func:`tiny_ids`; a failure is a ResultError.
 
-    ``original``: the model it was compressed from; on a failure it runs too, and if it fails as well
+    ``adapter``: the family's (found from ``model`` when None; only for the advice). ``original``: the model it was compressed from; on a failure it runs too, and if it fails as well
     the message says so (the input itself cannot run in this runtime: fix it first).
     """
     ids = tiny_ids(model)
+    adapter = adapter if adapter is not None else find_adapter(model)
     try:
         run_or_raise(model, lambda: model(input_ids=ids), what=what, way_out=_way_out(model, adapter))
     except ResultError as e:
