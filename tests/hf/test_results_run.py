@@ -96,7 +96,7 @@ def _run_layers(family: str, method: str, plan, src: str, dst: str) -> torch.nn.
     elif method == "prune":
         H.prune_checkpoint(src, dst, plan, targets=targets, progress=False)
     else:
-        from modelfold.hf.stream_calib import compress_checkpoint
+        from modelfold.hf.checkpoint import compress_checkpoint  # was modelfold.hf.stream_calib
 
         compress_checkpoint(src, dst, plan, targets=targets, progress=False, **_compress_kwargs())
     return H.load_pretrained(dst, attn_implementation="eager").eval()
