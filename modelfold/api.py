@@ -82,7 +82,7 @@ def _plan_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float, ig
     The ratio is bisected against the measured count; groups whose width the ratio leaves between two
     integers keep the floor or the ceiling (a uniform ratio, rounded per group) so that coarse widths
     still land on the target. Raises InvalidRatioError naming the nearest reachable sparsity."""
-    from .calib.budget import SPARSITY_TOL, refine, settle, unreachable
+    from .calib.budget import SPARSITY_TOL, exhaustive, refine, settle, unreachable
     from .calib.cnn_budget import foldable_groups, levels, snap
 
     groups = foldable_groups(work, example_inputs, ignore, keep_outputs, verify, seed)
@@ -101,8 +101,13 @@ def _plan_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float, ig
     ratio, got = settle(lambda r: count(at(r)), 0.0, MAX_RATIO, sparsity, steps=16)
     plan = at(ratio)
     if abs(got - sparsity) > SPARSITY_TOL / 4:  # coarse widths: correct single groups
-        plan, got = refine(plan, got, count, {g: levels(n, round_to, MAX_RATIO) for g, n in sizes.items()},
-                           sparsity, SPARSITY_TOL / 4)
+        lv = {g: levels(n, round_to, MAX_RATIO) for g, n in sizes.items()}
+        plan, got = refine(plan, got, count, lv, sparsity, SPARSITY_TOL / 4)
+        if abs(got - sparsity) > SPARSITY_TOL / 4 and count.cheap:  # few groups: try every width combination
+            found = exhaustive(count, lv, sparsity, lambda p: sum((r - ratio) ** 2 for r in p.values()))
+            if found is not None and abs(found[1] - sparsity) < abs(got - sparsity):
+                plan, got = found
+    got = count.measure(plan)  # the plan's real count
     if abs(got - sparsity) > SPARSITY_TOL:
         raise unreachable(sparsity, got, "one ratio for every group (rounded per group) moves in channel steps "
                           "too coarse for this network")
@@ -174,11 +179,12 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
         plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept, count, groups, round_to)
         calib_info.update(budget_info)
         ratio = sum(plan.values()) / max(1, len(plan))
-        run_info["sparsity"] = sparsity
+        run_info.update(sparsity=sparsity, sparsity_planned=budget_info["sparsity_planned"])
     elif sparsity is not None:
-        ratio, plan, _ = _plan_for_sparsity(work, example_inputs, sparsity, names, kept, round_to, verify=verify,
-                                            seed=seed, calib=calib)
-        run_info["sparsity"] = sparsity  # asked; report.param_sparsity is what was removed
+        ratio, plan, planned = _plan_for_sparsity(work, example_inputs, sparsity, names, kept, round_to,
+                                                  verify=verify, seed=seed, calib=calib)
+        run_info.update(sparsity=sparsity, sparsity_planned=round(planned, 6))
+    # run_info["sparsity"]: asked; report.param_sparsity: what was removed (the planned count, measured)
     params0, macs0 = count_params(work), count_macs(work, example_inputs)
 
     from .repair import make_repair

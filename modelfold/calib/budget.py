@@ -9,6 +9,8 @@ of a parameter, so fragile units (large error per parameter) keep more.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 from ..errors import InvalidRatioError
@@ -131,27 +133,33 @@ Levels = Mapping[str, Sequence[float]]  # per unit, its admissible ratios (one p
 
 
 def refine(plan: dict[str, float], got: float, count: Callable[[dict[str, float]], float], levels: Levels,
-           sparsity: float, tol: float = SPARSITY_TOL, rounds: int = 8) -> tuple[dict[str, float], float]:
-    """Correct ``plan`` (measured sparsity ``got``) by moving single units one level towards ``sparsity``
-    while that brings the measured sparsity closer; only used when ``plan`` is further than ``tol``
-    off (coarse channels: small networks, ``round_to``). Returns the best (plan, sparsity) found."""
+           sparsity: float, tol: float = SPARSITY_TOL, rounds: int = 8, pairs: int = 16) -> tuple[dict[str, float], float]:
+    """Correct ``plan`` (measured sparsity ``got``) towards ``sparsity`` by local moves: one unit one
+    level up or down, and, with at most ``pairs`` units, one unit up while another goes down (an
+    exchange finds the sums that single steps jump over). Each round takes the move that brings the
+    measured sparsity nearest; it stops within ``tol`` or when no move helps. Only needed where the
+    widths are coarse (small networks, ``round_to``). Returns the best (plan, sparsity) found."""
+    units = sorted(u for u in levels if len(levels[u]) > 1)
+
+    def step(p: dict[str, float], u: str, d: int) -> dict[str, float] | None:
+        lv = list(levels[u])
+        r = p.get(u, 0.0)
+        i = min(range(len(lv)), key=lambda j: abs(lv[j] - r))  # plans hold level ratios
+        j = i + d
+        return dict(p, **{u: lv[j]}) if 0 <= j < len(lv) else None
+
     for _ in range(rounds):
         if abs(got - sparsity) <= tol:
             break
+        toward = 1 if got < sparsity else -1
+        moves = [m for u in units if (m := step(plan, u, toward)) is not None]
+        if len(units) <= pairs:
+            for u in units:
+                for v in units:
+                    if u != v and (m := step(plan, u, toward)) is not None and (m := step(m, v, -toward)) is not None:
+                        moves.append(m)
         best = None
-        for u in sorted(levels):
-            lv = list(levels[u])
-            r = plan.get(u, 0.0)
-            if got < sparsity:
-                nxt = [x for x in lv if x > r + 1e-12]
-                if not nxt:
-                    continue
-                cand = dict(plan, **{u: nxt[0]})
-            else:
-                prev = [x for x in lv if x < r - 1e-12]
-                if not prev:
-                    continue
-                cand = dict(plan, **{u: prev[-1]})
+        for cand in moves:
             c = count(cand)
             if best is None or abs(c - sparsity) < abs(best[1] - sparsity):
                 best = (cand, c)
@@ -159,6 +167,26 @@ def refine(plan: dict[str, float], got: float, count: Callable[[dict[str, float]
             break
         plan, got = best
     return plan, got
+
+
+def exhaustive(count: Callable[[dict[str, float]], float], levels: Levels, sparsity: float,
+               cost: Callable[[dict[str, float]], float] | None = None, tol: float = SPARSITY_TOL,
+               limit: int = 20000) -> tuple[dict[str, float], float] | None:
+    """Every combination of the units' levels when there are at most ``limit`` (for a cheap ``count``):
+    among the plans within ``tol`` of ``sparsity`` the one of least ``cost`` (default: nearest), else
+    the nearest plan. None when there are too many combinations."""
+    units = sorted(levels)
+    if math.prod(len(levels[u]) for u in units) > limit:
+        return None
+    best, best_key = None, None
+    for combo in itertools.product(*(levels[u] for u in units)):
+        plan = dict(zip(units, combo, strict=True))
+        c = count(plan)
+        off = abs(c - sparsity)
+        key = (0, cost(plan) if cost else off, off) if off <= tol else (1, off, 0.0)
+        if best_key is None or key < best_key:
+            best, best_key = (plan, c), key
+    return best
 
 
 def unreachable(sparsity: float, nearest: float, why: str) -> InvalidRatioError:
