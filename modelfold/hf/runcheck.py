@@ -66,8 +66,9 @@ def check_model_runs(model: nn.Module, adapter: Adapter | None = None, what: str
                      original: nn.Module | None = None) -> None:
     """One forward of ``model`` (its own class and forward) on :func:`tiny_ids`; a failure is a ResultError.
 
-    ``adapter``: the family's (found from ``model`` when None; only for the advice). ``original``: the model it was compressed from; on a failure it runs too, and if it fails as well
-    the message says so (the input itself cannot run in this runtime: fix it first).
+    ``adapter``: the family's (found from ``model`` when None; only for the advice). ``original``: the
+    model it was compressed from; on a failure it runs too, and if it fails as well the message says
+    so (the input itself cannot run in this runtime: fix it first).
     """
     ids = tiny_ids(model)
     adapter = adapter if adapter is not None else find_adapter(model)
