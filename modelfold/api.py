@@ -204,6 +204,16 @@ def _run(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: f
                              seed=seed, progress=progress, on_kept=on_kept, calib=calib, round_to=round_to)
     work = fixer.after(work)
     work.eval()
+    if sparsity is not None:  # the plan's count is exact; a repair that adds parameters is caught here
+        from .calib.budget import SPARSITY_TOL
+
+        got = 1.0 - count_params(work) / params0
+        if abs(got - sparsity) > SPARSITY_TOL:
+            raise InvalidRatioError(
+                f"sparsity={sparsity:.3f}: the compressed model has {got:.3f} of the parameters removed, not the "
+                f"planned {run_info['sparsity_planned']:.3f} (repair={repair!r} changed the parameter count); "
+                f"ask for sparsity={min(0.99, sparsity + run_info['sparsity_planned'] - got):.3f} to land on "
+                f"{sparsity:.3f}, or use another repair")
     if verify:  # the result runs once (example's first item) before it is handed out; ``model`` is untouched
         from .runcheck import check_cnn_runs
 
