@@ -32,6 +32,24 @@ def burn() -> None:
         x = (x * 1103515245 + 12345) % 2**31
 
 
+def write(args: argparse.Namespace, runs: list[dict]) -> None:
+    """The record so far (written after every run: a stopped benchmark keeps what it measured)."""
+    passed = sum(r["passed"] for r in runs)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    record = {"tests": TESTS, "burners": args.burners, "cores": os.cpu_count(), "commit": commit, "runs": runs,
+              "passed": passed, "total": len(runs), "planned": args.runs}
+    Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = [f"# Fault tests under load: {passed} of {len(runs)} runs passed ({args.runs} planned)", "",
+             f"`{' '.join(TESTS)}` at commit {commit}, in a fresh pytest process per run, beside {args.burners} "
+             f"CPU-burning process(es) on a {os.cpu_count()}-core machine; other work shared the machine too (see "
+             "the load column). Nothing retried. Written by `benchmarks/fault_tests.py`.", "",
+             "| run | result | seconds | load (1 min) | pytest summary |", "|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {'pass' if r['passed'] else 'FAIL'} | {r['seconds']} | {r['load1']} | {r['summary']} |"
+              for r in runs]
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
@@ -41,7 +59,7 @@ def main() -> None:
     burners = [mp.Process(target=burn, daemon=True) for _ in range(args.burners)]
     for b in burners:
         b.start()
-    runs = []
+    runs: list[dict] = []
     try:
         for k in range(args.runs):
             t0 = time.perf_counter()
@@ -52,25 +70,12 @@ def main() -> None:
                          "seconds": round(time.perf_counter() - t0, 1), "load1": round(os.getloadavg()[0], 2),
                          "summary": tail, **({} if proc.returncode == 0 else {"output": proc.stdout[-4000:]
                                                                               + proc.stderr[-4000:]})})
+            write(args, runs)
             print(f"run {k + 1}/{args.runs}: {'pass' if proc.returncode == 0 else 'FAIL'} "
                   f"{runs[-1]['seconds']} s, load {runs[-1]['load1']}: {tail}", flush=True)
     finally:
         for b in burners:
             b.terminate()
-    passed = sum(r["passed"] for r in runs)
-    record = {"tests": TESTS, "burners": args.burners, "cores": os.cpu_count(), "runs": runs,
-              "passed": passed, "total": len(runs)}
-    Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"# Fault tests under load: {passed} of {len(runs)} runs passed", "",
-             f"`{' '.join(TESTS)}` in a fresh pytest process per run, beside {args.burners} CPU-burning "
-             f"processes on a {os.cpu_count()}-core machine (other work may have shared it: see the load "
-             "column). Nothing retried. Written by `benchmarks/fault_tests.py`.", "",
-             "| run | result | seconds | load (1 min) | pytest summary |", "|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {'pass' if r['passed'] else 'FAIL'} | {r['seconds']} | {r['load1']} | {r['summary']} |"
-              for r in runs]
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    print(f"{passed}/{len(runs)} passed")
-
-
+    print(f"{sum(r['passed'] for r in runs)}/{len(runs)} passed")
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ import torch
 from ...checks import check_round_to
 from ...errors import CheckpointError
 from ...report import FoldReport
-from ..core import LayerFn, record_sizes, resolve_ratio
+from ..core import LayerFn, record_sizes, resolve_ratio, width_info
 from ..plan import make_plan
 from .layers import fold_layers, layer_fn_for
 from .resume import fingerprint, resumable_dir
@@ -87,7 +87,7 @@ def run_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float 
         model.config.save_pretrained(tmp)
         copy_extras(src_p, tmp)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
-    info = {**({"round_to": round_to} if round_to else {}), "executor": executor,
+    info = {**width_info(model, adapter, round_to), "executor": executor,
             **({"resumed_layers": partial.resumed_layers} if partial.resumed else {}), "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
             **{f"{k}_seconds": round(v, 2) for k, v in stages.items()}}
     return FoldReport(method, rmax, source.reader.numel(), numel, None, None, time.perf_counter() - t0,
