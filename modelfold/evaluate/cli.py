@@ -23,6 +23,7 @@ examples:
   modelfold eval folded_dir --compare SmolLM2-135M-Instruct.Q4_1.gguf
   modelfold eval folded_minilm --compare path/to/all-MiniLM-L6-v2
   modelfold eval folded.pt --compare mobilenet_v2 --compare-weights mobilenet_v2.pth --images imagenet
+  modelfold eval small.gguf --runtime llama.cpp --compare SmolLM2-135M-Instruct.Q4_1.gguf   (through llama.cpp)
 """
 
 
@@ -46,6 +47,11 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--images", default="imagenet", help="image models: a folder, imagenet (foolbox + scikit-"
                     "image samples) or fmnist (Fashion-MNIST test set); default imagenet")
     sp.add_argument("--limit", type=int, help="image models: use only the first N images")
+    sp.add_argument("--runtime", choices=("transformers", "llama.cpp"), default="transformers",
+                    help="causal LMs in .gguf files: llama.cpp measures perplexity through llama.cpp itself "
+                    "(llama-cpp-python; also per-layer files transformers cannot load), tokenized by the file's "
+                    "own tokenizer; default transformers")
+    sp.add_argument("--threads", type=int, default=None, help="--runtime llama.cpp: CPU threads (default: torch's)")
     sp.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -90,6 +96,8 @@ def _read(path: str, what: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Measure MODEL (and ORIGINAL), print a table or JSON."""
+    if getattr(args, "runtime", "transformers") == "llama.cpp":
+        return _run_llama_cpp(args)
     model, kind = _load(args.model, args.weights)
     ref = ref_kind = None
     if args.compare:
@@ -142,6 +150,36 @@ def _lm(args: argparse.Namespace, models: list[nn.Module], res: dict) -> None:
         rec.update(perplexity=float(__import__("math").exp(nll / count)), bos=use_bos)
     res.update(text=args.text or "wikipedia (gensim test corpus)", ctx=args.ctx, windows=int(wins.shape[0]),
                predicted_tokens=count)
+
+
+def _run_llama_cpp(args: argparse.Namespace) -> int:
+    """Perplexity of MODEL (and ORIGINAL), both GGUF files, through llama.cpp."""
+    import math
+
+    import gguf
+
+    from . import llamacpp
+
+    names = [args.model] + ([args.compare] if args.compare else [])
+    bad = [n for n in names if not str(n).endswith(".gguf")]
+    if bad or args.weights or args.compare_weights or args.tokenizer:
+        raise ModelFoldError(f"--runtime llama.cpp measures .gguf causal LMs with their own tokenizer; "
+                             f"{', '.join(bad) or '--weights/--tokenizer'} does not fit (drop --runtime to use "
+                             "transformers)")
+    text = _read(args.text, "text") if args.text else None
+    bos = {"yes": True, "no": False}.get(args.bos)
+    res: dict = {"kind": "lm", "runtime": "llama.cpp", "models": []}
+    for name in names:
+        llm = llamacpp.load(name, n_ctx=args.ctx, n_threads=args.threads)
+        wins, use_bos = llamacpp.eval_windows(llm, text, args.ctx, args.windows, bos)
+        nll, count = llamacpp.window_nll(llm, wins, progress=True)
+        params = sum(int(t.n_elements) for t in gguf.GGUFReader(name).tensors)
+        res["models"].append({"name": name, "parameters": params, "perplexity": math.exp(nll / count),
+                              "bos": use_bos, "weight_bytes": llamacpp.weight_bytes(name)})
+    res.update(text=args.text or "wikipedia (gensim test corpus)", ctx=args.ctx, windows=len(wins),
+               predicted_tokens=count)
+    print(json.dumps(res, indent=1) if args.json else _table(res) + "\n  (through llama.cpp)")
+    return 0
 
 
 def _fmt(v: Any) -> str:

@@ -140,9 +140,10 @@ def check_readable(path: str | os.PathLike) -> None:
     per_layer = [k for k in keys if isinstance(getattr(fields.get(f"{arch}.{k}"), "contents", lambda: 0)(), list)]
     if per_layer:
         raise UnsupportedModelError(f"{path} has per-layer sizes ({', '.join(per_layer)} are arrays: a non-uniform "
-                                    "fold), which transformers' GGUF loader cannot read; run it with llama.cpp, or "
-                                    "fold the original again with --out DIR (a transformers directory keeps "
-                                    "per-layer sizes)")
+                                    "plan, llama.cpp's deci/openelm), which transformers' GGUF loader cannot read; "
+                                    "run it with llama.cpp (modelfold eval FILE --runtime llama.cpp), or compress "
+                                    "the original again with --out DIR (a transformers directory keeps per-layer "
+                                    "sizes)")
 
 
 def _metadata(writer: Any, reader: Any, arch: str, hp: dict[str, Any], model: nn.Module) -> None:

