@@ -27,6 +27,17 @@ def ratio_or_sparsity(ratio: float | None, sparsity: float | None) -> float:
     return float(ratio) if ratio is not None else 0.0
 
 
+def check_sparsity(sparsity: Any, ratio: Any = None) -> None:
+    """For calibrated compression: ``sparsity`` (if given) in (0, 1) and not given together with ``ratio``."""
+    if sparsity is None:
+        return
+    if ratio is not None:
+        raise InvalidRatioError("give either ratio= or sparsity=, not both")
+    if not isinstance(sparsity, int | float) or isinstance(sparsity, bool) or not 0.0 < sparsity < 1.0:
+        raise InvalidRatioError(f"sparsity={sparsity!r} is outside (0, 1): it is the fraction of parameters "
+                                "removed, e.g. sparsity=0.3")
+
+
 def check_round_to(round_to: Any) -> int | None:
     """Validate ``round_to``: None (no rounding) or a positive integer channel multiple (8, 16, 64, ...)."""
     if round_to is None:

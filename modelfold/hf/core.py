@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import check_round_to, check_weights
+from ..checks import check_round_to, check_sparsity, check_weights
 from ..device import model_device, resolve_device
 from ..errors import InvalidRatioError
 from ..report import FoldReport, GroupReport, count_params
@@ -267,6 +267,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                         round_to=round_to)
     adapter = _adapter(model)
     check_weights(model)
+    check_sparsity(sparsity, ratio)  # before the calibration data are made
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     ids = cdata.resolve(model, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
@@ -274,10 +275,6 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     info["calibration_seconds"] = round(time.perf_counter() - t0, 2)
     info["calibration_tokens"] = int(ids.numel())
     if budget == "auto" and sparsity is not None:
-        if ratio is not None:
-            raise InvalidRatioError("give either ratio= or sparsity=, not both")
-        if not 0.0 < sparsity < 1.0:
-            raise InvalidRatioError(f"sparsity={sparsity!r} must be in (0, 1)")
         t1 = time.perf_counter()
         total = count_params(model)
         with torch.no_grad():

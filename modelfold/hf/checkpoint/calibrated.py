@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ...calib import data as cdata
-from ...checks import check_round_to
+from ...checks import check_round_to, check_sparsity
 from ...errors import InvalidRatioError
 from ...report import FoldReport
 from ..calib_layer import CalibOptions
@@ -70,6 +70,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
     ``calibration="self"`` for a causal LM samples the text from the whole model first (loaded
     memory-mapped; cached on disk, so later runs skip it); token ids or texts need no full load.
     """
+    check_sparsity(sparsity, ratio)  # before any file is read
     if budget not in ("auto", "uniform"):
         raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
     opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
@@ -97,10 +98,6 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
         del front
         plan = None
         if budget == "auto" and sparsity is not None:
-            if ratio is not None:
-                raise InvalidRatioError("give either ratio= or sparsity=, not both")
-            if not 0.0 < sparsity < 1.0:
-                raise InvalidRatioError(f"sparsity={sparsity!r} must be in (0, 1)")
             sens = Sensitivity(opts, targets, max_ratio)
             sens.inputs = start
             sens.ref = probe_ref if sens.probe else None
