@@ -20,7 +20,8 @@ import torch
 from ..checks import kept_width
 from ..cluster import kmeans
 from ..merge import merge_tensor, representatives
-from .adapters.base import AttnSpec, get, linear_like, put
+from .adapters.base import AttnSpec
+from .adapters.refs import get, linear_like, put
 
 MODES = ("auto", "query", "group")
 

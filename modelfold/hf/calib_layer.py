@@ -21,7 +21,8 @@ import torch
 from ..calib.compensate import Gram, output_error, ridge_refit, with_ones
 from ..calib.score import SCORES, FeatureStats, unit_importance
 from ..cluster import kmeans
-from .adapters.base import AttnSpec, MLPSpec, get, linear_like, put
+from .adapters.base import AttnSpec, MLPSpec
+from .adapters.refs import get, linear_like, put
 from .attention import _apply, resolve_mode, units_k
 from .mlp import fold_mlp_with_labels, prune_mlp_keep
 

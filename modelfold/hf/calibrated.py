@@ -27,7 +27,8 @@ from ..device import model_device
 from ..errors import UnsupportedModelError
 from ..report import GroupReport, count_params
 from .adapters import Adapter
-from .adapters.base import MLPSpec, get, hook_module
+from .adapters.base import MLPSpec
+from .adapters.refs import get, hook_module
 from .attention import resolve_mode, units_k
 from .calib_layer import CalibOptions, attention_units, choose_heads, compress_attention, compress_mlp, gram
 from .plan import Plan, parse_targets

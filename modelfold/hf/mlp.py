@@ -6,7 +6,8 @@ import torch
 
 from ..cluster import kmeans
 from ..merge import merge_tensor, representatives
-from .adapters.base import MLPSpec, get, linear_like, put
+from .adapters.base import MLPSpec
+from .adapters.refs import get, linear_like, put
 
 
 def mlp_features(spec: MLPSpec) -> torch.Tensor:

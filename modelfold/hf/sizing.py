@@ -15,7 +15,8 @@ from ..calib.budget import SPARSITY_TOL, settle, unreachable
 from ..checks import kept_width
 from ..errors import InvalidRatioError
 from ..report import count_params
-from .adapters.base import Adapter, AttnSpec, MLPSpec, get, width_multiple
+from .adapters.base import Adapter, AttnSpec, MLPSpec, width_multiple
+from .adapters.refs import get
 from .attention import resolve_mode, units_k
 from .plan import Plan, make_plan
 

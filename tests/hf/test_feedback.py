@@ -8,7 +8,7 @@ import torch
 from hf_models import ALL_FAMILIES, make_model
 
 from modelfold.hf.adapters import find_adapter
-from modelfold.hf.adapters.base import hook_module
+from modelfold.hf.adapters.refs import hook_module
 from modelfold.hf.calibrated import capture, sum_point
 from modelfold.hf.core import compress_model
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Adapter, AttnSpec, MLPSpec, get, put, ref_name
+from .base import Adapter, AttnSpec, MLPSpec
 from .families import Family, StructuredAdapter
+from .refs import get, put, ref_name
 
 _NO_KV = {"num_key_value_heads": None}
 _ENCODER = dict(layers=("encoder.layer",), mlp="", producers=("intermediate.dense",), consumer="output.dense",

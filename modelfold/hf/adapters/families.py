@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .base import Adapter, AttnSpec, MLPSpec, Ref, get
-from .refs import Conv1DRef, ExpertRef, Fused, Stacked
+from .base import Adapter, AttnSpec, MLPSpec
+from .refs import Conv1DRef, ExpertRef, Fused, Ref, Stacked, get
 
 # Width multiples the runtimes need, by MLP kind (MLPSpec.kind). transformers runs stacked experts with
 # grouped/batched matmul kernels (torch grouped_mm) that want 16-byte aligned rows: a multiple of 8

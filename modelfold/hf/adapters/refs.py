@@ -85,7 +85,6 @@ class Fused:
         return rows // sum(self.sizes.values())
 
     def _view(self, name: str) -> nn.Linear:
-        from .base import get
 
         lin = get(self.base)
         w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
@@ -104,7 +103,6 @@ class Fused:
         return self.pending[name] if name in self.pending else self._view(name)
 
     def put(self, name: str, lin: nn.Linear) -> None:
-        from .base import put
 
         self.pending[name] = lin
         parts = [self.get(n) for n in self.names]
@@ -120,7 +118,6 @@ class Fused:
             b = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts], 0)
             for n, p in zip(self.names, parts, strict=True):
                 self.sizes[n] = p.out_features
-        from .base import linear_like
 
         put(self.base, linear_like(w, b))
         self.pending.clear()
@@ -181,3 +178,59 @@ class ExpertRef(View):
 
     def put(self, lin: nn.Linear) -> None:
         self.stacked.put(self.e, lin)
+
+
+# (parent module, attribute name) of an nn.Linear, or a View (Conv1D, part of a fused projection,
+# one expert of a stacked expert tensor) that reads and writes like one.
+Ref = tuple[nn.Module, str] | View
+
+
+def get(ref: Ref) -> nn.Linear:
+    """The projection ``ref`` names, as an ``nn.Linear`` (views share storage with the model)."""
+    if isinstance(ref, View):
+        return ref.get()
+    return getattr(ref[0], ref[1])
+
+
+def put(ref: Ref, module: nn.Linear) -> None:
+    """Store ``module`` (possibly resized) where ``ref`` points."""
+    if isinstance(ref, View):
+        ref.put(module)
+    else:
+        setattr(ref[0], ref[1], module)
+
+
+def hook_module(ref: Ref) -> nn.Module | None:
+    """The model's own module whose input is what ``ref`` reads (for activation hooks), or None.
+
+    A part of a fused projection reads the fused module's input; a Conv1D is its own module; one
+    expert of a stacked expert tensor sees only its routed tokens, which no module boundary shows.
+    """
+    if isinstance(ref, PartRef):
+        return hook_module(ref.fused.base)
+    if isinstance(ref, Conv1DRef):
+        return getattr(ref.parent, ref.attr)
+    return None if isinstance(ref, View) else getattr(ref[0], ref[1])
+
+
+def ref_name(ref: Ref) -> str:
+    return ref.name if isinstance(ref, View) else ref[1]
+
+
+def linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding exactly ``weight`` (out, in) and ``bias``."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight.detach().clone().contiguous(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone().contiguous(), requires_grad=bias.requires_grad)
+    return lin
+
+
+def resized(lin: nn.Linear, out_features: int | None = None, in_features: int | None = None) -> nn.Linear:
+    """An uninitialised nn.Linear like ``lin`` with new sizes (filled by a state-dict load)."""
+    out_f = lin.out_features if out_features is None else out_features
+    in_f = lin.in_features if in_features is None else in_features
+    w = torch.empty(out_f, in_f, dtype=lin.weight.dtype, device=lin.weight.device)
+    b = None if lin.bias is None else torch.empty(out_f, dtype=lin.bias.dtype, device=lin.bias.device)
+    return linear_like(w, b)
