@@ -132,11 +132,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _hf(spec: str) -> bool:
-    from . import hf
-    from .hf.validate import looks_like_hf_dir
+    from .hf.validate import is_hf_spec
 
-    is_dir = getattr(hf, "is_hf_dir", None)
-    return spec.endswith(".gguf") or bool(is_dir and is_dir(spec)) or looks_like_hf_dir(spec)
+    return is_hf_spec(spec)
 
 
 def _run_hf(args: argparse.Namespace) -> int:
@@ -172,9 +170,9 @@ def _run_hf(args: argparse.Namespace) -> int:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
     print(report)
     if args.out.endswith(".gguf"):
-        from .hf.io import _gguf
+        from .hf.io import find_gguf
 
-        source = None if hf.is_hf_dir(args.model) else _gguf(Path(args.model))
+        source = None if hf.is_hf_dir(args.model) else find_gguf(Path(args.model))
         print(hf.save_gguf(out, args.out, dtype=args.gguf_type, source=source, progress=True))
         return 0
     hf.save(out, args.out, tokenizer=tok)
@@ -291,7 +289,7 @@ def _tokenizer(hf: object, path: str) -> object:
 
 def _inspect_hf(args: argparse.Namespace) -> int:
     """Layers, widths, heads and reachable sparsity of a transformers directory (no weights read)."""
-    from .hf.core import _adapter
+    from .hf.core import adapter_of
     from .hf.sizing import summary
     from .hf.stream import skeleton
     from .hf.validate import check_foldable
@@ -303,7 +301,7 @@ def _inspect_hf(args: argparse.Namespace) -> int:
         model = load_any(args.model)
     else:
         model = skeleton(Path(args.model))
-    print(summary(model, _adapter(model)))
+    print(summary(model, adapter_of(model)))
     return 0
 
 

@@ -58,9 +58,9 @@ def add_parser(sub: Any) -> None:
 def _load(spec: str, weights: str | None) -> tuple[nn.Module, str]:
     """(model, kind) with kind one of lm, encoder, image."""
     from .. import io
-    from ..cli import _hf
+    from ..hf.validate import is_hf_spec
 
-    if _hf(spec):
+    if is_hf_spec(spec):
         from ..hf import load_any
 
         if weights:

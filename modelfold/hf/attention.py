@@ -72,7 +72,7 @@ def units_k(spec: AttnSpec, mode: str, ratio: float, round_to: int | None = None
     return kept_width(n, ratio, round_to // math.gcd(round_to, unit))
 
 
-def _apply(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: torch.Tensor, kk: int,
+def apply_units(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: torch.Tensor, kk: int,
            adapter) -> None:
     """Merge (if labels given) and keep units; update module attributes through ``adapter``."""
     hd = spec.head_dim
@@ -130,7 +130,7 @@ def fold_attention_with_labels(spec: AttnSpec, mode: str, labels: torch.Tensor, 
             raise ValueError("query-mode labels must not merge query heads of different KV groups "
                              "(group g's clusters are g*k .. g*k+k-1)")
     keep = torch.sort(representatives(labels, kk)).values
-    _apply(spec, mode, labels, keep, kk, adapter)
+    apply_units(spec, mode, labels, keep, kk, adapter)
 
 
 def fold_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto", seed: int = 0,
@@ -175,5 +175,5 @@ def prune_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto"
         keep = torch.topk(score, k).indices
     keep = torch.sort(keep).values
     n_before = spec.num_heads if mode == "query" else spec.num_kv_heads
-    _apply(spec, mode, None, keep, k, adapter)
+    apply_units(spec, mode, None, keep, k, adapter)
     return n_before, int(keep.numel())

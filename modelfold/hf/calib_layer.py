@@ -23,7 +23,7 @@ from ..calib.score import SCORES, FeatureStats, unit_importance
 from ..cluster import kmeans
 from .adapters.base import AttnSpec, MLPSpec
 from .adapters.refs import get, linear_like, put
-from .attention import _apply, resolve_mode, units_k
+from .attention import apply_units, resolve_mode, units_k
 from .mlp import fold_mlp_with_labels, prune_mlp_keep
 
 METHODS = ("select", "fold")
@@ -73,7 +73,7 @@ def target_cross(h: torch.Tensor, target: torch.Tensor, ones: bool, block: int =
     return out
 
 
-def _refit(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch.Tensor, idx: torch.Tensor,
+def refit_columns(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch.Tensor, idx: torch.Tensor,
            opts: CalibOptions, stats: FeatureStats, tc: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Consumer reading only the features ``idx`` of ``g_full`` (which ends with the ones feature iff bias).
@@ -119,7 +119,7 @@ def compress_mlp(spec: MLPSpec, k: int, h: torch.Tensor, opts: CalibOptions,
         keep = torch.sort(torch.topk(unit_importance(opts.score, stats, w, g, 1, opts.lam, bias, k), k).indices).values
         prune_mlp_keep(spec, keep)
         tc = None if target is None else target_cross(h, target, bias is not None, scale=scale)
-        new_w, new_b = _refit(w, bias, g, keep, opts, stats, tc)
+        new_w, new_b = refit_columns(w, bias, g, keep, opts, stats, tc)
         g_new, cross = g[keep][:, keep], g[keep][:, :n]
     else:
         if rerun is None:
@@ -187,8 +187,8 @@ def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, o
     g = gram(a, bias is not None, scale)
     keep_units = choose_heads(spec, mode, k, unit_importance(opts.score, stats, w, g, width, opts.lam, bias))
     cols = (keep_units[:, None] * width + torch.arange(width, device=keep_units.device)[None, :]).reshape(-1)
-    _apply(spec, mode, None, keep_units, k, adapter)
-    new_w, new_b = _refit(w, bias, g, cols, opts, stats)
+    apply_units(spec, mode, None, keep_units, k, adapter)
+    new_w, new_b = refit_columns(w, bias, g, cols, opts, stats)
     put(spec.o, linear_like(new_w.to(w.dtype).contiguous(), new_b))
     nf = w.shape[1]
     base = output_error(w, g[:nf][:, :nf], w[:, :0], g[:0, :0], g[:0, :nf])

@@ -245,16 +245,16 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
             continue
         keep = torch.sort(order[:k]).values
         opts_nb = opts
-        from .calib_layer import _refit
+        from .calib_layer import refit_columns
 
-        new_w, _ = _refit(w, None, g, keep, opts_nb, stats)
+        new_w, _ = refit_columns(w, None, g, keep, opts_nb, stats)
         err = output_error(w, g, new_w, g[keep][:, keep], g[keep])
         curve.append((r, float(mlp_removed(spec, r, opts.round_to)), err / energy))
     return curve
 
 
 def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:
-    from .calib_layer import _refit
+    from .calib_layer import refit_columns
 
     mode = resolve_mode(spec, opts.attention_mode)
     _, width = attention_units(spec, mode)
@@ -274,7 +274,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
         seen.add(k)
         keep = choose_heads(spec, mode, k, scores)
         cols = (keep[:, None] * width + torch.arange(width, device=keep.device)[None, :]).reshape(-1)
-        new_w, _ = _refit(w, None, g, cols, opts, stats)
+        new_w, _ = refit_columns(w, None, g, cols, opts, stats)
         err = output_error(w, g, new_w, g[cols][:, cols], g[cols])
         curve.append((r, float(attention_removed(spec, r, opts.attention_mode, opts.round_to)), err / energy))
     return curve

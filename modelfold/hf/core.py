@@ -27,7 +27,7 @@ from .sizing import ratio_for_sparsity
 HF_REPAIRS = ("none", "ar")
 
 
-def _adapter(model: Any) -> Adapter:
+def adapter_of(model: Any) -> Adapter:
     a = find_adapter(model)
     if a is None:
         from .validate import unsupported_type
@@ -72,7 +72,7 @@ def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, target
          sparsity: float | None = None, attention_mode: str = "auto",
          round_to: int | None = None, verify: bool = True) -> tuple[nn.Module, FoldReport]:
     t0 = time.perf_counter()
-    adapter = _adapter(model)
+    adapter = adapter_of(model)
     check_weights(model)
     n_layers = len(adapter.layers(model))
     ratio = resolve_ratio(model, adapter, ratio, sparsity, targets=targets, skip_first=skip_first,
@@ -253,7 +253,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
             work, report = compress_model(copy.deepcopy(model).to(dev), return_report=True, verify=False, **args)
             work = work.to(home)
             if verify:  # where it is returned
-                check_model_runs(work, _adapter(work))
+                check_model_runs(work, adapter_of(work))
             return (work, report) if return_report else work
     round_to = check_round_to(round_to)
     from ..calib import data as cdata
@@ -265,7 +265,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
                         weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init,
                         round_to=round_to)
-    adapter = _adapter(model)
+    adapter = adapter_of(model)
     check_weights(model)
     check_sparsity(sparsity, ratio)  # before the calibration data are made
     t0 = time.perf_counter()

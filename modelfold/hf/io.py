@@ -75,7 +75,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
     return Path(out_dir).resolve()
 
 
-def _model_class(config: Any) -> Any:
+def model_class(config: Any) -> Any:
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
@@ -128,7 +128,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
 
 
 def _load_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
-    cls = _model_class(config)
+    cls = model_class(config)
     layers = getattr(config, "modelfold_layers", None)
     if not layers:
         return cls.from_pretrained(path, **kwargs).eval()
@@ -160,7 +160,7 @@ def _load_pretrained(path: Path, config: Any, **kwargs: Any) -> nn.Module:
     return model.eval()
 
 
-def _gguf(path: Path) -> Path | None:
+def find_gguf(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".gguf":
         return path
     if path.is_dir():
@@ -176,9 +176,9 @@ def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
 
     path = Path(path)
     check_exists(path)
-    if is_hf_dir(path) or (looks_like_hf_dir(path) and _gguf(path) is None):
+    if is_hf_dir(path) or (looks_like_hf_dir(path) and find_gguf(path) is None):
         return load_pretrained(path)
-    g = _gguf(path)
+    g = find_gguf(path)
     if g is None:
         raise CheckpointError(f"{path} is neither a transformers directory (config.json) nor a .gguf file "
                               "(or a directory holding exactly one)")
@@ -217,7 +217,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     path = Path(path)
-    g = None if is_hf_dir(path) else _gguf(path)
+    g = None if is_hf_dir(path) else find_gguf(path)
     if not is_hf_dir(path) and g is None:
         raise CheckpointError(f"no tokenizer found at {path}: it is neither a transformers directory nor a .gguf file")
     if g is None and not any((path / n).is_file() for n in TOKENIZER_FILES):

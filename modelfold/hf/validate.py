@@ -44,6 +44,12 @@ def looks_like_hf_dir(path: str | os.PathLike) -> bool:
         n.endswith(".safetensors") for n in names)
 
 
+def is_hf_spec(spec: str) -> bool:
+    """True if a command-line model spec names a transformers model: a .gguf file or a model directory."""
+    p = Path(spec)
+    return spec.endswith(".gguf") or (p.is_dir() and (p / "config.json").is_file()) or looks_like_hf_dir(spec)
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model directory as a dict; CheckpointError if missing, unreadable or not a model's."""
     p = Path(path)

@@ -175,13 +175,13 @@ def test_alignment_combines_with_round_to(round_to: int | None) -> None:
 
 
 def test_sparsity_counts_the_alignment() -> None:
-    from modelfold.hf.core import _adapter
+    from modelfold.hf.core import adapter_of
     from modelfold.hf.plan import make_plan
     from modelfold.hf.sizing import plan_removed
     from modelfold.report import count_params
 
     m = _mixtral()
-    a = _adapter(m)
+    a = adapter_of(m)
     for ratio in (0.13, 0.3, 0.77):
         predicted = plan_removed(m, a, make_plan(ratio, 2, "mlp"))
         pruned = H.prune_model(m, ratio)

@@ -32,14 +32,14 @@ from .source import Source, load_layer, release_layer
 
 def _front(ctx: Source) -> nn.Module:
     """The model with a single block, on CPU, holding the checkpoint's non-block tensors."""
-    from ..io import _model_class
+    from ..io import model_class
 
     config = copy.deepcopy(ctx.model.config)
     config.num_hidden_layers = 1
     for attr in ("layer_types", "modelfold_layers"):
         if isinstance(getattr(config, attr, None), list):
             setattr(config, attr, getattr(config, attr)[:1])
-    cls = _model_class(config)
+    cls = model_class(config)
     build = getattr(cls, "_from_config", None) or cls.from_config
     dtype = next((ctx.reader.get(k).dtype for k in ctx.rest if ctx.reader.get(k).is_floating_point()), None)
     front = build(config, dtype=dtype) if dtype is not None else build(config)

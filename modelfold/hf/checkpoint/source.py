@@ -19,8 +19,8 @@ import torch.nn as nn
 from ...errors import CheckpointError
 from ..adapters import Adapter
 from ..convert import disk_to_model_names, to_model
-from ..core import _adapter
-from ..io import _model_class, is_hf_dir
+from ..core import adapter_of
+from ..io import is_hf_dir, model_class
 from ..validate import check_model_dir
 from .shards import INDEX, WEIGHT_SUFFIXES, ShardReader
 
@@ -34,13 +34,13 @@ def skeleton(path: Path) -> nn.Module:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}/config.json cannot be read by transformers ({type(e).__name__}: {e})") from None
-    cls = _model_class(config)
+    cls = model_class(config)
     build = getattr(cls, "_from_config", None) or cls.from_config
     with torch.device("meta"):
         model = build(config)
     layers = getattr(config, "modelfold_layers", None)
     if layers:
-        adapter = _adapter(model)
+        adapter = adapter_of(model)
         if len(adapter.layers(model)) != len(layers):
             raise CheckpointError(f"{path}: config.modelfold_layers does not match the number of layers")
         for i, sizes in enumerate(layers):
@@ -89,7 +89,7 @@ def open_source(src: str | os.PathLike) -> Source:
     check_model_dir(src_p, foldable=True)  # config, family, weights
     reader = ShardReader(src_p)
     model = skeleton(src_p)
-    adapter = _adapter(model)
+    adapter = adapter_of(model)
     names = {id(m): n for n, m in model.named_modules()}
     prefixes = [names[id(layer)] + "." for layer in adapter.layers(model)]
     per_layer: list[list[str]] = [[] for _ in prefixes]
