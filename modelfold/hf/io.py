@@ -24,6 +24,32 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an output path that is a file, or a non-empty directory that is not a model (it would be lost)."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose another --out path")
+    if out.is_dir() and any(out.iterdir()) and not is_hf_dir(out):
+        raise CheckpointError(f"{out} is a non-empty directory that does not hold a model (no config.json); it "
+                              "would be replaced as a whole, so choose another --out path or empty it first")
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out``; an existing ``out`` is replaced only if that works."""
+    old: Path | None = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rmdir(old)
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(out_dir: str | os.PathLike, what: str = "the model") -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``out_dir`` in one rename.
@@ -32,32 +58,18 @@ def atomic_dir(out_dir: str | os.PathLike, what: str = "the model") -> Iterator[
     failure it is left as it was, the temporary directory is removed and a CheckpointError is raised.
     """
     out = Path(out_dir).resolve()
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory; choose another --out path")
-    if out.is_dir() and any(out.iterdir()) and not is_hf_dir(out):
-        raise CheckpointError(f"{out} is a non-empty directory that does not hold a model (no config.json); it "
-                              "would be replaced as a whole, so choose another --out path or empty it first")
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old: Path | None = None
     try:
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-        os.rename(tmp, out)
+        move_into_place(tmp, out)
     except BaseException as e:
-        if old is not None and not out.exists():
-            os.rename(old, out)
-            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ModelFoldError) or not isinstance(e, Exception):
             raise
         raise CheckpointError(f"could not save {what} to {out}: {type(e).__name__}: {e}. "
                               "Any previous content there is unchanged; check disk space and permissions.") from e
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *, verify: bool = True) -> Path:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,13 +138,9 @@ def _differences(old: Mapping, new: Mapping) -> list[str]:
 def resumable_dir(out: Path, fp: Mapping, what: str = "the compressed checkpoint") -> Iterator[Partial]:
     """Yield the partial directory for ``out`` (continued if an earlier attempt with fingerprint ``fp`` left
     one); on success it replaces ``out`` in one rename, as ``atomic_dir`` does."""
-    from ..io import is_hf_dir
+    from ..io import check_out_dir, move_into_place
 
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory; choose another --out path")
-    if out.is_dir() and any(out.iterdir()) and not is_hf_dir(out):
-        raise CheckpointError(f"{out} is a non-empty directory that does not hold a model (no config.json); it "
-                              "would be replaced as a whole, so choose another --out path or empty it first")
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = partial_path(out)
     old_fp = read_json(part / MANIFEST) if part.is_dir() else None
@@ -159,19 +154,11 @@ def resumable_dir(out: Path, fp: Mapping, what: str = "the compressed checkpoint
         part.mkdir()
         write_json(part / MANIFEST, _jsonable(fp))
     partial = Partial(part, resumed=old_fp is not None)
-    old: Path | None = None
     try:
         yield partial
         partial.clean()
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-        os.rename(part, out)
+        move_into_place(part, out)
     except BaseException as e:
-        if old is not None and not out.exists():
-            os.rename(old, out)
-            old = None
         if isinstance(e, ModelFoldError) and not getattr(e, "resumable", False):
             shutil.rmtree(part, ignore_errors=True)  # bad input: a rerun would fail the same way
             raise
@@ -182,6 +169,3 @@ def resumable_dir(out: Path, fp: Mapping, what: str = "the compressed checkpoint
             raise
         raise CheckpointError(f"could not write {what} to {out}: {type(e).__name__}: {e}. {note}. Anything "
                               "already at the output path is unchanged; check disk space and permissions.") from e
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
