@@ -36,7 +36,8 @@ if str(REPO) not in sys.path:
 
 import modelfold  # noqa: E402
 from modelfold.baselines import ifm  # noqa: E402
-from modelfold.repair.dir import DIRSettings, model_hash, synthetic_batch  # noqa: E402
+from modelfold.cache import model_hash  # noqa: E402
+from modelfold.repair.dir import DIRSettings, synthetic_batch  # noqa: E402
 from modelfold.report import count_macs, count_params  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

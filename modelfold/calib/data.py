@@ -13,7 +13,6 @@ User data for transformers: a LongTensor of token ids (n, L), or a list of strin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import cache as caches
+from ..cache import model_hash
 from ..checks import check_weights
 from ..device import model_device
 from ..errors import CalibrationError
@@ -32,20 +33,7 @@ from ..errors import CalibrationError
 
 def cache_dir() -> Path:
     """``$MODELFOLD_CACHE/calib`` (default ``~/.cache/modelfold/calib``)."""
-    from ..repair.dir import cache_dir as dir_cache
-
-    return dir_cache().parent / "calib"
-
-
-def _fingerprint(model: nn.Module) -> str:
-    """A cheap SHA-256 over every parameter's name, shape and a strided sample of its values."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().reshape(-1)
-        step = max(1, t.numel() // 4096)
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t[::step].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:24]
+    return caches.cache_dir("calib")
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -74,7 +62,7 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
                                "calibration token ids (or text with tokenizer=) instead")
     check_weights(model)  # NaN/Inf weights: a clear error, not torch.multinomial's on the probabilities
     t0 = time.perf_counter()
-    key = f"text-{_fingerprint(model)}-{n_seq}x{seq_len}-s{seed}-t{temperature}"
+    key = f"text-{model_hash(model, sampled=True)}-{n_seq}x{seq_len}-s{seed}-t{temperature}"
     path = cache_dir() / f"{key}.pt"
     if use_cache and path.is_file():
         try:

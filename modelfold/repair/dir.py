@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import cache as caches
 from ..checks import forward
 from ..device import resolve_device
 from ..engine import Planner
@@ -55,19 +56,8 @@ class DIRSettings:
 
 
 def cache_dir() -> Path:
-    """``$MODELFOLD_CACHE/dir`` if the variable is set, else ``~/.cache/modelfold/dir``."""
-    root = os.environ.get("MODELFOLD_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "modelfold") / "dir"
-
-
-def model_hash(model: nn.Module) -> str:
-    """SHA-256 of the state_dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """Where DeepInversion batches are cached (``modelfold.cache.cache_dir("dir")``)."""
+    return caches.cache_dir("dir")
 
 
 def _bn_losses(model: nn.Module) -> tuple[list[torch.Tensor], list[Any]]:
@@ -172,7 +162,7 @@ def synthetic_batch(model: nn.Module, input_shape: tuple[int, ...], settings: DI
     meta = {"v": CACHE_VERSION, "shape": list(input_shape), **dataclasses.asdict(settings)}
     if device.type != "cpu":  # GPU arithmetic differs in the last bits: its batches are cached apart
         meta["device"] = device.type
-    key = hashlib.sha256((model_hash(model) + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
+    key = hashlib.sha256((caches.model_hash(model) + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.pt"
     if use_cache and path.is_file():
         try:
