@@ -59,6 +59,7 @@ def resolve_ratio(model: nn.Module, adapter: Adapter, ratio: float | Mapping | N
                   targets: str | Iterable[str], skip_first: int, skip_last: int, attention_mode: str,
                   round_to: int | None = None) -> float | Mapping | None:
     """``ratio`` as given, or the uniform ratio that removes ``sparsity`` of the parameters."""
+    adapter.check_heads(ratio, targets)  # e.g. MPNet: no head count can change
     if sparsity is None:
         return ratio
     if ratio is not None:
@@ -268,6 +269,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     adapter = adapter_of(model)
     check_weights(model)
     check_sparsity(sparsity, ratio)  # before the calibration data are made
+    adapter.check_heads(ratio, targets)
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     ids = cdata.resolve(model, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,

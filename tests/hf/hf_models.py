@@ -13,8 +13,10 @@ transformers = pytest.importorskip("transformers")
 FAMILIES = ("llama", "mistral", "qwen2", "bert")  # the families the older, broader tests run on
 # every supported family (llama3: Llama with Llama 3 rope scaling); see tests/hf/test_families.py
 ALL_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
-                "mixtral", "qwen2_moe", "qwen3_moe", "gpt2", "opt", "gpt_neox", "bert", "roberta", "distilbert")
-ENCODERS = ("bert", "roberta", "distilbert")
+                "mixtral", "qwen2_moe", "qwen3_moe", "gpt2", "opt", "gpt_neox", "bert", "roberta", "distilbert", "mpnet",
+                "modernbert")
+ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "modernbert")
+FIXED_HEADS = ("mpnet",)  # head counts cannot change (attention targets refused); see tests/hf/test_fixed_heads.py
 VOCAB = 61
 
 
@@ -55,6 +57,12 @@ def _config(family: str, layers: int, inter: int):
         "distilbert": lambda: (T.DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=inter, n_layers=layers,
                                                   n_heads=4, max_position_embeddings=64, attn_implementation="eager"),
                                T.DistilBertModel),
+        "mpnet": lambda: (T.MPNetConfig(**{k: v for k, v in common.items() if k != "attn_implementation"},
+                                        hidden_act="gelu"), T.MPNetForMaskedLM),
+        "modernbert": lambda: (T.ModernBertConfig(**common, global_attn_every_n_layers=2, local_attention=4,
+                                                  pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0,
+                                                  sep_token_id=0, mlp_bias=True, attention_bias=True),
+                               T.ModernBertModel),
     }[family]()
 
 

@@ -36,6 +36,13 @@ FAMILIES: tuple[Family, ...] = (
            attn="attention", qkvo=("q_lin", "k_lin", "v_lin", "out_lin"), vanilla_heads=False,
            mlp_sum="output_layer_norm",
            config_fields={"intermediate_size": "hidden_dim", "num_attention_heads": "n_heads", **_NO_KV}),
+    # MPNet: BERT's layout; one relative position bias for all layers, one column per head
+    Family(("mpnet",), **{**_ENCODER, "qkvo": ("attn.q", "attn.k", "attn.v", "attn.o"), "attn_module": "attn"},
+           fixed_heads="its relative position bias (encoder.relative_attention_bias) has one column per head and "
+                       "is shared by every layer, so no layer's head count can change"),
+    # ModernBERT: pre-LN, fused Wqkv [q; k; v], GLU Wi [input; gate] (act(input) * gate, as [gate; up])
+    Family(("modernbert",), producers=(), consumer="Wo", fused_mlp="Wi", attn="attn",
+           qkvo=("q", "k", "v", "Wo"), fused_qkv="Wqkv", vanilla_heads=False, config_fields=_NO_KV),
 )
 ADAPTERS: tuple[Adapter, ...] = tuple(StructuredAdapter(f) for f in FAMILIES)
 SUPPORTED: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -79,9 +80,25 @@ class Adapter:
     config_fields: dict[str, str | None] = {}
     text_config = False  # sizes live in config.text_config (multimodal wrappers)
     mlp_feedback = True  # is residual + MLP output a linear sum at mlp_sum() (feedback refits need it)?
+    fixed_heads: str | None = None  # why no layer's head count can change (None: heads fold and prune)
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
+
+    def check_heads(self, ratio: object, targets: object) -> None:
+        """Refuse a ratio/plan that would change head counts where the family cannot (``fixed_heads``),
+        before anything is computed or written: an ``UnsupportedModelError`` naming the way out."""
+        if not self.fixed_heads:
+            return
+        from ...errors import UnsupportedModelError
+        from ..plan import parse_targets
+
+        entries = ratio.values() if isinstance(ratio, Mapping) else [ratio]
+        if any(v.get("attention") if isinstance(v, Mapping) else "attention" in parse_targets(targets)
+               for v in entries):
+            raise UnsupportedModelError(
+                f"{'/'.join(self.model_types)}: attention heads cannot be removed or merged: {self.fixed_heads}. "
+                "Compress the MLPs only: targets='mlp' (the default), or no 'attention' entries in a per-layer plan")
 
     def mlp_sum(self, model: nn.Module, i: int) -> nn.Module | None:
         """The module whose input is (residual + MLP output) when a norm follows the sum (post-LN

@@ -73,6 +73,7 @@ class Family:
     dense_key: str = "intermediate_size"
     mlp_sum: str | None = None  # post-norm layers: the norm whose input is residual + MLP output
     mlp_feedback: bool = True  # is that sum linear in the MLP's output (see Adapter.mlp_sum)?
+    fixed_heads: str | None = None  # why no layer's head count can change (attention targets refused)
     # kept widths at multiples of these, by MLP kind ("mlp", "experts", "shared_expert"); see RUNTIME_ALIGN
     align: dict[str, int] = field(default_factory=lambda: dict(RUNTIME_ALIGN))
 
@@ -87,6 +88,7 @@ class StructuredAdapter(Adapter):
         self.config_fields = fam.config_fields
         self.text_config = fam.text_config
         self.mlp_feedback = fam.mlp_feedback
+        self.fixed_heads = fam.fixed_heads
 
     def __repr__(self) -> str:
         return f"StructuredAdapter({'/'.join(self.model_types)})"

@@ -81,6 +81,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
     fn = Calibrated(torch.empty(0, dtype=torch.long), opts)
 
     def prepare(ctx: Source) -> Any:
+        ctx.adapter.check_heads(ratio, targets)  # before the calibration data are made
         front = _front(ctx)
         if isinstance(calibration, str) and calibration == "self" and cdata.is_causal_lm(front):
             whole = _full_model(ctx.path)
