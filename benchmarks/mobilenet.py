@@ -31,8 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import modelfold  # noqa: E402
-from modelfold.api import _ratio_for_sparsity  # noqa: E402
 from modelfold.assets import IMAGENET_MEAN, IMAGENET_STD, mobilenet_v2_imagenet, package_dir  # noqa: E402
+from modelfold.calib.cnn_budget import plan_for_sparsity  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 EVAL_SKIMAGE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
@@ -150,7 +150,7 @@ def main() -> None:
                 continue
             if ratio is None:
                 work = modelfold.api.checks.prepare(model, torch.zeros(1, 3, 224, 224))
-                ratio = _ratio_for_sparsity(work, torch.zeros(1, 3, 224, 224), s, set(), set())
+                ratio = plan_for_sparsity(work, torch.zeros(1, 3, 224, 224), s, set(), set())[0]
             t0 = time.perf_counter()
             out, rep = run(method, model, s, ratio, calib)
             secs = time.perf_counter() - t0

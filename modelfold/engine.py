@@ -145,7 +145,7 @@ def permute(model: nn.Module, cg: ChannelGroup, perm: torch.Tensor) -> None:
                     t.data.index_copy_(dim, table.reshape(-1).to(t.device), src)
 
 
-def _outputs(model: nn.Module, inputs: object) -> list[torch.Tensor]:
+def model_outputs(model: nn.Module, inputs: object) -> list[torch.Tensor]:
     out = forward(model, inputs)
     if isinstance(out, torch.Tensor):
         return [out]
@@ -172,11 +172,11 @@ def verify_coupling(model: nn.Module, cg: ChannelGroup, inputs: object, seed: in
     A missed consumer or a channel-mixing op the tracer took for element-wise (e.g. a
     channel shuffle) breaks the equality. The model is restored exactly afterwards.
     """
-    ref = _outputs(model, inputs) if ref is None else ref
+    ref = model_outputs(model, inputs) if ref is None else ref
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(cg.size, generator=gen)
     permute(model, cg, perm)
-    ok = outputs_close(ref, _outputs(model, inputs))
+    ok = outputs_close(ref, model_outputs(model, inputs))
     permute(model, cg, torch.argsort(perm))  # restore exactly (pure index moves)
     return ok
 
@@ -213,7 +213,7 @@ def compress(
     # Pass 1: describe and verify every group on the unmodified copy.
     accepted: dict[str, ChannelGroup] = {}
     described = [cg for _, cg in iter_groups(dg, ignored_mods)]
-    ref = _outputs(model, example_inputs) if verify else None  # restored bit-exactly after each check
+    ref = model_outputs(model, example_inputs) if verify else None  # restored bit-exactly after each check
     for i, cg in enumerate(described):
         mark_user_kept(cg, ignore_set, keep_outputs)
         if cg.foldable and verify and not verify_coupling(model, cg, example_inputs, seed + i, ref):

@@ -77,8 +77,8 @@ def ifm(model: nn.Module, example_inputs: Any, ratio: float | None = None, *, sp
         verify: bool = True, progress: bool = False,
         return_report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Compress ``model`` with IFM on the same channel groups as :func:`modelfold.fold`."""
-    from ..api import _run
+    from ..pipeline import run_traced
 
-    out, report = _run(model, example_inputs, ratio, sparsity, ifm_planner(features), "ifm", ignore=ignore,
+    out, report = run_traced(model, example_inputs, ratio, sparsity, ifm_planner(features), "ifm", ignore=ignore,
                        strict=strict, verify=verify, seed=seed, progress=progress)
     return (out, report) if return_report else out

@@ -121,12 +121,12 @@ def foldable_groups(model: nn.Module, example_inputs: Any, ignore: set[str], kee
                     verify: bool = True, seed: int = 0) -> dict[str, ChannelGroup]:
     """Root -> group for every group ``engine.compress`` will reduce, decided exactly as it decides
     (user marks, then the coupling check with the same seeds): a plan over these is what it removes."""
-    from ..engine import _outputs, verify_coupling
+    from ..engine import model_outputs, verify_coupling
 
     dg = build_graph(model, example_inputs)
     ignored = [m for n, m in model.named_modules() if n in ignore]
     described = [cg for _, cg in iter_groups(dg, ignored)]
-    ref = _outputs(model, example_inputs) if verify else None
+    ref = model_outputs(model, example_inputs) if verify else None
     out = {}
     for i, cg in enumerate(described):
         mark_user_kept(cg, ignore, keep_outputs)
@@ -305,3 +305,44 @@ def _formula(work: nn.Module, example_inputs: Any, groups: dict[str, ChannelGrou
         return 1.0 - after / total
 
     return count
+
+
+MAX_RATIO = 0.95  # the largest per-group ratio sparsity= may choose
+
+
+def plan_for_sparsity(work: nn.Module, example_inputs: Any, sparsity: float, ignore: set[str],
+                       keep_outputs: set[str], round_to: int | None = None, *, verify: bool = True, seed: int = 0,
+                       calib: Any = None) -> tuple[float, dict[str, float], float]:
+    """(ratio, plan, planned sparsity): one channel ratio for every group the engine will reduce whose
+    compressed model removes ``sparsity`` of the parameters within ``calib.budget.SPARSITY_TOL``.
+
+    The ratio is bisected against the measured count; groups whose width the ratio leaves between two
+    integers keep the floor or the ceiling (a uniform ratio, rounded per group) so that coarse widths
+    still land on the target. Raises InvalidRatioError naming the nearest reachable sparsity."""
+    groups = foldable_groups(work, example_inputs, ignore, keep_outputs, verify, seed)
+    count = counter(work, example_inputs, ignore, keep_outputs, round_to, groups, calib)
+    sizes = {r: cg.size for r, cg in groups.items()}
+
+    def at(r: float) -> dict[str, float]:
+        return snap({g: r for g in groups}, sizes, round_to)
+
+    top = count(at(MAX_RATIO))
+    if sparsity > top + SPARSITY_TOL:
+        raise InvalidRatioError(
+            f"sparsity={sparsity:.3f} is not reachable: removing {MAX_RATIO:.0%} of every foldable group's "
+            f"channels removes only {top:.1%} of the parameters; the nearest reachable sparsity is {top:.3f}. "
+            "Ask for at most that, or check the report for groups kept intact.")
+    ratio, got = settle(lambda r: count(at(r)), 0.0, MAX_RATIO, sparsity, steps=16)
+    plan = at(ratio)
+    if abs(got - sparsity) > SPARSITY_TOL / 4:  # coarse widths: correct single groups
+        lv = {g: levels(n, round_to, MAX_RATIO) for g, n in sizes.items()}
+        plan, got = refine(plan, got, count, lv, sparsity, SPARSITY_TOL / 4)
+        if abs(got - sparsity) > SPARSITY_TOL / 4 and count.cheap:  # few groups: try every width combination
+            found = exhaustive(count, lv, sparsity, lambda p: sum((r - ratio) ** 2 for r in p.values()))
+            if found is not None and abs(found[1] - sparsity) < abs(got - sparsity):
+                plan, got = found
+    got = count.measure(plan)  # the plan's real count
+    if abs(got - sparsity) > SPARSITY_TOL:
+        raise unreachable(sparsity, got, "one ratio for every group (rounded per group) moves in channel steps "
+                          "too coarse for this network")
+    return ratio, plan, got

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..engine import Plan, Planner, _outputs, outputs_close
+from ..engine import Plan, Planner, model_outputs, outputs_close
 from ..groups import CONSUMER, PRODUCER, ChannelGroup
 from . import Repair, RepairError
 from .stats import BN_TYPES, conv_bn_pairs, safe_resolve
@@ -125,7 +125,7 @@ class FoldAR(Repair):
         return cls(example_inputs, ar_rho or "pooled", ar_no_bn or "naive")
 
     def before(self, model: nn.Module) -> nn.Module:
-        ref = _outputs(model, self.example_inputs)
+        ref = model_outputs(model, self.example_inputs)
         for conv_name, bn_name in conv_bn_pairs(model, self.example_inputs):
             conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
             if bn.running_mean is None or bn.weight is None or conv.weight.shape[0] != bn.num_features:
@@ -133,7 +133,7 @@ class FoldAR(Repair):
             saved = {k: v.clone() for k, v in list(conv.state_dict().items()) + list(bn.state_dict().items())}
             had_bias = conv.bias is not None
             _absorb(conv, bn)
-            if outputs_close(ref, _outputs(model, self.example_inputs)):
+            if outputs_close(ref, model_outputs(model, self.example_inputs)):
                 self.absorbed[bn_name] = conv_name
                 if not had_bias:
                     self.created_bias.add(conv_name)
