@@ -259,7 +259,8 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
     round_to = check_round_to(round_to)
     from ..calib import data as cdata
     from .calib_layer import CalibOptions
-    from .calibrated import Calibrated, sensitivity_plan
+    from .calibrated import Calibrated
+    from .sensitivity import sensitivity_plan
 
     if budget not in ("auto", "uniform"):
         raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")

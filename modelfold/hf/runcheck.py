@@ -43,8 +43,8 @@ def tiny_ids(model: nn.Module, device: torch.device | str | None = None) -> torc
     vocab = int(getattr(emb, "num_embeddings", 0) or model.config.vocab_size)
     special = _special_ids(model.config)
     cand = [t for t in range(2, vocab) if t not in special] or list(range(vocab))
-    ids = torch.tensor([cand[(7 * j + 3) % len(cand)] for j in range(BATCH * SEQ)]).view(BATCH, SEQ)
-    return ids.to(emb.weight.device if device is None else device)
+    ids = [cand[(7 * j + 3) % len(cand)] for j in range(BATCH * SEQ)]  # made where it runs, whatever the default
+    return torch.tensor(ids, device=emb.weight.device if device is None else device).view(BATCH, SEQ)
 
 
 def _way_out(model: nn.Module, adapter: Adapter | None):

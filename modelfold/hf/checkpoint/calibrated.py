@@ -25,7 +25,8 @@ from ...checks import check_round_to, check_sparsity
 from ...errors import InvalidRatioError
 from ...report import FoldReport
 from ..calib_layer import CalibOptions
-from ..calibrated import PROBE_SHAPE, Calibrated, Sensitivity, capture
+from ..calibrated import Calibrated, capture
+from ..sensitivity import PROBE_SHAPE, Sensitivity
 from .run import run_checkpoint
 from .source import Source, load_layer, release_layer
 

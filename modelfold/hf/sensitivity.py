@@ -1,0 +1,264 @@
+"""How sensitive each layer is to compression: the automatic per-layer budget of calibrated compression.
+
+``Sensitivity`` walks the blocks once with the calibration activations, measures for every layer the
+relative output error of its MLP and attention at each ratio of ``RATIO_GRID`` (least-squares refit
+included), probes the whole model at one ratio to weigh the layers, and ``plan`` allocates the
+parameter budget (``calib.budget``) so that the asked sparsity is removed within ``SPARSITY_TOL``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..calib.budget import SPARSITY_TOL, fill, refine, settle, unreachable
+from ..calib.compensate import output_error
+from ..calib.score import FeatureStats, unit_importance
+from ..checks import kept_width
+from ..report import count_params
+from .adapters import Adapter
+from .adapters.refs import get, hook_module
+from .attention import resolve_mode, units_k
+from .calib_layer import CalibOptions, attention_units, choose_heads, gram
+from .calibrated import BlockInputs, Calibrated, capture, layer_mlp, record, run_block, token_scale
+from .plan import Plan, parse_targets
+from .sizing import attention_removed, mlp_removed
+
+RATIO_GRID = tuple(round(0.05 * i, 2) for i in range(17))  # 0 .. 0.8
+
+
+def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:
+    grid = list(grid)
+    cons = get(spec.consumer)
+    w = cons.weight.detach()
+    stats = FeatureStats.of(h)
+    g = gram(h, False)
+    least = max(1, round(spec.width * (1.0 - max(grid))))
+    order = torch.argsort(unit_importance(opts.score, stats, w, g, 1, opts.lam, keep=least), descending=True)
+    n = spec.width
+    curve = []
+    for r in grid:
+        k = kept_width(n, r, opts.round_to)
+        if k >= n:
+            curve.append((0.0, 0.0, 0.0))
+            continue
+        keep = torch.sort(order[:k]).values
+        opts_nb = opts
+        from .calib_layer import refit_columns
+
+        new_w, _ = refit_columns(w, None, g, keep, opts_nb, stats)
+        err = output_error(w, g, new_w, g[keep][:, keep], g[keep])
+        curve.append((r, float(mlp_removed(spec, r, opts.round_to)), err / energy))
+    return curve
+
+
+def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:
+    from .calib_layer import refit_columns
+
+    mode = resolve_mode(spec, opts.attention_mode)
+    _, width = attention_units(spec, mode)
+    w = get(spec.o).weight.detach()
+    stats = FeatureStats.of(a)
+    g = gram(a, False)
+    scores = unit_importance(opts.score, stats, w, g, width, opts.lam)
+    curve, seen = [], set()
+    for r in grid:
+        k = units_k(spec, mode, r, opts.round_to)
+        n_units = spec.n_rep if mode == "query" else spec.num_kv_heads
+        if k >= n_units:
+            curve.append((0.0, 0.0, 0.0))
+            continue
+        if k in seen:
+            continue
+        seen.add(k)
+        keep = choose_heads(spec, mode, k, scores)
+        cols = (keep[:, None] * width + torch.arange(width, device=keep.device)[None, :]).reshape(-1)
+        new_w, _ = refit_columns(w, None, g, cols, opts, stats)
+        err = output_error(w, g, new_w, g[cols][:, cols], g[cols])
+        curve.append((r, float(attention_removed(spec, r, opts.attention_mode, opts.round_to)), err / energy))
+    return curve
+
+
+PROBE_RATIO = 0.5
+PROBE_SHAPE = (2, 256)  # calibration sequences x tokens the global probe runs
+
+
+def _rms_normed(inputs: BlockInputs) -> torch.Tensor:
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs.xs]).double()
+    return x / x.pow(2).mean(1, keepdim=True).clamp_min(1e-30).sqrt()
+
+
+class Sensitivity:
+    """Per-layer step measuring each unit's error curve on the original model's activations.
+
+    Local curves: each unit's output error at each candidate ratio after score selection and a
+    least-squares refit (per token relative to the token's residual norm with ``weighting="token"``,
+    else relative to the residual energy). Local errors do not say how an error grows through the
+    layers after it, so a *global probe* (``probe=True``) compresses each unit alone at
+    ``PROBE_RATIO`` on a copy of its block, runs the remaining original layers on a few calibration
+    sequences, and measures the error of the last layer's RMS-normalised output; each local curve is
+    scaled so that it agrees with the global error at the probe ratio. The probe streams advance
+    layer by layer with the rest, so it needs one block in memory at a time too.
+    """
+
+    def __init__(self, opts: CalibOptions, targets: str | Iterable[str] = "mlp", max_ratio: float = 0.8,
+                 probe: bool = True) -> None:
+        self.opts, self.targets = opts, parse_targets(targets)
+        self.grid = [r for r in RATIO_GRID if r <= max_ratio + 1e-9]
+        self.curves: dict[str, list] = {}
+        self.inputs: BlockInputs | None = None
+        self.probe = probe and PROBE_RATIO in self.grid
+        self.ref: BlockInputs | None = None  # original stream of the probe sequences
+        self.streams: dict[str, BlockInputs] = {}  # probe streams, one unit compressed in each
+        self.levels: dict[str, list[tuple[float, int]]] = {}  # unit -> [(ratio, parameters removed)]
+        self.total: int | None = None  # parameters of the whole model
+
+    def start(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: int = 4) -> None:
+        """Capture the inputs of block 0 for the calibration ids (and the probe's first few)."""
+        self.inputs = capture(model, adapter, ids, micro_batch)
+        if self.probe:
+            n, length = PROBE_SHAPE
+            self.ref = capture(model, adapter, ids[:n, :length], micro_batch)
+
+    def step(self, model: nn.Module, adapter: Adapter, i: int) -> None:
+        block = adapter.layers(model)[i]
+        scale = None
+        if self.opts.weighting == "token":  # relative errors per token: the normaliser is the token count
+            scale = token_scale(block, self.inputs, adapter.mlp_sum(model, i))
+            energy = float(scale.numel())
+        else:
+            energy = float(sum((x.double() ** 2).sum() for x in self.inputs.xs)) or 1.0
+        mods = {}
+        if "mlp" in self.targets:
+            mods["mlp"] = hook_module(layer_mlp(adapter, model, i).consumer)
+        if "attention" in self.targets:
+            mods["attention"] = hook_module(adapter.attention(model, i).o)
+        acts = record(block, self.inputs, mods)
+        if scale is not None:
+            acts = {k: v * scale[:, None] for k, v in acts.items()}
+        if self.total is None:
+            self.total = count_params(model)  # every tensor (meta ones too): what sparsity= is a fraction of
+        if "mlp" in acts:
+            spec = layer_mlp(adapter, model, i)
+            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["mlp"], self.opts, energy, self.grid)
+            self.levels[f"{i}:mlp"] = _levels(spec.width, lambda r: mlp_removed(spec, r, self.opts.round_to),
+                                              max(self.grid))
+        if "attention" in acts:
+            spec = adapter.attention(model, i)
+            mode = resolve_mode(spec, self.opts.attention_mode)
+            self.levels[f"{i}:attention"] = _levels(
+                spec.n_rep if mode == "query" else spec.num_kv_heads,
+                lambda r: attention_removed(spec, r, self.opts.attention_mode, self.opts.round_to), max(self.grid))
+            self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["attention"], self.opts,
+                                                        energy, self.grid)
+        del acts
+        if self.ref is not None:
+            self._probe(model, adapter, i, block)
+        self.inputs = run_block(block, self.inputs)
+
+    def _probe(self, model: nn.Module, adapter: Adapter, i: int, block: nn.Module) -> None:
+        self.streams = {k: run_block(block, v) for k, v in self.streams.items()}
+        for unit in mods_of(self.targets):
+            if not any(r > 0 for r, _, e in self.curves.get(f"{i}:{unit}", [])):
+                continue
+            snapshot = copy.deepcopy(block)
+            fn = Calibrated(torch.empty(0, dtype=torch.long, device="cpu"), self.opts)
+            fn.inputs = self.inputs
+            with torch.no_grad():
+                fn(model, adapter, i, {unit: PROBE_RATIO})
+                self.streams[f"{i}:{unit}"] = run_block(adapter.layers(model)[i], self.ref)
+            block.__dict__.update(snapshot.__dict__)  # the original block, exactly
+        self.ref = run_block(block, self.ref)
+
+    def global_errors(self) -> dict[str, float]:
+        """Error of the final RMS-normalised hidden states with each unit alone compressed at PROBE_RATIO."""
+        if self.ref is None:
+            return {}
+        want = _rms_normed(self.ref)
+        return {k: float((_rms_normed(v) - want).pow(2).sum(1).mean()) for k, v in self.streams.items()}
+
+    def scaled_curves(self) -> dict[str, list]:
+        """Local curves scaled to agree with the global probe at PROBE_RATIO (unchanged without it)."""
+        g = self.global_errors()
+        out = {}
+        for key, curve in self.curves.items():
+            local = next((e for r, _, e in curve if abs(r - PROBE_RATIO) < 1e-9), 0.0)
+            f = g[key] / local if key in g and local > 0 else 1.0
+            out[key] = [(r, p, e * f) for r, p, e in curve]
+        return out
+
+    def plan(self, target: float, total: int | None = None) -> Plan:
+        """Ratios removing ``target`` parameters (of ``total``, default: the measured model's) with the
+        least total error: the curves' continuous allocation (``calib.budget.fill``), each unit snapped to
+        a width it can have, bisected against the exact count of the removed parameters, then single
+        units corrected (``budget.refine``). The plan removes ``target`` within ``SPARSITY_TOL * total``,
+        else InvalidRatioError names the nearest reachable sparsity."""
+        curves = self.scaled_curves()
+        total = total or self.total or 1
+        sparsity = target / total
+        removal = {u: dict(lv) for u, lv in self.levels.items()}
+
+        def at(t: float) -> dict[str, float]:
+            out = {}
+            for u, r in fill(curves, t).items():
+                lv = self.levels.get(u)
+                out[u] = r if lv is None else max(x for x, _ in lv if x <= r + 1e-9)
+            return out
+
+        def count(p: dict[str, float]) -> float:
+            return sum(removal[u][r] for u, r in p.items() if u in removal) / total
+
+        if not curves or target <= 0:
+            return {}
+        reach = sum(max(c[1] for c in curve) for curve in curves.values())
+        top = count(at(reach))
+        if top < sparsity - SPARSITY_TOL:
+            raise unreachable(sparsity, top, f"per-layer ratios up to max_ratio={max(self.grid)} of the targeted "
+                              "units remove no more")
+        t, got = settle(lambda t: count(at(t)), 0.0, reach, sparsity, steps=64, tight=0.0)
+        p = at(t)
+        if abs(got - sparsity) > SPARSITY_TOL / 4:
+            p, got = refine(p, got, count, {u: [x for x, _ in lv] for u, lv in self.levels.items() if u in p},
+                            sparsity, SPARSITY_TOL / 4, rounds=64)
+        if abs(got - sparsity) > SPARSITY_TOL:
+            raise unreachable(sparsity, got, "the targeted neurons/heads are too coarse")
+        plan: Plan = {}
+        for key, r in p.items():
+            i, t_ = key.split(":")
+            if r > 0:
+                plan.setdefault(int(i), {})[t_] = r
+        return plan
+
+
+def _levels(n: int, removed: Any, max_ratio: float) -> list[tuple[float, int]]:
+    """[(ratio, parameters removed)] for every distinct width a unit of ``n`` neurons/heads can keep at
+    ratios up to ``max_ratio`` (ratio ``1 - k/n``, the smallest giving that removal), ascending."""
+    out: dict[int, float] = {0: 0.0}
+    for k in range(n, 0, -1):
+        r = 1.0 - k / n
+        if r > max_ratio + 1e-9:
+            break
+        out.setdefault(removed(r), r)
+    return sorted((r, p) for p, r in out.items())
+
+
+def mods_of(targets: Iterable[str]) -> list[str]:
+    return [t for t in ("attention", "mlp") if t in targets]
+
+
+def sensitivity_plan(model: nn.Module, adapter: Adapter, ids: torch.Tensor, target: float, opts: CalibOptions,
+                     targets: str | Iterable[str] = "mlp", micro_batch: int = 4, max_ratio: float = 0.8,
+                     progress: bool = False) -> tuple[Plan, dict[str, list]]:
+    """Per-layer ratios removing ``target`` parameters with the least calibrated output error (in memory)."""
+    from tqdm.auto import tqdm
+
+    s = Sensitivity(opts, targets, max_ratio)
+    s.start(model, adapter, ids, micro_batch)
+    for i in tqdm(range(len(adapter.layers(model))), desc="measuring sensitivity", disable=not progress,
+                  leave=False):
+        s.step(model, adapter, i)
+    return s.plan(target), s.scaled_curves()
