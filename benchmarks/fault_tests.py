@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/fault_tests.py               # 20 runs, ~1-2 min each under load
     .venv/bin/python benchmarks/fault_tests.py --runs 2      # smoke run
 
-Each run is a fresh ``pytest`` process over the tests that kill things: ``tests/hf/test_resume.py``
+Each run is a fresh ``pytest`` process over the tests that kill things: ``tests/hf/checkpoint/test_resume.py``
 (the driver SIGKILLed mid-run, fold / prune / calibrated compress, then resumed) and
-``tests/hf/test_distributed.py`` (a Ray worker SIGKILLed, a Ray driver SIGKILLed mid-fold and resumed).
+``tests/hf/checkpoint/test_on_ray.py`` (a Ray worker SIGKILLed, a Ray driver SIGKILLed mid-fold and resumed).
 Beside them, ``--burners`` processes spin on the CPU the whole time (2 by default: as many as this
 machine has cores). A run passes only if pytest exits 0; nothing is retried. Records the load average,
 each run's outcome and time in benchmarks/results/fault_tests.{json,md}.
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/hf/test_resume.py", "tests/hf/test_distributed.py"]
+TESTS = ["tests/hf/checkpoint/test_resume.py", "tests/hf/checkpoint/test_on_ray.py"]
 
 
 def burn() -> None:

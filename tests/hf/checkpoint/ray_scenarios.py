@@ -1,4 +1,4 @@
-"""The Ray side of ``test_distributed.py``, run as child processes.
+"""The Ray side of ``test_on_ray.py``, run as child processes.
 
 ``python ray_scenarios.py die SRC WORK``: a Ray fold of ``SRC/llama`` into ``WORK/resumed`` whose driver
 SIGKILLs itself once two layers are recorded as done (a driver lost mid-run).
