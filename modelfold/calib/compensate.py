@@ -103,6 +103,14 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Ten
     return float((a - 2 * b + c).clamp_min(0.0))
 
 
+def relative_output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Tensor,
+                          gram_new: torch.Tensor, cross: torch.Tensor) -> float:
+    """``output_error`` relative to the layer's own output energy ||H W^T||^2 (0 when that is 0)."""
+    base = output_error(weight, gram, weight[:, :0], gram_new[:0, :0], cross[:0])
+    err = output_error(weight, gram, new_weight, gram_new, cross)
+    return err / base if base > 0 else 0.0
+
+
 def _solve_psd(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve ``g x = rhs`` for a symmetric positive (semi)definite ``g``; Cholesky, else lstsq."""
     chol, info = torch.linalg.cholesky_ex(g)

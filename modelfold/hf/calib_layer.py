@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calib.compensate import Gram, output_error, ridge_refit, with_ones
+from ..calib.compensate import Gram, relative_output_error, ridge_refit, with_ones
 from ..calib.score import SCORES, FeatureStats, unit_importance
 from ..cluster import kmeans
 from .adapters.base import AttnSpec, MLPSpec
@@ -141,9 +141,7 @@ def compress_mlp(spec: MLPSpec, k: int, h: torch.Tensor, opts: CalibOptions,
             new_w, new_b = get(spec.consumer).weight.detach(), bias
         g_new, cross = gx.aa[:k][:, :k], cx.ab[:k][:, :n]
     put(spec.consumer, linear_like(new_w.to(w.dtype).contiguous(), new_b))
-    base = output_error(w, g[:n][:, :n], torch.zeros_like(new_w[:, :0]), g_new[:0, :0], cross[:0])
-    err = output_error(w, g[:n][:, :n], new_w, g_new, cross)
-    return err / base if base > 0 else 0.0
+    return relative_output_error(w, g[:n][:, :n], new_w, g_new, cross)
 
 
 def activation_features(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -191,6 +189,5 @@ def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, o
     new_w, new_b = refit_columns(w, bias, g, cols, opts, stats)
     put(spec.o, linear_like(new_w.to(w.dtype).contiguous(), new_b))
     nf = w.shape[1]
-    base = output_error(w, g[:nf][:, :nf], w[:, :0], g[:0, :0], g[:0, :nf])
-    err = output_error(w, g[:nf][:, :nf], new_w, g[cols][:, cols], g[cols][:, :nf])
-    return n_units, int(keep_units.numel()), (err / base if base > 0 else 0.0)
+    return n_units, int(keep_units.numel()), relative_output_error(w, g[:nf][:, :nf], new_w, g[cols][:, cols],
+                                                                   g[cols][:, :nf])
