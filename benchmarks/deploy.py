@@ -15,7 +15,9 @@ measured too) and measured in a fresh process each (peak RSS of that process alo
 - transformers (float32, ``torch.set_num_threads(--threads)``): the same perplexity, a 512-token forward, greedy
   ``generate`` of 128 tokens.
 
-``weight_bytes``: bytes of every matrix a generated token reads (the output head included, the input-embedding
+``peak_rss_gib``: peak RSS of the speed phase (prompt + generation; the worker imports torch either way);
+``peak_rss_gib_perplexity``: of the perplexity phase before it (all logits kept). ``weight_bytes``: bytes of every
+matrix a generated token reads (the output head included, the input-embedding
 lookup excluded). The machine is shared: the load average before each measurement is recorded with it.
 OpenMP threads of llama.cpp spin while waiting; on oversubscribed cores that made 2-thread generation 8x slower
 than 1 thread (measured: 2.3 vs 19.6 tokens/s at load 9), so the workers run with ``OMP_WAIT_POLICY=passive``
@@ -62,6 +64,17 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux: 5 > /proc/self/clear_refs), so that the next peak is that of the next phase."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def prepare(args: argparse.Namespace) -> dict[str, Path]:
     """Transformers directories of every method (cached), the evaluation windows and the speed prompt."""
     import modelfold
@@ -102,6 +115,8 @@ def worker_transformers(path: str, windows: str, threads: int) -> dict:
     model = mh.load_any(path).eval()
     wins = torch.from_numpy(np.load(windows))
     nll, n = ev.window_nll(model, wins)
+    rss_ppl = peak_rss_gib()
+    reset_peak_rss()
     emb = model.get_input_embeddings().weight
     mats = [p for name, p in model.named_parameters() if p.ndim == 2 and p is not emb]
     head = model.get_output_embeddings().weight
@@ -117,7 +132,8 @@ def worker_transformers(path: str, windows: str, threads: int) -> dict:
         out = model.generate(prompt[:, :16], max_new_tokens=128, min_new_tokens=128, do_sample=False)
         gen = (out.shape[1] - 16) / (time.perf_counter() - t)
     return {"perplexity": float(np.exp(nll / n)), "pp_tokens_per_s": pp, "gen_tokens_per_s": gen,
-            "weight_bytes": int(wbytes), "params": count_params(model), "peak_rss_gib": peak_rss_gib()}
+            "weight_bytes": int(wbytes), "params": count_params(model), "peak_rss_gib": peak_rss_gib(),
+            "peak_rss_gib_perplexity": rss_ppl}
 
 
 def worker_llamacpp(path: str, windows: str, threads: int) -> dict:
@@ -126,10 +142,12 @@ def worker_llamacpp(path: str, windows: str, threads: int) -> dict:
     wins = np.load(windows)
     llm = lc.load(path, n_ctx=wins.shape[1], n_threads=threads)
     nll, n = lc.window_nll(llm, wins)
+    rss_ppl = peak_rss_gib()
     del llm
+    reset_peak_rss()
     sp = lc.speed(path, [int(t) for t in wins[0]], gen=128, n_threads=threads)
     return {"perplexity": float(np.exp(nll / n)), **sp, "weight_bytes": lc.weight_bytes(path),
-            "file_bytes": os.path.getsize(path), "peak_rss_gib": peak_rss_gib()}
+            "file_bytes": os.path.getsize(path), "peak_rss_gib": peak_rss_gib(), "peak_rss_gib_perplexity": rss_ppl}
 
 
 def run_worker(runtime: str, path: Path, args: argparse.Namespace) -> dict:
