@@ -7,6 +7,8 @@ for the quantized dot products)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,18 @@ def test_cli_compress_gguf_to_per_layer_gguf(tmp_path, capsys) -> None:
     assert rel_diff(llama_cpp_logits(out, IDS), ref_logits(small)) < 1e-3
 
 
+def test_cli_eval_runtime_llama_cpp_refuses_what_it_cannot_measure(tmp_path, capsys) -> None:
+    from modelfold.cli import main
+
+    (tmp_path / "t.txt").write_text("not a model")
+    assert main(["eval", str(tmp_path / "t.txt"), "--runtime", "llama.cpp"]) == 2
+    assert "--runtime llama.cpp measures .gguf" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.gguf"), "--runtime", "llama.cpp"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.environ.get("MODELFOLD_SLOW") != "1",
+                    reason="~60 s (SmolLM2's 49k-token vocabulary is copied, parsed and converted): MODELFOLD_SLOW=1")
 def test_cli_eval_runtime_llama_cpp(tmp_path, capsys) -> None:
     """`modelfold eval small.gguf --runtime llama.cpp`: perplexity through llama.cpp, tokenized by the file's own
     tokenizer (here SmolLM2's, carried over by source=), equal to transformers' on the same windows."""
