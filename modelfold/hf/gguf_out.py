@@ -192,6 +192,86 @@ def _check_complete(tmp: str, path: Path, n_tensors: int) -> None:
                               "written there")
 
 
+def _read_source(source: Path | None, model: nn.Module, arch: str, dtype: str) -> Any:
+    """The source GGUF's reader (its metadata and tensor types travel), checked against the model; or None."""
+    import gguf
+
+    if source is None:
+        if dtype == "source":
+            raise ModelFoldError("dtype='source' needs source= (the GGUF file the model was loaded from)")
+        return None
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
+        raise CheckpointError(f"cannot read the source GGUF {source}: {type(e).__name__}: {e}; pass the intact "
+                              "GGUF file the model was loaded from, or no source") from None
+    src_arch = reader.fields["general.architecture"].contents()
+    if src_arch != arch and not (src_arch == PER_LAYER.get(model.config.model_type)):
+        raise CheckpointError(f"{source} is a {src_arch!r} GGUF but the model is {arch!r}")
+    return reader
+
+
+def _check_finite(sd: dict[str, torch.Tensor]) -> None:
+    for key, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidWeightsError(f"tensor {key} holds NaN or Inf values; a GGUF file of them would not run (a "
+                                      "quantized block with one NaN loses all its values). Reload or repair the "
+                                      "model's weights before writing it; nothing was written")
+
+
+def _add_tensors(writer: Any, tensors: Any, want_type: Any, reader: Any, info: GGUFInfo) -> tuple[set[str], bool]:
+    """Add every tensor in its type (F16 where its rows do not split into the type's blocks) and the source's
+    extra tensors (e.g. rope_freqs); returns (names written, whether any was quantized)."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    written: set[str] = set()
+    quantized = False
+    for _key, gname, data in tensors:
+        want = want_type(gname, data.ndim)
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[want][0]:
+            info.fallbacks.append(gname)
+            want = T.F16
+        if want == T.F32:
+            out = data
+        elif want == T.F16:
+            out = data.astype(np.float16)
+        else:
+            out = gguf.quants.quantize(data, want)
+            quantized = quantized or want != T.BF16
+        writer.add_tensor(gname, out, raw_dtype=want)
+        info.types[want.name] += 1
+        written.add(gname)
+    for rt in reader.tensors if reader is not None else ():
+        if rt.name not in written and not rt.name.startswith(("blk.", "output")):  # e.g. rope_freqs
+            writer.add_tensor(rt.name, rt.data, raw_shape=rt.data.shape, raw_dtype=rt.tensor_type)
+            info.copied.append(rt.name)
+            info.types[rt.tensor_type.name] += 1
+    return written, quantized
+
+
+def _pad(sd: dict, c: Any, sizes: Any, head_dim: int, arch: str, want_type: Any, info: GGUFInfo) -> tuple[Any, str]:
+    """FFN widths padded with zero neurons to the quantization block of each layer's type (same outputs)."""
+    import gguf
+
+    blocks = {i: gguf.GGML_QUANT_SIZES[want_type(f"blk.{i}.ffn_down.weight", 2)][0] for i in range(c.num_hidden_layers)}
+    info.padded = pad_ffn(sd, c.num_hidden_layers, blocks)
+    if info.padded:
+        sizes = _sizes(sd, c.num_hidden_layers, head_dim)
+        arch = info.arch = choose_arch(c, sizes, head_dim, sd, arch)
+    return sizes, arch
+
+
+def _file_type(writer: Any, dtype: str, reader: Any) -> None:
+    import gguf
+
+    ftype = {"source": None, "f32": "ALL_F32"}.get(dtype, f"MOSTLY_{dtype.upper()}")
+    if ftype is None and reader is not None and "general.file_type" in reader.fields:
+        writer.add_file_type(int(reader.fields["general.file_type"].contents()))
+    elif ftype is not None:
+        writer.add_file_type(int(gguf.LlamaFileType[ftype]))
+
+
 def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", source: str | os.PathLike | None = None,
               progress: bool = False, verify: bool = True, pad: bool = True) -> GGUFInfo:
     """Write ``model`` (a llama/mistral/qwen2/qwen3 causal LM, folded or not) to a GGUF file, atomically.
@@ -220,18 +300,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     arch = _check(model, source)
     if dtype != "source" and dtype not in TYPES:
         raise ModelFoldError(f"unknown GGUF type {dtype!r}; use one of {', '.join(TYPES)} or 'source'")
-    reader = None
-    if source is not None:
-        try:
-            reader = gguf.GGUFReader(source)
-        except Exception as e:  # noqa: BLE001 - any parse failure means the file is not usable
-            raise CheckpointError(f"cannot read the source GGUF {source}: {type(e).__name__}: {e}; pass the intact "
-                                  "GGUF file the model was loaded from, or no source") from None
-        src_arch = reader.fields["general.architecture"].contents()
-        if src_arch != arch and not (src_arch == PER_LAYER.get(model.config.model_type)):
-            raise CheckpointError(f"{source} is a {src_arch!r} GGUF but the model is {arch!r}")
-    elif dtype == "source":
-        raise ModelFoldError("dtype='source' needs source= (the GGUF file the model was loaded from)")
+    reader = _read_source(source, model, arch, dtype)
     src_types = {t.name: t.tensor_type for t in reader.tensors} if reader is not None else {}
     if verify:
         check_model_runs(model, what="the model to write as GGUF")
@@ -239,11 +308,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     sd = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and c.tie_word_embeddings)}
-    for key, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InvalidWeightsError(f"tensor {key} holds NaN or Inf values; a GGUF file of them would not run (a "
-                                      "quantized block with one NaN loses all its values). Reload or repair the "
-                                      "model's weights before writing it; nothing was written")
+    _check_finite(sd)
     sizes = _sizes(sd, c.num_hidden_layers, head_dim)
     arch = choose_arch(c, sizes, head_dim, sd, arch)
 
@@ -256,49 +321,17 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
 
     info = GGUFInfo(path=Path(path).resolve(), arch=arch)
     if pad:
-        blocks = {i: gguf.GGML_QUANT_SIZES[want_type(f"blk.{i}.ffn_down.weight", 2)][0]
-                  for i in range(c.num_hidden_layers)}
-        info.padded = pad_ffn(sd, c.num_hidden_layers, blocks)
-        if info.padded:
-            sizes = _sizes(sd, c.num_hidden_layers, head_dim)
-            arch = info.arch = choose_arch(c, sizes, head_dim, sd, arch)
+        sizes, arch = _pad(sd, c, sizes, head_dim, arch, want_type, info)
     hp = _hparams(model, arch, sizes, head_dim)
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, c.num_hidden_layers)
     path = Path(path)
-    quantized = False
 
     def write(tmp: str) -> None:
-        nonlocal quantized
         writer = gguf.GGUFWriter(tmp, arch)
         _metadata(writer, reader, arch, hp, model)
-        written = set()
-        for _key, gname, data in gguf_tensors(sd, arch, sizes, names):
-            want = want_type(gname, data.ndim)
-            block = gguf.GGML_QUANT_SIZES[want][0]
-            if data.shape[-1] % block:
-                info.fallbacks.append(gname)
-                want = T.F16
-            if want == T.F32:
-                out = data
-            elif want == T.F16:
-                out = data.astype(np.float16)
-            else:
-                out = gguf.quants.quantize(data, want)
-                quantized = quantized or want != T.BF16
-            writer.add_tensor(gname, out, raw_dtype=want)
-            info.types[want.name] += 1
-            written.add(gname)
-        for rt in reader.tensors if reader is not None else ():
-            if rt.name not in written and not rt.name.startswith(("blk.", "output")):  # e.g. rope_freqs
-                writer.add_tensor(rt.name, rt.data, raw_shape=rt.data.shape, raw_dtype=rt.tensor_type)
-                info.copied.append(rt.name)
-                info.types[rt.tensor_type.name] += 1
-        ftype = {"source": None, "f32": "ALL_F32"}.get(dtype, f"MOSTLY_{dtype.upper()}")
-        if ftype is None and reader is not None and "general.file_type" in reader.fields:
-            writer.add_file_type(int(reader.fields["general.file_type"].contents()))
-        elif ftype is not None:
-            writer.add_file_type(int(gguf.LlamaFileType[ftype]))
+        written, quantized = _add_tensors(writer, gguf_tensors(sd, arch, sizes, names), want_type, reader, info)
+        _file_type(writer, dtype, reader)
         if quantized:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
