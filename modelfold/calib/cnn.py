@@ -331,20 +331,24 @@ def added_params(model: nn.Module, consumers: set[str], x: Any) -> int:
     statistics) reading its output. ``sparsity=`` counts them, so the asked fraction stays exact."""
     if not any(getattr(model.get_submodule(n), "bias", 0) is None for n in consumers):
         return 0  # every consumer has its bias: nothing to add (and no forward needed)
+    return sum(model.get_submodule(n).weight.shape[0] for n in bias_gaining(model, x) if n in consumers)
+
+
+def bias_gaining(model: nn.Module, x: Any) -> list[str]:
+    """Modules (in execution order) a least-squares refit gives a new bias: refittable, called once,
+    without a bias and without a BatchNorm (with running statistics) reading their output."""
     order, calls = execution_order(model, x)
     bns = bn_after(model, x)
-    added = 0
+    out = []
     for name in order:
-        if name not in consumers:
-            continue
         mod = model.get_submodule(name)
         if not refittable(mod) or calls.get(name, 0) != 1 or mod.bias is not None:
             continue
         bn = bns.get(name)
         if bn is not None and model.get_submodule(bn).running_mean is not None:
             continue
-        added += mod.weight.shape[0]
-    return added
+        out.append(name)
+    return out
 
 
 def _run_through(model: nn.Module, name: str, x: Any) -> None:

@@ -270,17 +270,9 @@ def _formula(work: nn.Module, example_inputs: Any, groups: dict[str, ChannelGrou
     shaped = {name: list(p.shape) for name, p in params.items() if name in covered}
     extra: dict[str, tuple[str, list[str]]] = {}  # consumer weight -> groups whose reduction makes it refit
     if refits:
-        from .cnn import bn_after, execution_order, refittable
+        from .cnn import bias_gaining
 
-        order, calls = execution_order(work, example_inputs)
-        bns = bn_after(work, example_inputs)
-        for name in order:
-            mod = work.get_submodule(name)
-            if not refittable(mod) or calls.get(name, 0) != 1 or mod.bias is not None:
-                continue
-            bn = bns.get(name)
-            if bn is not None and work.get_submodule(bn).running_mean is not None:
-                continue
+        for name in bias_gaining(work, example_inputs):
             readers = [r for r, cg in groups.items() if any(sl.kind == CONSUMER and sl.module == name
                                                               for sl in cg.slices)]
             if readers:
