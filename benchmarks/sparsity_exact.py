@@ -24,27 +24,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "hf")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "hf"), str(REPO / "benchmarks")]
+from mnist_nobn import SmallCNN  # noqa: E402  (the network of benchmarks/mnist_nobn.py)
+
 OUT = REPO / "benchmarks" / "results" / "sparsity_exact.json"
 NEAREST = re.compile(r"nearest reachable sparsity is (\d+\.\d+)")
-
-
-class SmallCNN(nn.Module):  # benchmarks/mnist_nobn.py
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.f1 = nn.Linear(64 * 7 * 7, 128)
-        self.f2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.c1(x)), 2)
-        x = F.max_pool2d(F.relu(self.c2(x)), 2)
-        return self.f2(F.relu(self.f1(x.flatten(1))))
 
 
 def cases(mobilenet: bool):
