@@ -136,6 +136,9 @@ def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, optio
     tmp = partial.path
     started = not ray.is_initialized()
     if started:
+        # Ray runs its workers at niceness 15: on a busy machine they then starve (a tiny layer's task took
+        # over 15 minutes beside a CPU-bound job). A cluster modelfold starts runs them at normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         try:
             ray.init(address=address, include_dashboard=False)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -28,7 +28,11 @@ DIE_AFTER = 2  # layers recorded before the "die" driver kills itself
 
 
 def _init() -> None:
+    import os
+
     import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as fold_on_ray does for a cluster it starts itself
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="error", log_to_driver=False,
              object_store_memory=100 * 2**20)
