@@ -40,7 +40,8 @@ def _run_hf(args: argparse.Namespace) -> int:
                              f"{args.model} is folded in memory (drop --stream never, or re-save it as safetensors)")
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
-          "skip_first": args.skip_first, "skip_last": args.skip_last, "round_to": args.round_to}
+          "skip_first": args.skip_first, "skip_last": args.skip_last, "round_to": args.round_to,
+          "verify": args.verify}
     tok = _tokenizer(hf, args.model)
     if args.calibration is not None:
         kw.update(calibration=_calibration(args.calibration, tok), tokenizer=tok, n_calib=args.n_calib,
@@ -57,9 +58,9 @@ def _run_hf(args: argparse.Namespace) -> int:
         from .hf.io import find_gguf
 
         source = None if hf.is_hf_dir(args.model) else find_gguf(Path(args.model))
-        print(hf.save_gguf(out, args.out, dtype=args.gguf_type, source=source, progress=True))
+        print(hf.save_gguf(out, args.out, dtype=args.gguf_type, source=source, progress=True, verify=args.verify))
         return 0
-    hf.save(out, args.out, tokenizer=tok)
+    hf.save(out, args.out, tokenizer=tok, verify=args.verify)
     print(f"saved to {args.out}")
     return 0
 
@@ -129,7 +130,8 @@ def _run_stream(args: argparse.Namespace) -> int:
     from .hf.stream import fold_checkpoint, prune_checkpoint
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
-          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last}
+          "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last,
+          "verify": args.verify}
     if args.calibration is not None:  # calibrated, layer by layer (the activations stream along)
         from . import hf
         from .hf.stream_calib import compress_checkpoint
@@ -228,7 +230,8 @@ def _run(args: argparse.Namespace) -> int:
     repair_opts = repair_options(args) if args.command == "fold" else {}
     common = {"ratio": args.ratio, "sparsity": args.sparsity, "ignore": args.ignore,
               "keep_outputs": args.keep_outputs, "strict": args.strict,
-              "seed": args.seed, "progress": True, "return_report": True, "round_to": args.round_to}
+              "seed": args.seed, "progress": True, "return_report": True, "round_to": args.round_to,
+              "verify": args.verify}
     if args.calibration is not None:
         common["calibration"] = args.calibration if args.calibration == "self" else io.load_inputs(args.calibration)
     if args.command == "compress":

@@ -92,6 +92,9 @@ def _common(sp: argparse.ArgumentParser) -> None:
 
 def _method_options(sp: argparse.ArgumentParser, name: str) -> None:
     """The options of one command among fold, prune and compress."""
+    sp.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="skip the checks before trusting the result: the CNN coupling check and the one forward "
+                         "every result runs before it is written (default: both run)")
     if name in ("fold", "compress"):
         add_device_option(sp, name)
     if name == "compress":

@@ -149,3 +149,35 @@ def test_round_to_from_the_command_line(tmp_path, capsys) -> None:
     assert main([*base, "--ratio", "0.3", "--round-to", "0", "--out", str(tmp_path / "bad.pt")]) == 2
     assert "round_to=0 must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_no_verify_reaches_every_path(tmp_path, monkeypatch, capsys) -> None:
+    """--no-verify turns the result checks off on the CNN, in-memory HF and layer-by-layer HF paths."""
+    import modelfold.api as api
+    import modelfold.hf.checkpoint.run as run
+
+    seen = []
+
+    def spy(real):
+        def call(*a, **kw):
+            seen.append(kw.get("verify", "missing"))
+            return real(*a, **kw)
+        return call
+
+    monkeypatch.setattr(api, "fold", spy(api.fold))
+    monkeypatch.setattr(run, "run_checkpoint", spy(run.run_checkpoint))
+    torch.manual_seed(0)
+    torch.save(randomize_bn(ResNetish(8)).eval(), tmp_path / "m.pt")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "hf"))
+    from hf_models import make_model
+
+    make_model("llama").save_pretrained(tmp_path / "llama")
+    for verify in (True, False):
+        flag = [] if verify else ["--no-verify"]
+        assert main(["fold", str(tmp_path / "m.pt"), "--ratio", "0.5", "--input-shape", "1,3,16,16",
+                     "--out", str(tmp_path / f"cnn{verify}.pt"), *flag]) == 0
+        for stream in ("never", "always"):
+            assert main(["fold", str(tmp_path / "llama"), "--ratio", "0.3", "--stream", stream,
+                         "--out", str(tmp_path / f"{stream}{verify}"), *flag]) == 0, capsys.readouterr().err
+    assert seen == [True, True, True, False, False, False]
