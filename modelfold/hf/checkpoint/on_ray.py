@@ -181,6 +181,9 @@ def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, optio
                         ray.cancel(r, force=True)
                     except Exception:  # noqa: BLE001 - already finished or gone
                         pass
+                # cancelling is asynchronous: wait until no task can still write into the partial output
+                # (it is removed next; a task writing meanwhile left a file, and the directory, behind)
+                ray.wait(list(refs), num_returns=len(refs), timeout=120)
             raise
     finally:
         if started:

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,6 +135,15 @@ def _differences(old: Mapping, new: Mapping) -> list[str]:
     return [k if k != "source" else "source checkpoint (files changed)" for k in keys if old.get(k) != new.get(k)]
 
 
+def _remove(path: Path, tries: int = 5) -> None:
+    """Remove ``path``; again if something was still writing into it while it was removed."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.2)
+
+
 @contextmanager
 def resumable_dir(out: Path, fp: Mapping, what: str = "the compressed checkpoint") -> Iterator[Partial]:
     """Yield the partial directory for ``out`` (continued if an earlier attempt with fingerprint ``fp`` left
@@ -160,7 +170,7 @@ def resumable_dir(out: Path, fp: Mapping, what: str = "the compressed checkpoint
         move_into_place(part, out)
     except BaseException as e:
         if isinstance(e, ModelFoldError) and not getattr(e, "resumable", False):
-            shutil.rmtree(part, ignore_errors=True)  # bad input: a rerun would fail the same way
+            _remove(part)  # bad input: a rerun would fail the same way
             raise
         note = (f"the work done so far is kept in {part}: rerun the same command to continue from there, "
                 f"or delete {part} to start over")
