@@ -124,6 +124,32 @@ def gather(ray: Any, submit: Any, refs: dict, total: int, progress: bool) -> dic
         bar.close()
 
 
+def _start(ray: Any, address: str | None) -> bool:
+    """Start or join a Ray cluster unless one is running; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    # Ray runs its workers at niceness 15: on a busy machine they then starve (a tiny layer's task took
+    # over 15 minutes beside a CPU-bound job). A cluster modelfold starts runs them at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    try:
+        ray.init(address=address, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ModelFoldError(f"cannot start or reach the Ray cluster {address or '(local)'}: {e}. Start one with "
+                             "`ray start --head` and pass its address (see docs/distributed.md)") from None
+    return True
+
+
+def _cancel_and_wait(ray: Any, refs: Mapping) -> None:
+    """Cancel ``refs`` and wait until none can still write into the partial output (it is removed next)."""
+    for r in refs:
+        try:
+            ray.cancel(r, force=True)
+        except Exception:  # noqa: BLE001 - already finished or gone
+            pass
+    # cancelling is asynchronous: a task writing meanwhile left a file, and the directory, behind
+    ray.wait(list(refs), num_returns=len(refs), timeout=120)
+
+
 def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, options: dict, max_bytes: int, *,
                 address: str | None = None, options_ray: Mapping | None = None,
                 progress: bool = False, verify: bool = True) -> tuple[list[GroupReport], int, int, dict]:
@@ -134,16 +160,7 @@ def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, optio
     """
     ray = _ray()
     tmp = partial.path
-    started = not ray.is_initialized()
-    if started:
-        # Ray runs its workers at niceness 15: on a busy machine they then starve (a tiny layer's task took
-        # over 15 minutes beside a CPU-bound job). A cluster modelfold starts runs them at normal priority.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        try:
-            ray.init(address=address, include_dashboard=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ModelFoldError(f"cannot start or reach the Ray cluster {address or '(local)'}: {e}. Start one with "
-                                 "`ray start --head` and pass its address (see docs/distributed.md)") from None
+    started = _start(ray, address)
     opts = {"num_cpus": 1, **(options_ray or {}), "max_retries": 0}
     if str(options.get("device") or "").startswith("cuda"):
         opts.setdefault("num_gpus", 1)  # each task folds on a GPU of its own
@@ -176,14 +193,7 @@ def fold_on_ray(source: Source, partial: Partial, plan: Plan, method: str, optio
             results.update(gather(ray, submit, refs, n, progress))
         except BaseException:
             if not started:  # a cluster of our own goes down with ray.shutdown(), its tasks with it
-                for r in refs:
-                    try:
-                        ray.cancel(r, force=True)
-                    except Exception:  # noqa: BLE001 - already finished or gone
-                        pass
-                # cancelling is asynchronous: wait until no task can still write into the partial output
-                # (it is removed next; a task writing meanwhile left a file, and the directory, behind)
-                ray.wait(list(refs), num_returns=len(refs), timeout=120)
+                _cancel_and_wait(ray, refs)
             raise
     finally:
         if started:
