@@ -22,13 +22,51 @@ from tqdm.auto import tqdm
 
 from ...calib import data as cdata
 from ...checks import check_round_to, check_sparsity
+from ...device import resolve_device
 from ...errors import InvalidRatioError
 from ...report import FoldReport
+from ..adapters import Adapter
 from ..calib_layer import CalibOptions
-from ..calibrated import Calibrated, capture
+from ..calibrated import BlockInputs, Calibrated, capture
 from ..sensitivity import PROBE_SHAPE, Sensitivity
 from .run import run_checkpoint
 from .source import Source, load_layer, release_layer
+
+
+def _to(x: Any, dev: torch.device) -> Any:
+    """``x`` with every tensor inside (tuples, lists, dicts: a block's keyword arguments) on ``dev``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dev)
+    if isinstance(x, tuple | list):
+        return type(x)(_to(v, dev) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, dev) for k, v in x.items()}
+    return x
+
+
+def inputs_to(inputs: BlockInputs, dev: torch.device) -> BlockInputs:
+    """The activations and keyword arguments that flow between blocks, on ``dev`` (the same objects on their own device)."""
+    return BlockInputs([x.to(dev) for x in inputs.xs], [_to(kw, dev) for kw in inputs.kwargs])
+
+
+class OnDevice(Calibrated):
+    """The calibrated step with the block and its calibration activations on ``device``; everything else
+    (the other blocks, the shards) stays on the CPU or disk, and the compressed block comes back to the
+    CPU to be written. On the CPU the moves are no-ops: the same code path as without a device."""
+
+    def __init__(self, ids: torch.Tensor, opts: CalibOptions, device: torch.device) -> None:
+        super().__init__(ids, opts)
+        self.device = device
+
+    def __call__(self, work: nn.Module, adapter: Adapter, i: int, p: dict[str, float]) -> list:
+        adapter.layers(work)[i].to(self.device)
+        try:
+            return super().__call__(work, adapter, i, p)
+        finally:
+            adapter.layers(work)[i].to("cpu")
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        super().restore({k: v.to(self.device) for k, v in state.items()})
 
 
 def _front(ctx: Source) -> nn.Module:
@@ -43,7 +81,8 @@ def _front(ctx: Source) -> nn.Module:
     cls = model_class(config)
     build = getattr(cls, "_from_config", None) or cls.from_config
     dtype = next((ctx.reader.get(k).dtype for k in ctx.rest if ctx.reader.get(k).is_floating_point()), None)
-    front = build(config, dtype=dtype) if dtype is not None else build(config)
+    with torch.device("cpu"):  # also under another default device: the front (and its rotary tables) runs here
+        front = build(config, dtype=dtype) if dtype is not None else build(config)
     from ..convert import to_model
 
     front.load_state_dict(to_model(front, {k: ctx.reader.get(k) for k in ctx.rest}), strict=False, assign=True)
@@ -65,13 +104,18 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                         feedback: bool = False, weighting: str = "token", seed: int = 0,
                         n_init: int = 3, attention_mode: str = "auto", max_ratio: float = 0.8,
                         max_shard_size: int | str = "2GB", progress: bool = True,
-                        round_to: int | None = None, verify: bool = True) -> FoldReport:
+                        round_to: int | None = None, verify: bool = True,
+                        device: str | torch.device | None = None) -> FoldReport:
     """:func:`~modelfold.hf.core.compress_model` + save, one block in memory at a time.
 
     ``calibration="self"`` for a causal LM samples the text from the whole model first (loaded
     memory-mapped; cached on disk, so later runs skip it); token ids or texts need no full load.
+    ``device`` ("cpu", "cuda", "cuda:N", "auto"): where the current block and the calibration
+    activations live while it is measured and compressed (the embeddings, the other blocks and the
+    self-sampling stay on the CPU); default the CPU, by the same code.
     """
     check_sparsity(sparsity, ratio)  # before any file is read
+    dev = resolve_device(device)
     if budget not in ("auto", "uniform"):
         raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
     opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
@@ -79,7 +123,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                         round_to=check_round_to(round_to))
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
-    fn = Calibrated(torch.empty(0, dtype=torch.long), opts)
+    fn = OnDevice(torch.empty(0, dtype=torch.long, device="cpu"), opts, dev)
 
     def prepare(ctx: Source) -> Any:
         ctx.adapter.check_heads(ratio, targets)  # before the calibration data are made
@@ -95,10 +139,11 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
         info.update(calibration="self" if isinstance(calibration, str) else "data",
                     calibration_tokens=int(ids.numel()), calibration_seconds=round(time.perf_counter() - t0, 2))
         with torch.no_grad():
-            start = capture(front, ctx.adapter, ids)
-            probe_ref = capture(front, ctx.adapter, ids[:PROBE_SHAPE[0], :PROBE_SHAPE[1]])
+            start = inputs_to(capture(front, ctx.adapter, ids), dev)
+            probe_ref = inputs_to(capture(front, ctx.adapter, ids[:PROBE_SHAPE[0], :PROBE_SHAPE[1]]), dev)
         del front
         plan = None
+        t_sens = time.perf_counter()
         if budget == "auto" and sparsity is not None:
             sens = Sensitivity(opts, targets, max_ratio)
             sens.inputs = start
@@ -107,9 +152,11 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
             with torch.no_grad():
                 for i in tqdm(range(n), desc="measuring sensitivity", disable=not progress, leave=False):
                     load_layer(ctx, i)
+                    ctx.adapter.layers(ctx.model)[i].to(dev)
                     sens.step(ctx.model, ctx.adapter, i)
                     release_layer(ctx, i)
             plan = sens.plan(sparsity * ctx.reader.numel())
+            info["sensitivity_seconds"] = round(time.perf_counter() - t_sens, 2)
         fn.inputs, fn.ids = start, ids  # ids: the fingerprint of a resumable run
         return plan
 
