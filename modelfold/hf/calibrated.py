@@ -93,10 +93,48 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 def record(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Inputs (N, features) that ``modules`` of ``block`` read when the block runs on ``inputs``."""
+    return observe(block, inputs, modules).acts
+
+
+@dataclass
+class Seen:
+    """What one run of a block on the calibration activations showed (:func:`observe`)."""
+
+    acts: dict[str, torch.Tensor]  # (N, features) inputs of the watched modules
+    sums: torch.Tensor | None = None  # (N, d) residual + MLP output (``sum_point``), when asked for
+    out: BlockInputs | None = None  # the block's outputs (the next block's inputs), when asked for
+
+
+def _flat(t: Any) -> torch.Tensor:
+    t = t[0] if isinstance(t, tuple | list) else t
+    return t.detach().reshape(-1, t.shape[-1]).float()
+
+
+def observe(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], *, sums: bool = False,
+            at: nn.Module | None = None, outputs: bool = False) -> Seen:
+    """One run of ``block`` on ``inputs`` recording the inputs of ``modules``, and with ``sums`` the residual
+    sums at ``at`` (as :func:`sum_point`), with ``outputs`` the block's outputs (as :func:`run_block`).
+    The same values as separate runs give, bit for bit, for a third of the block forwards."""
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
-    _run_hooked(block, inputs, [m.register_forward_pre_hook(lambda mod, args, k=k: acc[k].append(
-        args[0].detach().reshape(-1, args[0].shape[-1]).float())) for k, m in modules.items()])
-    return {k: torch.cat(v) for k, v in acc.items()}
+    got: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, k=k: acc[k].append(_flat(args[0])))
+               for k, m in modules.items()]
+    if sums and at is not None:
+        handles.append(at.register_forward_pre_hook(lambda m, a: got.append(_flat(a))))
+    try:
+        with torch.no_grad():
+            for x, kw in zip(inputs.xs, inputs.kwargs, strict=True):
+                y = _call(block, x, kw)
+                if sums and at is None:
+                    got.append(_flat(y))
+                if outputs:
+                    outs.append(y)
+    finally:
+        for h in handles:
+            h.remove()
+    return Seen({k: torch.cat(v) for k, v in acc.items()}, torch.cat(got) if sums else None,
+                BlockInputs(outs, inputs.kwargs) if outputs else None)
 
 
 def _run_hooked(block: nn.Module, inputs: BlockInputs, handles: list) -> None:
@@ -134,6 +172,11 @@ def token_scale(block: nn.Module, inputs: BlockInputs, at: nn.Module | None) -> 
     which the next norm layer divides by, so the few tokens with massive activations (the BOS
     attention sink: 98% of SmolLM2's residual energy from layer 12 on) cannot dominate the fit."""
     r, _ = sum_point(block, inputs, at)
+    return scale_of(r)
+
+
+def scale_of(r: torch.Tensor) -> torch.Tensor:
+    """The token weights of :func:`token_scale` from the residual sums ``r`` (N, d)."""
     w = 1.0 / r.double().pow(2).sum(1).clamp_min(1e-12)
     return (w / w.mean()).sqrt().float()
 
@@ -150,6 +193,7 @@ class Calibrated:
         self.ids, self.opts, self.micro_batch = ids, opts, micro_batch
         self.inputs: BlockInputs | None = None
         self.orig: BlockInputs | None = None
+        self.carry = True  # False: the compressed block's outputs are not needed (a probe), so not computed
 
     def start(self, model: nn.Module, adapter: Adapter) -> None:
         self.inputs = capture(model, adapter, self.ids, self.micro_batch)
@@ -173,45 +217,57 @@ class Calibrated:
         digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest() + str(tuple(ids.shape))
         return {"calibration": digest, "calib_options": dataclasses.asdict(self.opts)}
 
-    def __call__(self, work: nn.Module, adapter: Adapter, i: int, p: dict[str, float]) -> list[GroupReport]:
+    def __call__(self, work: nn.Module, adapter: Adapter, i: int, p: dict[str, float],
+                 seen: Seen | None = None) -> list[GroupReport]:
+        """Compress layer ``i`` of ``work`` by the plan ``p`` and carry the activations past it. ``seen``: what
+        a run of the *original* block on ``self.inputs`` already recorded (``sums`` and the consumers' inputs
+        ``acts["c"]`` / ``acts["o"]``), so it is not run again for them."""
         if self.inputs is None:
             self.start(work, adapter)
         block = adapter.layers(work)[i]
         out = []
         feedback = self.opts.feedback and adapter.mlp_feedback
         goal = next_orig = None
-        scale = None
-        if self.opts.weighting == "token" and (p.get("mlp", 0) > 0 or p.get("attention", 0) > 0):
-            scale = token_scale(block, self.inputs, adapter.mlp_sum(work, i))
+        attn, mlp = p.get("attention", 0) > 0, p.get("mlp", 0) > 0
+        spec = layer_mlp(adapter, work, i) if mlp else None
+        n = spec.width if mlp else 0
+        k = kept_width(n, p["mlp"], self.opts.round_to) if mlp else 0
+        mlp = mlp and k < n
+        weigh = self.opts.weighting == "token" and (p.get("mlp", 0) > 0 or attn)
+        if seen is None:  # one run of the original block for the token weights and the consumers' inputs
+            mods = {"o": hook_module(adapter.attention(work, i).o)} if attn else {}
+            if mlp and not attn:  # else the MLP reads what the compressed attention makes: recorded below
+                mods["c"] = hook_module(spec.consumer)
+            seen = observe(block, self.inputs, mods, sums=weigh, at=adapter.mlp_sum(work, i)) \
+                if mods or weigh else Seen({})
+        scale = scale_of(seen.sums) if weigh else None
         if feedback:  # block i is still the original here
             self.orig = self.inputs if self.orig is None else self.orig
-            if p.get("mlp", 0) > 0:
+            if mlp:
                 goal, _ = sum_point(block, self.orig, adapter.mlp_sum(work, i))
             next_orig = run_block(block, self.orig)
-        if p.get("attention", 0) > 0:
-            spec = adapter.attention(work, i)
-            a = record(block, self.inputs, {"o": hook_module(spec.o)})["o"]
-            before, after, err = compress_attention(spec, p["attention"], a, adapter, self.opts, scale)
-            out.append(GroupReport(spec.name, spec.names, before, after,
+        if attn:
+            aspec = adapter.attention(work, i)
+            before, after, err = compress_attention(aspec, p["attention"], seen.acts["o"], adapter, self.opts, scale)
+            out.append(GroupReport(aspec.name, aspec.names, before, after,
                                    "pruned" if after < before else "kept", "", err))
-        if p.get("mlp", 0) > 0:
-            spec = layer_mlp(adapter, work, i)
-            n = spec.width
-            k = kept_width(n, p["mlp"], self.opts.round_to)
-            if k < n:
-                h = record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
+        if mlp:
+            h = seen.acts["c"] if not attn and "c" in seen.acts else \
+                record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
+            del seen
 
-                def rerun() -> torch.Tensor:
-                    return record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
+            def rerun() -> torch.Tensor:
+                return record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
 
-                target = None
-                if goal is not None:
-                    s_c, z_c = sum_point(block, self.inputs, adapter.mlp_sum(work, i), hook_module(spec.consumer))
-                    target = goal - (s_c - z_c)  # what the consumer must add to land on the original's sum
-                    del s_c, z_c
-                err = compress_mlp(spec, k, h, self.opts, rerun, target, scale)
-                out.append(GroupReport(spec.name, spec.member_names(), n, k,
-                                       "folded" if self.opts.method == "fold" else "pruned", "", err))
-        self.inputs = run_block(block, self.inputs)
+            target = None
+            if goal is not None:
+                s_c, z_c = sum_point(block, self.inputs, adapter.mlp_sum(work, i), hook_module(spec.consumer))
+                target = goal - (s_c - z_c)  # what the consumer must add to land on the original's sum
+                del s_c, z_c
+            err = compress_mlp(spec, k, h, self.opts, rerun, target, scale)
+            out.append(GroupReport(spec.name, spec.member_names(), n, k,
+                                   "folded" if self.opts.method == "fold" else "pruned", "", err))
+        if self.carry:
+            self.inputs = run_block(block, self.inputs)
         self.orig = next_orig
         return out

@@ -24,7 +24,7 @@ from .adapters import Adapter
 from .adapters.refs import get, hook_module
 from .attention import resolve_mode, units_k
 from .calib_layer import CalibOptions, attention_units, choose_heads, gram
-from .calibrated import BlockInputs, Calibrated, capture, layer_mlp, record, run_block, token_scale
+from .calibrated import BlockInputs, Calibrated, Seen, capture, layer_mlp, observe, run_block, scale_of
 from .plan import Plan, parse_targets
 from .sizing import attention_removed, mlp_removed
 
@@ -126,50 +126,51 @@ class Sensitivity:
 
     def step(self, model: nn.Module, adapter: Adapter, i: int) -> None:
         block = adapter.layers(model)[i]
+        mods = {}
+        if "mlp" in self.targets:
+            mods["c"] = hook_module(layer_mlp(adapter, model, i).consumer)
+        if "attention" in self.targets:
+            mods["o"] = hook_module(adapter.attention(model, i).o)
+        token = self.opts.weighting == "token"
+        # one run of the block: token weights, the consumers' inputs and the next block's inputs
+        seen = observe(block, self.inputs, mods, sums=token, at=adapter.mlp_sum(model, i), outputs=True)
         scale = None
-        if self.opts.weighting == "token":  # relative errors per token: the normaliser is the token count
-            scale = token_scale(block, self.inputs, adapter.mlp_sum(model, i))
+        if token:  # relative errors per token: the normaliser is the token count
+            scale = scale_of(seen.sums)
             energy = float(scale.numel())
         else:
             energy = float(sum((x.double() ** 2).sum() for x in self.inputs.xs)) or 1.0
-        mods = {}
-        if "mlp" in self.targets:
-            mods["mlp"] = hook_module(layer_mlp(adapter, model, i).consumer)
-        if "attention" in self.targets:
-            mods["attention"] = hook_module(adapter.attention(model, i).o)
-        acts = record(block, self.inputs, mods)
-        if scale is not None:
-            acts = {k: v * scale[:, None] for k, v in acts.items()}
+        acts = seen.acts if scale is None else {k: v * scale[:, None] for k, v in seen.acts.items()}
         if self.total is None:
             self.total = count_params(model)  # every tensor (meta ones too): what sparsity= is a fraction of
-        if "mlp" in acts:
+        if "c" in acts:
             spec = layer_mlp(adapter, model, i)
-            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["mlp"], self.opts, energy, self.grid)
+            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["c"], self.opts, energy, self.grid)
             self.levels[f"{i}:mlp"] = _levels(spec.width, lambda r: mlp_removed(spec, r, self.opts.round_to),
                                               max(self.grid))
-        if "attention" in acts:
+        if "o" in acts:
             spec = adapter.attention(model, i)
             mode = resolve_mode(spec, self.opts.attention_mode)
             self.levels[f"{i}:attention"] = _levels(
                 spec.n_rep if mode == "query" else spec.num_kv_heads,
                 lambda r: attention_removed(spec, r, self.opts.attention_mode, self.opts.round_to), max(self.grid))
-            self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["attention"], self.opts,
+            self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["o"], self.opts,
                                                         energy, self.grid)
         del acts
         if self.ref is not None:
-            self._probe(model, adapter, i, block)
-        self.inputs = run_block(block, self.inputs)
+            self._probe(model, adapter, i, block, seen)
+        self.inputs = seen.out
 
-    def _probe(self, model: nn.Module, adapter: Adapter, i: int, block: nn.Module) -> None:
+    def _probe(self, model: nn.Module, adapter: Adapter, i: int, block: nn.Module, seen: Seen) -> None:
         self.streams = {k: run_block(block, v) for k, v in self.streams.items()}
         for unit in mods_of(self.targets):
             if not any(r > 0 for r, _, e in self.curves.get(f"{i}:{unit}", [])):
                 continue
             snapshot = copy.deepcopy(block)
             fn = Calibrated(torch.empty(0, dtype=torch.long, device="cpu"), self.opts)
-            fn.inputs = self.inputs
+            fn.inputs, fn.carry = self.inputs, False
             with torch.no_grad():
-                fn(model, adapter, i, {unit: PROBE_RATIO})
+                fn(model, adapter, i, {unit: PROBE_RATIO}, seen=seen)  # the original block's run, reused
                 self.streams[f"{i}:{unit}"] = run_block(adapter.layers(model)[i], self.ref)
             block.__dict__.update(snapshot.__dict__)  # the original block, exactly
         self.ref = run_block(block, self.ref)
