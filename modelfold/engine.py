@@ -7,7 +7,7 @@ Torch-Pruning physically removing the non-kept channels from every coupled tenso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checks import forward, kept_width
 from .errors import UnsupportedModelError
-from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, build_graph, grad_enabled, iter_groups
+from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, Slice, build_graph, grad_enabled, iter_groups
 from .merge import gather_features, merge_tensor, representatives
 from .report import GroupReport
 
@@ -64,6 +64,27 @@ def _tensor(owner: nn.Module | torch.Tensor, attr: str) -> torch.Tensor | None:
     return t if isinstance(t, torch.Tensor) else None
 
 
+def group_slices(model: nn.Module, cg: ChannelGroup, keep: Callable[[Slice, Any], bool] | None = None
+                 ) -> Iterator[tuple[Slice, Any, torch.Tensor, list[tuple[str, int, torch.Tensor]]]]:
+    """Walk a group's slices (those ``keep(slice, owner)`` accepts): slice, owner, position table and the
+    [(attr, dim, tensor)] of the slice that exist in ``model``."""
+    for sl in cg.slices:
+        owner = resolve(model, sl.module)
+        if keep is not None and not keep(sl, owner):
+            continue
+        table = sl.table(cg.size)
+        yield sl, owner, table, [(attr, dim, t) for attr, dim in sl.tensors if (t := _tensor(owner, attr)) is not None]
+
+
+def _is_bn(sl: Slice, owner: Any) -> bool:
+    return sl.kind == CHANNEL and isinstance(owner, nn.modules.batchnorm._BatchNorm)
+
+
+def _is_feature(sl: Slice, owner: Any) -> bool:
+    conv_channel = sl.kind == CHANNEL and isinstance(owner, nn.modules.conv._ConvNd)
+    return sl.kind in (PRODUCER, CONSUMER) or conv_channel or _is_bn(sl, owner)
+
+
 def group_features(model: nn.Module, cg: ChannelGroup) -> dict[str, torch.Tensor]:
     """Per-channel feature blocks (n, d_i) of a group, keyed "module:kind:attr".
 
@@ -72,18 +93,11 @@ def group_features(model: nn.Module, cg: ChannelGroup) -> dict[str, torch.Tensor
     ``"norm"`` (not clustered; read by neuron merging).
     """
     feats: dict[str, torch.Tensor] = {}
-    for sl in cg.slices:
-        owner = resolve(model, sl.module)
-        is_conv_channel = sl.kind == CHANNEL and isinstance(owner, nn.modules.conv._ConvNd)
-        is_bn = sl.kind == CHANNEL and isinstance(owner, nn.modules.batchnorm._BatchNorm)
-        if sl.kind not in (PRODUCER, CONSUMER) and not is_conv_channel and not is_bn:
-            continue
-        table = sl.table(cg.size)
+    for sl, owner, table, tensors in group_slices(model, cg, _is_feature):
+        is_bn = _is_bn(sl, owner)
         kind = NORM if is_bn else sl.kind
-        for attr, dim in sl.tensors:
-            t = _tensor(owner, attr)
-            if t is not None:
-                feats[f"{sl.module}:{kind}:{attr}"] = gather_features(t, dim, table)
+        for attr, dim, t in tensors:
+            feats[f"{sl.module}:{kind}:{attr}"] = gather_features(t, dim, table)
         if is_bn:
             feats[f"{sl.module}:{NORM}:eps"] = torch.full((cg.size, 1), float(owner.eps))
     return feats
@@ -93,15 +107,10 @@ def apply_labels(model: nn.Module, cg: ChannelGroup, plan: Plan) -> None:
     """Merge every slice of the group in place: producers/channels averaged, consumers summed."""
     assert plan.labels is not None
     with torch.no_grad():
-        for sl in cg.slices:
-            owner = resolve(model, sl.module)
-            table = sl.table(cg.size)
+        for sl, owner, table, tensors in group_slices(model, cg):
             mode = "sum" if sl.kind == CONSUMER else "mean"
             is_norm = isinstance(owner, nn.modules.batchnorm._NormBase | nn.LayerNorm)
-            for attr, dim in sl.tensors:
-                t = _tensor(owner, attr)
-                if t is None:
-                    continue
+            for attr, dim, t in tensors:
                 scale = None
                 if is_norm and attr == "weight":
                     scale = (plan.module_scale or {}).get(sl.module, plan.channel_scale)
@@ -115,16 +124,9 @@ def apply_absorb(model: nn.Module, cg: ChannelGroup, plan: Plan) -> None:
     if src.numel() == 0:
         return
     with torch.no_grad():
-        for sl in cg.slices:
-            if sl.kind != CONSUMER:
-                continue
-            owner = resolve(model, sl.module)
-            table = sl.table(cg.size)
-            for attr, dim in sl.tensors:
-                t = _tensor(owner, attr)
-                if t is None:
-                    continue
-                m = table.shape[1]
+        for _, _, table, tensors in group_slices(model, cg, lambda sl, _: sl.kind == CONSUMER):
+            m = table.shape[1]
+            for _, dim, t in tensors:
                 s_pos, d_pos = table[src].reshape(-1).to(t.device), table[dst].reshape(-1).to(t.device)
                 view = [1] * t.ndim
                 view[dim] = -1
@@ -135,14 +137,10 @@ def apply_absorb(model: nn.Module, cg: ChannelGroup, plan: Plan) -> None:
 def permute(model: nn.Module, cg: ChannelGroup, perm: torch.Tensor) -> None:
     """Permute the group's channels in every slice (new channel c = old channel perm[c])."""
     with torch.no_grad():
-        for sl in cg.slices:
-            owner = resolve(model, sl.module)
-            table = sl.table(cg.size)
-            for attr, dim in sl.tensors:
-                t = _tensor(owner, attr)
-                if t is not None:
-                    src = t.data.index_select(dim, table[perm].reshape(-1).to(t.device))
-                    t.data.index_copy_(dim, table.reshape(-1).to(t.device), src)
+        for _, _, table, tensors in group_slices(model, cg):
+            for _, dim, t in tensors:
+                src = t.data.index_select(dim, table[perm].reshape(-1).to(t.device))
+                t.data.index_copy_(dim, table.reshape(-1).to(t.device), src)
 
 
 def model_outputs(model: nn.Module, inputs: object) -> list[torch.Tensor]:

@@ -84,3 +84,35 @@ def gather_features(tensor: torch.Tensor, dim: int, table: torch.Tensor) -> torc
     n = table.shape[0]
     vals = tensor.detach().index_select(dim, table.reshape(-1).to(tensor.device))
     return vals.movedim(dim, 0).reshape(n, -1).to(torch.float32)
+
+
+def cluster_rho(blocks: list[torch.Tensor], labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean pairwise cosine similarity ρ̄_c of each cluster's members, averaged over ``blocks``.
+
+    Each block is (n, d): one weight vector per channel. For unit rows u_i,
+    Σ_{i≠j∈c} cos(u_i, u_j) = ‖Σ_{i∈c} u_i‖² − n_c. Singletons get ρ̄ = 1 (no correction).
+    Computed in float64 on the blocks' device.
+    """
+    device = blocks[0].device if blocks else labels.device
+    labels = labels.to(device)
+    size = torch.bincount(labels, minlength=k).double()
+    pairs = (size * (size - 1)).clamp_min(1.0)
+    rho = torch.zeros(k, dtype=torch.float64, device=device)
+    for b in blocks:
+        u = b.double()
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        s = torch.zeros(k, u.shape[1], dtype=torch.float64, device=device).index_add_(0, labels, u)
+        rho += ((s * s).sum(1) - size) / pairs
+    rho = rho / max(len(blocks), 1)
+    return torch.where(size > 1, rho, torch.ones_like(rho))
+
+
+def ar_scale(rho: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Approximate-REPAIR factor per cluster, sqrt(n_c / (1 + (n_c − 1) ρ̄_c)), ρ̄ clamped to [0, 1].
+
+    It undoes the norm shrinkage of averaging n_c equal-norm vectors whose mean pairwise cosine is
+    ρ̄ (factor in [1, √n_c]); used by Fold-AR on CNNs and by the MLP fold of transformers.
+    """
+    size = torch.bincount(labels.to(rho.device), minlength=k).double()
+    rho = rho.clamp(0.0, 1.0)
+    return (size / (1.0 + (size - 1.0) * rho)).sqrt().float()

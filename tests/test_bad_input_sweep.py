@@ -406,7 +406,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def _run_cli(argv: list[str]) -> dict[str, Any]:
     """``modelfold.cli.main(argv)``: exit code, stderr, and the class of the error main reported (or of
     one that escaped it)."""
-    from modelfold import cli
+    from modelfold.cli import commands as cli
 
     seen: list[BaseException] = []
     run = cli._run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cluster import kmeans
-from ..merge import merge_tensor, representatives
+from ..merge import ar_scale, cluster_rho, merge_tensor, representatives
 from .adapters.base import MLPSpec
 from .adapters.refs import get, linear_like, put
 
@@ -27,20 +27,6 @@ def mlp_features(spec: MLPSpec) -> torch.Tensor:
     return out
 
 
-def ar_scale(rows: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Approximate-REPAIR factor per cluster, sqrt(n_c / (1 + (n_c - 1) * rho)).
-
-    rho is the mean pairwise cosine of the members' rows (clamped to [0, 1]); the factor undoes the
-    norm shrinkage of averaging n_c equal-norm rows whose mean cosine is rho.
-    """
-    u = rows.double() / rows.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    s = torch.zeros(k, u.shape[1], dtype=u.dtype, device=u.device).index_add_(0, labels.to(u.device), u)
-    n = torch.bincount(labels, minlength=k).double()
-    pair = (s.pow(2).sum(1) - n) / (n * (n - 1)).clamp_min(1.0)
-    rho = torch.where(n > 1, pair.clamp(0.0, 1.0), torch.ones_like(n))
-    return torch.sqrt(n / (1.0 + (n - 1.0) * rho))
-
-
 def fold_mlp_with_labels(spec: MLPSpec, labels: torch.Tensor, k: int, repair: str = "none") -> None:
     """Merge neurons by ``labels``: producer rows/biases averaged, consumer columns summed (in place)."""
     n = spec.width
@@ -48,7 +34,7 @@ def fold_mlp_with_labels(spec: MLPSpec, labels: torch.Tensor, k: int, repair: st
     keep = torch.sort(representatives(labels, k)).values
     for ref in spec.producers:
         lin = get(ref)
-        scale = ar_scale(lin.weight.detach(), labels, k) if repair == "ar" else None
+        scale = ar_scale(cluster_rho([lin.weight.detach()], labels, k), labels, k) if repair == "ar" else None
         w = merge_tensor(lin.weight.detach(), 0, table, labels, k, "mean", scale=scale)
         b = None if lin.bias is None else merge_tensor(lin.bias.detach(), 0, table, labels, k, "mean")
         put(ref, linear_like(w[keep], None if b is None else b[keep]))

@@ -25,37 +25,13 @@ import torch.nn as nn
 
 from ..engine import Plan, Planner, model_outputs, outputs_close
 from ..groups import CONSUMER, PRODUCER, ChannelGroup
+from ..merge import ar_scale, cluster_rho
 from . import Repair, RepairError
 from .stats import BN_TYPES, conv_bn_pairs, safe_resolve
 
 RHO_MODES = ("pooled", "producer", "all", "bn")
 NO_BN = "no BatchNorm in the group"
 NO_BN_MODES = ("naive", "rows")
-
-
-def cluster_rho(blocks: list[torch.Tensor], labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean pairwise cosine similarity ρ̄_c of each cluster's members, averaged over ``blocks``.
-
-    Each block is (n, d): one weight vector per channel. For unit rows u_i,
-    Σ_{i≠j∈c} cos(u_i, u_j) = ‖Σ_{i∈c} u_i‖² − n_c. Singletons get ρ̄ = 1 (no correction).
-    """
-    size = torch.bincount(labels, minlength=k).double()
-    pairs = (size * (size - 1)).clamp_min(1.0)
-    rho = torch.zeros(k, dtype=torch.float64)
-    for b in blocks:
-        u = b.double()
-        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        s = torch.zeros(k, u.shape[1], dtype=torch.float64).index_add_(0, labels, u)
-        rho += ((s * s).sum(1) - size) / pairs
-    rho = rho / max(len(blocks), 1)
-    return torch.where(size > 1, rho, torch.ones_like(rho))
-
-
-def ar_scale(rho: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """γ factor sqrt(n_c / (1 + (n_c − 1) ρ̄_c)) with ρ̄ clamped to [0, 1] (factor in [1, √n_c])."""
-    size = torch.bincount(labels, minlength=k).double()
-    rho = rho.clamp(0.0, 1.0)
-    return (size / (1.0 + (size - 1.0) * rho)).sqrt().float()
 
 
 def spatial_taps(module: nn.Module | None) -> int:

@@ -8,16 +8,17 @@ from hf_models import make_model
 
 import modelfold
 from modelfold.hf.adapters import find_adapter
-from modelfold.hf.mlp import ar_scale
+from modelfold.merge import ar_scale, cluster_rho
 
 
 def test_ar_scale_formula():
     rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0], [2.0, 2.0]])
     labels = torch.tensor([0, 0, 1, 2])
-    s = ar_scale(rows, labels, 3)
+    s = ar_scale(cluster_rho([rows], labels, 3), labels, 3)
     # cluster 0: orthogonal rows (rho=0) -> sqrt(2); singletons -> 1
     assert torch.allclose(s, torch.tensor([2 ** 0.5, 1.0, 1.0], dtype=s.dtype))
-    s = ar_scale(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 0]), 1)
+    rows, labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 0])
+    s = ar_scale(cluster_rho([rows], labels, 1), labels, 1)
     rho = 2 ** -0.5
     assert torch.allclose(s, torch.tensor([(2 / (1 + rho)) ** 0.5], dtype=s.dtype))
 

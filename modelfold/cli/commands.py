@@ -9,20 +9,20 @@ from pathlib import Path
 
 import torch
 
-from . import api, io
-from .cli_args import ray_options, repair_options
-from .cli_parser import build_parser
-from .errors import CalibrationError, CheckpointError, InvalidRatioError, ModelFoldError
+from .. import api, io
+from ..errors import CalibrationError, CheckpointError, InvalidRatioError, ModelFoldError
+from .options import ray_options, repair_options
+from .parser import build_parser
 
 
 def _hf(spec: str) -> bool:
-    from .hf.validate import is_hf_spec
+    from ..hf.validate import is_hf_spec
 
     return is_hf_spec(spec)
 
 
 def _run_hf(args: argparse.Namespace) -> int:
-    from . import hf
+    from .. import hf
 
     cnn_only = (args.data, args.ar_rho, args.dir_batch, args.dir_iters) if args.command == "fold" else (
         (args.merge,) if args.command == "prune" else ())
@@ -30,7 +30,7 @@ def _run_hf(args: argparse.Namespace) -> int:
         args.calibration = "self"
     if any(v is not None for v in cnn_only):
         raise ModelFoldError("--ar-rho/--dir-batch/--dir-iters/--data/--merge apply to CNNs, not Hugging Face models")
-    from .hf.validate import check_foldable
+    from ..hf.validate import check_foldable
 
     check_foldable(args.model)  # config, family, weights / GGUF architecture: fail before loading anything
     if _use_stream(args):
@@ -55,7 +55,7 @@ def _run_hf(args: argparse.Namespace) -> int:
         out, report = api.prune(model, ratio=args.ratio, norm=args.norm, **kw)
     print(report)
     if args.out.endswith(".gguf"):
-        from .hf.io import find_gguf
+        from ..hf.io import find_gguf
 
         source = None if hf.is_hf_dir(args.model) else find_gguf(Path(args.model))
         print(hf.save_gguf(out, args.out, dtype=args.gguf_type, source=source, progress=True, verify=args.verify))
@@ -104,8 +104,8 @@ def _calibration(src: str, tokenizer: object) -> object:
 
 def _use_stream(args: argparse.Namespace) -> bool:
     """Layer by layer unless asked otherwise, whenever the input is a safetensors directory."""
-    from .hf import is_hf_dir
-    from .hf.stream import checkpoint_bytes
+    from ..hf import is_hf_dir
+    from ..hf.checkpoint import checkpoint_bytes
 
     if args.stream == "never":
         return False
@@ -127,14 +127,14 @@ def _not_streamable(model: str) -> ModelFoldError:
 
 
 def _run_stream(args: argparse.Namespace) -> int:
-    from .hf.stream import fold_checkpoint, prune_checkpoint
+    from ..hf.checkpoint import fold_checkpoint, prune_checkpoint
 
     kw = {"targets": args.targets, "max_shard_size": args.max_shard_size, "progress": True,
           "sparsity": args.sparsity, "skip_first": args.skip_first, "skip_last": args.skip_last,
           "verify": args.verify}
     if args.calibration is not None:  # calibrated, layer by layer (the activations stream along)
-        from . import hf
-        from .hf.stream_calib import compress_checkpoint
+        from .. import hf
+        from ..hf.checkpoint import compress_checkpoint
 
         if args.executor != "local":
             raise ModelFoldError("calibrated compression runs its layers in order (the calibration activations "
@@ -175,14 +175,14 @@ def _tokenizer(hf: object, path: str) -> object:
 
 def _inspect_hf(args: argparse.Namespace) -> int:
     """Layers, widths, heads and reachable sparsity of a transformers directory (no weights read)."""
-    from .hf.core import adapter_of
-    from .hf.sizing import summary
-    from .hf.stream import skeleton
-    from .hf.validate import check_foldable
+    from ..hf.checkpoint import skeleton
+    from ..hf.core import adapter_of
+    from ..hf.sizing import summary
+    from ..hf.validate import check_foldable
 
     check_foldable(args.model, weights=False)  # inspect reads shapes from config.json only
     if args.model.endswith(".gguf"):
-        from .hf import load_any
+        from ..hf import load_any
 
         model = load_any(args.model)
     else:
@@ -194,7 +194,7 @@ def _inspect_hf(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     if args.command == "eval":
-        from .evaluate.cli import run as run_eval
+        from .eval import run as run_eval
 
         return run_eval(args)
     if args.command == "inspect" and _hf(args.model):
@@ -309,6 +309,3 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise CheckpointError(f"--out {out} contains {name} {spec} and would be replaced as a whole; choose "
                                   "an output path that does not contain the input")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

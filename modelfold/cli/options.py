@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import io
-from .errors import ModelFoldError
+from .. import io
+from ..errors import ModelFoldError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
 
@@ -54,7 +54,7 @@ def add_checkpoint_options(sp: argparse.ArgumentParser) -> None:
 
 def ray_options(args: argparse.Namespace) -> dict | None:
     """Ray task options from --ray-cpus/--ray-memory (refused without --executor ray)."""
-    from .hf.shards import parse_size
+    from ..hf.checkpoint import parse_size
 
     opts: dict = {}
     if args.ray_cpus is not None:

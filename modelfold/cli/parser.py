@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import api
-from .cli_args import add_checkpoint_options, add_device_option, add_width_options, input_shape
-from .repair.ar import RHO_MODES
+from .. import api
+from ..repair.ar import RHO_MODES
+from .options import add_checkpoint_options, add_device_option, add_width_options, input_shape
 
 EPILOG = """\
 MODEL is one of:
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("inspect", help="list the channel groups of a model and how they are coupled")
     _common(sp)
     sp.add_argument("-v", "--verbose", action="store_true", help="list every slice of every group")
-    from .evaluate.cli import add_parser as add_eval
+    from .eval import add_parser as add_eval
 
     add_eval(sub)
     return p

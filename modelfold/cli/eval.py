@@ -115,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
         if ref is None:
             raise ModelFoldError(f"{args.model} is an encoder: its embeddings are measured against another model; "
                                  "pass --compare ORIGINAL")
-        from .text import embedding_cosines
+        from ..evaluate.text import embedding_cosines
 
         sents = None if not args.sentences else [s for s in _read(args.sentences, "sentences").splitlines() if s.strip()]
         cos = embedding_cosines(model, ref, _tokenizer(args), sents)
         res.update(sentences=len(cos), cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
     else:
-        from .images import image_agreement, load_images
+        from ..evaluate.images import image_agreement, load_images
 
         x, y = load_images(args.images, args.limit)
         r = image_agreement(model, ref, x, y, progress=True)
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _lm(args: argparse.Namespace, models: list[nn.Module], res: dict) -> None:
-    from .text import eval_windows, expects_bos, window_nll
+    from ..evaluate.text import eval_windows, expects_bos, window_nll
 
     tok = _tokenizer(args)
     text = _read(args.text, "text") if args.text else None
@@ -158,7 +158,7 @@ def _run_llama_cpp(args: argparse.Namespace) -> int:
 
     import gguf
 
-    from . import llamacpp
+    from ..evaluate import llamacpp
 
     names = [args.model] + ([args.compare] if args.compare else [])
     bad = [n for n in names if not str(n).endswith(".gguf")]
