@@ -74,7 +74,14 @@ def units_k(spec: AttnSpec, mode: str, ratio: float, round_to: int | None = None
 
 def apply_units(spec: AttnSpec, mode: str, labels: torch.Tensor | None, keep_units: torch.Tensor, kk: int,
            adapter) -> None:
-    """Merge (if labels given) and keep units; update module attributes through ``adapter``."""
+    """Merge (if labels given) and keep units; update module attributes through ``adapter``.
+
+    A family whose head count cannot change (``adapter.fixed_heads``, e.g. MPNet) is refused before
+    anything is modified, for every caller (the public ``fold_attention``/``prune_attention`` included).
+    """
+    if getattr(adapter, "fixed_heads", None) and keep_units.numel() < (
+            spec.num_heads if mode == "query" else spec.num_kv_heads):
+        adapter.check_heads(1.0, "attention")
     hd = spec.head_dim
 
     def pos(units: torch.Tensor, width: int) -> torch.Tensor:

@@ -76,8 +76,13 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, *,
     """``save_pretrained`` into a temporary sibling directory, then rename it into place (``atomic_dir``).
 
     verify: a model of a supported family first runs one forward on a (2, 8) batch of token ids; one
-    that cannot run raises ``ResultError`` and nothing is written (False skips the check).
+    that cannot run raises ``ResultError`` and nothing is written (False skips the check). The directory
+    the model was loaded from is refused (``CheckpointError``): the original is never replaced.
     """
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if source and Path(source).is_dir() and Path(source).resolve() == Path(out_dir).resolve():
+        raise CheckpointError(f"{Path(out_dir).resolve()} is the directory the model was loaded from: saving there "
+                              "would replace the original weights; choose another out_dir")
     if verify and find_adapter(model) is not None:
         check_model_runs(model, what="the model to save")
     with atomic_dir(out_dir) as tmp:

@@ -160,3 +160,17 @@ def test_modernbert_glu_halves_local_global_layers_and_masked_lm(tmp_path):
     f = mh.fold_model(lm, ratio=plan, targets="all", n_init=1)
     mh.fold_checkpoint(tmp_path / "lm", tmp_path / "lst", ratio=plan, targets="all", n_init=1, progress=False)
     assert torch.equal(out(mh.load_pretrained(tmp_path / "lst", attn_implementation="eager"), x), out(f, x))
+
+
+@pytest.mark.parametrize("fn", ["fold_attention", "prune_attention"])
+def test_low_level_head_functions_refuse_mpnet_before_changing_it(fn):
+    m = make_model("mpnet", layers=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    a = find_adapter(m)
+    with pytest.raises(UnsupportedModelError, match="targets='mlp'"):
+        getattr(mh, fn)(a.attention(m, 0), 0.5, a)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    m2 = make_model("llama", layers=2)  # a family whose heads can change still works
+    a2 = find_adapter(m2)
+    n_before, n_after = getattr(mh, fn)(a2.attention(m2, 0), 0.5, a2)[:2]
+    assert n_after < n_before

@@ -74,6 +74,20 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert torch.allclose(out(g, inputs()), out(m, inputs()), atol=1e-5, rtol=0)
 
 
+def test_save_refuses_the_directory_the_model_came_from(tmp_path):
+    src = tmp_path / "orig"
+    mh.save(make_model("llama"), src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    m = mh.load_pretrained(src)
+    f = modelfold.fold(m, ratio=0.5)
+    with pytest.raises(CheckpointError, match="loaded from"):
+        mh.save(f, src)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["orig"]
+    mh.save(f, tmp_path / "small")  # anywhere else is fine
+    assert mh.is_hf_dir(tmp_path / "small")
+
+
 def test_load_errors(tmp_path):
     assert not mh.is_hf_dir(tmp_path)
     with pytest.raises(CheckpointError):
