@@ -11,6 +11,7 @@ is bit-identical to :func:`~modelfold.hf.core.compress_model` on the same model 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -30,7 +31,7 @@ from ..calib_layer import CalibOptions
 from ..calibrated import BlockInputs, Calibrated, capture
 from ..sensitivity import PROBE_SHAPE, Sensitivity
 from .run import run_checkpoint
-from .source import Source, load_layer, release_layer
+from .source import Source, load_layer, release_layer, trim_heap
 
 
 def _to(x: Any, dev: torch.device) -> Any:
@@ -127,13 +128,16 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
 
     def prepare(ctx: Source) -> Any:
         ctx.adapter.check_heads(ratio, targets)  # before the calibration data are made
-        front = _front(ctx)
-        if isinstance(calibration, str) and calibration == "self" and cdata.is_causal_lm(front):
+        sampled = isinstance(calibration, str) and calibration == "self" and cdata.is_causal_lm(ctx.model)
+        if sampled:  # the whole model samples, and is gone before the front is built: peak max(), not sum
             whole = _full_model(ctx.path)
             ids = cdata.resolve(whole, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
                                 progress=progress, info=info)
             del whole
-        else:
+            gc.collect()
+            trim_heap()
+        front = _front(ctx)
+        if not sampled:
             ids = cdata.resolve(front, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
                                 progress=progress, info=info)
         info.update(calibration="self" if isinstance(calibration, str) else "data",

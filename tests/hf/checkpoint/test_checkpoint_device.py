@@ -82,3 +82,30 @@ def test_inputs_to_moves_every_tensor_and_keeps_the_structure():
     assert isinstance(k["position_embeddings"], tuple) and all(t.device.type == "meta" for t in k["position_embeddings"])
     assert k["mask"] is None and k["n"] == 4 and k["__args__"][0].device.type == "meta"
     assert x.device.type == "cpu" and kw["position_embeddings"][0].device.type == "cpu"  # the originals untouched
+
+
+def test_the_sampling_model_is_freed_before_the_front_is_built(tmp_path, monkeypatch):
+    """Self-calibration loads the whole model to sample; the front must not coexist with it (peak memory)."""
+    import weakref
+
+    import modelfold.hf.checkpoint.calibrated as cc
+
+    monkeypatch.setenv("MODELFOLD_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    make_model("llama").save_pretrained(src)
+    alive = []
+    full, front = cc._full_model, cc._front
+
+    def spy_full(path):
+        m = full(path)
+        alive.append(weakref.ref(m))
+        return m
+
+    def spy_front(ctx):
+        assert alive and alive[0]() is None, "the whole model is still alive when the front is built"
+        return front(ctx)
+
+    monkeypatch.setattr(cc, "_full_model", spy_full)
+    monkeypatch.setattr(cc, "_front", spy_front)
+    rep = compress_checkpoint(src, tmp_path / "out", ratio=0.3, n_calib=2, calib_len=12, progress=False)
+    assert rep.repair_info["source"] == "sampled" and len(alive) == 1
