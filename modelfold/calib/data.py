@@ -74,29 +74,53 @@ def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int
         except Exception:  # noqa: BLE001 - a corrupt cache entry is regenerated
             pass
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList
-
-    start = torch.full((n_seq, 1), int(bos), dtype=torch.long, device=model_device(model))
-    bar = tqdm(total=seq_len - 1, desc=f"sampling {n_seq} calibration sequences", disable=not progress,
-               leave=False)
-
-    def tick(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bar.update(1)
-        return scores
 
     dev = model_device(model)  # the sampling draws from that device's generator: seeded here, restored after
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
-        out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
-                             min_new_tokens=seq_len - 1, pad_token_id=int(bos), use_cache=True,
-                             logits_processor=LogitsProcessorList([tick]))
-    bar.close()
-    ids = out[:, :seq_len].cpu()
+        bar = tqdm(total=seq_len - 1, desc=f"sampling {n_seq} calibration sequences", disable=not progress,
+                   leave=False)
+        out = sample(model, int(bos), n_seq, seq_len, temperature, step=lambda: bar.update(1))
+        bar.close()
+    ids = out.cpu()
     if use_cache:
         _store(ids, path)
     if info is not None:
         info.update(source="sampled", seconds=time.perf_counter() - t0)
+    return ids
+
+
+def eos_ids(model: nn.Module) -> list[int]:
+    """The end-of-sequence token ids of ``model`` (generation config first, then the model config)."""
+    for src in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(src, "eos_token_id", None)
+        if eos is not None:
+            return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    return []
+
+
+def sample(model: nn.Module, bos: int, n_seq: int, seq_len: int, temperature: float = 1.0,
+           step: Any = None) -> torch.Tensor:
+    """(n_seq, seq_len) ids: ``bos`` then tokens drawn one step at a time for all sequences at once, each
+    step one forward of the new tokens against the model's KV cache; end-of-sequence tokens are never
+    drawn (every sequence runs to ``seq_len``). Draws from torch's current generator: the same tokens as
+    ``model.generate(do_sample=True, top_k=0, top_p=1.0, min_new_tokens=seq_len - 1)`` from the same seed
+    (tested), without its per-step bookkeeping."""
+    from transformers import DynamicCache
+
+    dev = model_device(model)
+    ids = torch.full((n_seq, seq_len), bos, dtype=torch.long, device=dev)
+    eos = [e for e in eos_ids(model) if 0 <= e < model.get_input_embeddings().num_embeddings]
+    cache = DynamicCache(config=model.config)
+    for t in range(seq_len - 1):
+        logits = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        if eos:
+            logits[:, eos] = -float("inf")
+        ids[:, t + 1] = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]
+        if step is not None:
+            step()
     return ids
 
 

@@ -7,9 +7,10 @@ import torch
 from hf_models import FAMILIES, make_model, out
 
 import modelfold.hf as mh
-from modelfold.calib.data import CalibrationError, self_text
+from modelfold.calib.data import CalibrationError, sample, self_text
 from modelfold.hf.adapters import find_adapter
-from modelfold.hf.calibrated import capture, record
+from modelfold.hf.adapters.refs import hook_module
+from modelfold.hf.calibrated import capture, observe, record, run_block, sum_point
 from modelfold.hf.core import compress_model
 from modelfold.report import count_params
 
@@ -127,6 +128,34 @@ def test_self_text_is_seeded_and_cached(tmp_path, monkeypatch):
     assert info["source"] == "cache" and torch.equal(a, b)
     assert torch.equal(self_text(m, 2, 12, seed=3, use_cache=False), a)
     assert not torch.equal(self_text(m, 2, 12, seed=4), a)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_sampler_draws_what_generate_draws(family):
+    """The KV-cached sampler is generate(do_sample=True, min_new_tokens=...) without its bookkeeping:
+    the same tokens from the same seed, end-of-sequence never drawn."""
+    m = make_model(family)
+    bos = m.config.bos_token_id if m.config.bos_token_id is not None else 0
+    m.generation_config.eos_token_id = 7  # a token the tiny model draws often enough to matter
+    start = torch.full((3, 1), bos)
+    torch.manual_seed(11)
+    want = m.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0, top_p=1.0,
+                      temperature=1.0, max_new_tokens=15, min_new_tokens=15, pad_token_id=bos)
+    torch.manual_seed(11)
+    got = sample(m, bos, 3, 16)
+    assert torch.equal(got, want) and not bool((got[:, 1:] == 7).any())
+
+
+def test_one_block_run_records_what_separate_runs_do():
+    m = make_model("llama")
+    a = find_adapter(m)
+    inp = capture(m, a, ids())
+    block = a.layers(m)[0]
+    mods = {"c": hook_module(a.mlp(m, 0).consumer)}
+    seen = observe(block, inp, mods, sums=True, at=a.mlp_sum(m, 0), outputs=True)
+    assert torch.equal(seen.acts["c"], record(block, inp, mods)["c"])
+    assert torch.equal(seen.sums, sum_point(block, inp, a.mlp_sum(m, 0))[0])
+    assert all(torch.equal(x, y) for x, y in zip(seen.out.xs, run_block(block, inp).xs, strict=True))
 
 
 def test_self_calibration_end_to_end(tmp_path, monkeypatch):
