@@ -10,8 +10,10 @@ motorcycle_left, hubble_deep_field, ihc, retina), 5 crops each (4 corners + cent
 256-resized image, 224 x 224): top-1 agreement with the original model's prediction and mean
 KL(original || compressed) of the softmax outputs. Calibration "data" uses other photos only:
 scikit-image's grey-scale photos (as RGB) and motorcycle_right, random crops; "self" is the
-DeepInversion batch the model makes itself (64 x 64 pixels, 32 images, 60 steps, cached; smaller
-than Fold-DIR's default because this machine is shared). No ignore=: every group is eligible.
+DeepInversion batch the model makes itself, cached: compress()'s default self batch
+(``calib.cnn_sources.SELF_DEFAULTS``, chosen in benchmarks/cnn_self_batch.py), or ``--self BxTxR``
+(images x steps x pixels; the rows before that default used 32 x 60 x 64). No ignore=: every group
+is eligible.
 Records: ``benchmarks/results/mobilenet.json`` (resumable).
 """
 
@@ -39,7 +41,7 @@ EVAL_SKIMAGE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "mot
                 "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
 CALIB_SKIMAGE = ("brick.png", "camera.png", "cell.png", "clock_motion.png", "coins.png", "grass.png", "gravel.png",
                  "moon.png", "page.png", "text.png", "motorcycle_right.png")
-SELF = {"self_shape": (3, 64, 64), "self_batch": 32, "self_iters": 60}
+SELF: dict = {}  # compress()'s default self batch; --self BxTxR overrides
 METHODS = ("sp-l2", "fold", "fold-ar", "neuron-merging", "sp-act+ls", "fold-act+ls", "sp-act+ls+auto",
            "fold-act+ls+auto", "sp-act+ls:data", "sp-act+ls+auto:data")
 
@@ -134,21 +136,30 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="*", default=[0.1, 0.2, 0.3])
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--out", type=Path, default=RESULTS / "mobilenet.json")
+    ap.add_argument("--self", dest="self_batch", help="self batch BxTxR (images x steps x pixels); default: compress()'s")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--rerun", action="store_true", help="measure the rows again (earlier records get 'superseded')")
     args = ap.parse_args()
+    if args.self_batch:
+        b, t, r = (int(v) for v in args.self_batch.split("x"))
+        SELF.update(self_batch=b, self_iters=t, self_shape=(3, r, r))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = mobilenet_v2_imagenet()
     x, files = eval_images()
     calib = calib_images()
     ref = logits(model, x)
     records = json.loads(args.out.read_text()) if args.out.is_file() else []
-    done = {(r["method"], r["target_sparsity"]) for r in records}
+    key = lambda r: (r.get("method_key", r["method"]), r["target_sparsity"])  # noqa: E731
+    done = {key(r) for r in records if not r.get("superseded")} if not args.rerun else set()
     print(f"{len(x)} evaluation crops of {len(files)} photos; {len(calib)} real calibration crops", flush=True)
     for s in args.sparsities:
         ratio = None
         for method in args.methods:
             if (method, s) in done:
                 continue
-            if ratio is None:
+            if ratio is None and not method.split(":")[0].endswith("+auto"):
                 work = modelfold.api.checks.prepare(model, torch.zeros(1, 3, 224, 224))
                 ratio = plan_for_sparsity(work, torch.zeros(1, 3, 224, 224), s, set(), set())[0]
             t0 = time.perf_counter()
@@ -158,8 +169,12 @@ def main() -> None:
                    "calibration": "data" if method.endswith(":data") else ("self" if "-act" in method else "none"),
                    "target_sparsity": s, "param_sparsity": rep.param_sparsity, "ratio": rep.ratio,
                    **compare(ref, logits(out, x)), "seconds": round(secs, 1), "eval_images": len(x),
-                   "plan": rep.repair_info.get("plan"), "refit": rep.repair_info.get("refit")}
+                   "plan": rep.repair_info.get("plan"), "refit": rep.repair_info.get("refit"),
+                   "self_settings": rep.repair_info.get("self_settings"), "self_shape": rep.repair_info.get("self_shape")}
             rec["method_key"] = method
+            for r in records:  # an earlier measurement of the same row stays, marked
+                if key(r) == (method, s) and not r.get("superseded"):
+                    r["superseded"] = f"re-run with {rec['self_settings'] or 'no self batch'} (the later record)"
             records.append(rec)
             print(f"s={s:.2f} {method:<22} sparsity={rec['param_sparsity']:.3f} agree={rec['agreement']:.3f} "
                   f"kl={rec['kl']:.3f} ({secs:.0f}s)", flush=True)

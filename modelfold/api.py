@@ -24,7 +24,7 @@ from .report import FoldReport
 REPAIRS = ("none", "ar", "dir", "data")
 DEFAULT_GROUPING = "activation"  # calibrated folding; see docs/calibration-cnn.md for the measurement
 CALIBRATION_OPTIONS = {"lam", "bn_reset", "compensate", "samples", "self_batch", "self_iters", "grouping",
-                       "selection", "budget", "score_samples", "self_shape", "prior"}
+                       "selection", "budget", "score_samples", "self_shape", "prior", "budget_refit"}
 
 
 def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Module | str] = (),

@@ -35,7 +35,8 @@ def calibrator(model: nn.Module, example_inputs: Any, calibration: Any, opts: di
                                         self_shape=opts.get("self_shape"))
     calib = CNNCalibrator(batches, lam=opts.get("lam", 1e-3), seed=seed, bn_reset=opts.get("bn_reset", False),
                           prior=opts.get("prior", True),
-                          compensate=opts.get("compensate", True), score_samples=opts.get("score_samples", 128))
+                          compensate=opts.get("compensate", True), score_samples=opts.get("score_samples", 128),
+                          progress=progress)
     return calib, info
 
 
@@ -60,10 +61,12 @@ def run_traced(model: nn.Module, example_inputs: Any, ratio: float | None, spars
     if sparsity is not None and calib is not None and calib_opts.get("budget", "auto") == "auto":
         from .calib.cnn_budget import auto_budget, counter, foldable_groups
 
+        t1 = time.perf_counter()
         groups = foldable_groups(work, example_inputs, names, kept, verify, seed)
         count = counter(work, example_inputs, names, kept, round_to, groups, calib)
-        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept, count, groups, round_to)
-        calib_info.update(budget_info)
+        plan, budget_info = auto_budget(work, example_inputs, calib, sparsity, names, kept, count, groups, round_to,
+                                        progress=progress, refit=calib_opts.get("budget_refit", False))
+        calib_info.update(budget_info, budget_seconds=round(time.perf_counter() - t1, 2))
         ratio = sum(plan.values()) / max(1, len(plan))
         run_info.update(sparsity=sparsity, sparsity_planned=budget_info["sparsity_planned"])
     elif sparsity is not None:

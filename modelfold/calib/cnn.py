@@ -18,11 +18,11 @@ Two roles in the engine (``engine.compress(..., calib=CNNCalibrator(...))``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..checks import forward
 from ..engine import resolve
@@ -103,16 +103,18 @@ class CNNCalibrator:
     score_samples: inputs used for activation features (the first ones); sample_dim: values kept
     per channel and consumer for activation k-means; bn_reset: re-estimate the running statistics of
     BatchNorms in folded/pruned groups on the calibration inputs (in order, before the consumers
-    after them are refitted); compensate: False turns the refit off (selection only); cache_bytes:
+    after them are refitted); compensate: False turns the refit off (selection only); progress: a
+    tqdm bar over the refitted consumers; cache_bytes:
     memory for the reference model's consumer inputs (computed once instead of once per consumer);
     prior: the ridge pulls towards the plainly compressed consumer instead of towards zero.
     """
 
     def __init__(self, batches: list[torch.Tensor], lam: float = 1e-3, score_samples: int = 128,
                  sample_dim: int = 256, seed: int = 0, bn_reset: bool = False, compensate: bool = True,
-                 progress: Callable[[str], None] | None = None, cache_bytes: int = 2 << 30,
+                 progress: bool = False, cache_bytes: int = 2 << 30,
                  prior: bool = True) -> None:
         self.batches = batches
+        self.progress = progress
         self.lam = lam
         self.score_samples = score_samples
         self.sample_dim = sample_dim
@@ -241,7 +243,8 @@ class CNNCalibrator:
         bns = bn_after(model, self.batches[0][:1])
         self._reference_inputs([n for n in order if n in self.consumers and calls.get(n, 0) == 1
                                 and refittable(model.get_submodule(n))])
-        for name in order:
+        todo = [n for n in order if n in self.consumers or (n in self.norms and self.bn_reset)]
+        for name in tqdm(todo, desc="least-squares refit", disable=not self.progress, leave=False):
             if name in self.norms and self.bn_reset:
                 self._reset_bn(model, name)
             if name not in self.consumers:

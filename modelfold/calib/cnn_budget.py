@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..checks import forward, kept_width
 from ..engine import CONSUMER, group_features, mark_user_kept, resolve
@@ -50,18 +51,29 @@ def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def sensitivity_curves(model: nn.Module, example_inputs: Any, calib: Any, ignore: set[str],
-                       keep_outputs: set[str], candidates: tuple[float, ...] = CANDIDATES, samples: int = 64
+                       keep_outputs: set[str], candidates: tuple[float, ...] = CANDIDATES, samples: int = 64,
+                       progress: bool = False, refit: bool = False
                        ) -> tuple[dict[str, list[tuple[float, float, float]]], dict[str, int]]:
     """Per foldable group root: [(ratio, parameters removed, relative output error)], incl. (0, 0, 0);
-    and the group sizes."""
+    and the group sizes. ``progress``: a tqdm bar over the groups. ``refit``: the error after the
+    silenced channels' consumers are refitted (``cnn_sensitivity``, cross-validated on two halves)."""
+    from .cnn import bn_after
+    from .cnn_sensitivity import compensated_error, consumer_grams
+
     x = torch.cat(calib.batches)[:samples]
     ref = _output(model, x)
     denom = float(ref.pow(2).mean().clamp_min(1e-30))
+    refit = refit and len(x) >= 2
+    halves = list(x.split((len(x) + 1) // 2))
+    refs = [_output(model, h) for h in halves] if refit else []
+    bns = bn_after(model, x[:1]) if refit else {}
     dg = build_graph(model, example_inputs)
     ignored = [m for n, m in model.named_modules() if n in ignore]
     curves: dict[str, list[tuple[float, float, float]]] = {}
     sizes: dict[str, int] = {}
+    bar = tqdm(desc="automatic budget: group sensitivity", unit="group", disable=not progress, leave=False)
     for _, cg in iter_groups(dg, ignored):
+        bar.update()
         mark_user_kept(cg, ignore, keep_outputs)
         if not cg.foldable:
             continue
@@ -74,13 +86,18 @@ def sensitivity_curves(model: nn.Module, example_inputs: Any, calib: Any, ignore
         per = _channel_params(model, cg)
         n = cg.size
         curve = [(0.0, 0.0, 0.0)]
+        grams = consumer_grams(model, cg, halves) if refit else {}
         for r in candidates:
             k = max(1, round(n * (1 - r)))
             drop = order[: n - k]
-            err = _silenced_error(model, cg, drop, x, ref) / denom
+            if refit:
+                err = compensated_error(model, cg, drop, halves, refs, grams, bns, _output, calib.lam) / denom
+            else:
+                err = _silenced_error(model, cg, drop, x, ref) / denom
             curve.append((r, float(per * (n - k)), err))
         curves[cg.root] = curve
         sizes[cg.root] = n
+    bar.close()
     return curves, sizes
 
 
@@ -139,8 +156,8 @@ def foldable_groups(model: nn.Module, example_inputs: Any, ignore: set[str], kee
 
 def auto_budget(model: nn.Module, example_inputs: Any, calib: Any, sparsity: float, ignore: set[str],
                 keep_outputs: set[str], count: Callable[[dict[str, float]], float],
-                groups: dict[str, ChannelGroup] | None = None, round_to: int | None = None
-                ) -> tuple[dict[str, float], dict[str, Any]]:
+                groups: dict[str, ChannelGroup] | None = None, round_to: int | None = None,
+                progress: bool = False, refit: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
     """Ratio per group root whose compressed model removes ``sparsity`` of the parameters (within
     ``SPARSITY_TOL``, measured by ``count(plan)``), spread by :func:`sensitivity_curves`.
 
@@ -149,7 +166,8 @@ def auto_budget(model: nn.Module, example_inputs: Any, calib: Any, sparsity: flo
     (``budget.refine``) covers coarse widths. ``groups``: the groups the engine will reduce (others
     are left out of the plan). Raises InvalidRatioError naming the nearest reachable sparsity.
     """
-    curves, sizes = sensitivity_curves(model, example_inputs, calib, ignore, keep_outputs)
+    curves, sizes = sensitivity_curves(model, example_inputs, calib, ignore, keep_outputs, progress=progress,
+                                       refit=refit and getattr(calib, "compensate", False))
     if groups is not None:
         curves = {r: c for r, c in curves.items() if r in groups}
     if not curves:

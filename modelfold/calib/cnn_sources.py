@@ -8,6 +8,7 @@ impressions"), which docs/calibration-cnn.md measures against plain noise and re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from typing import Any
@@ -15,12 +16,35 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..checks import forward
 from ..errors import CalibrationError, InputShapeError, ModelFoldError
 from ..repair.dir import DIRSettings, synthetic_batch
 from ..repair.stats import BN_TYPES, as_batches
 
 SOURCES = ("self",)
-SELF_DEFAULTS = {"batch": 128, "iters": 100}
+# The default self batch: images x optimisation steps, synthesized with the shorter side at most ``side``
+# pixels where the model takes smaller images (fully convolutional); measured in benchmarks/cnn_self_batch.py.
+SELF_DEFAULTS = {"batch": 32, "iters": 50, "side": 112}
+
+
+def default_self_shape(model: nn.Module, example_inputs: torch.Tensor, side: int | None = None) -> tuple[int, ...]:
+    """Per-sample shape of the default self batch: that of ``example_inputs``, its image scaled down so
+    that the shorter side is ``side`` pixels (default ``SELF_DEFAULTS["side"]``) when the model gives an
+    output of the same shape on such an image (fully convolutional models, e.g. with adaptive pooling);
+    otherwise the example's shape unchanged (a model with a fixed-size flatten, or not an image)."""
+    shape = tuple(example_inputs.shape[1:])
+    side = SELF_DEFAULTS["side"] if side is None else side
+    if len(shape) != 3 or min(shape[1:]) <= side:
+        return shape
+    small = (shape[0], *(max(1, round(d * side / min(shape[1:]))) for d in shape[1:]))
+    work = copy.deepcopy(model).eval()
+    try:
+        full = forward(work, example_inputs[:1])
+        reduced = forward(work, torch.zeros((1, *small), dtype=example_inputs.dtype))
+    except Exception:  # noqa: BLE001 - a model that needs its input size
+        return shape
+    ok = isinstance(full, torch.Tensor) and isinstance(reduced, torch.Tensor) and full.shape == reduced.shape
+    return small if ok else shape
 
 
 def calibration_batches(calibration: Any, model: nn.Module, example_inputs: Any, seed: int = 0,
@@ -30,9 +54,10 @@ def calibration_batches(calibration: Any, model: nn.Module, example_inputs: Any,
     """(batches, info) for ``calibration``: "self", a tensor of inputs, or a DataLoader of inputs.
 
     info: ``calibration`` ("self" | "data"), ``samples``, and for "self" the synthesis source
-    ("cache" | "synthesized"), seconds and settings. ``self_shape``: per-sample shape of the synthetic
-    inputs (default: that of example_inputs; a smaller image makes synthesis cheaper for a fully
-    convolutional model).
+    ("cache" | "synthesized"), seconds, settings and shape. ``self_shape``: per-sample shape of the
+    synthetic inputs (default :func:`default_self_shape`: the example's, its image scaled down to a
+    shorter side of ``SELF_DEFAULTS["side"]`` pixels for a fully convolutional model). ``progress``: the
+    synthesis shows a tqdm bar.
     """
     if isinstance(calibration, str):
         if calibration != "self":
@@ -47,10 +72,10 @@ def calibration_batches(calibration: Any, model: nn.Module, example_inputs: Any,
         info: dict[str, Any] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the no-BN warning: documented, reported in info
-            shape = tuple(self_shape) if self_shape else tuple(example_inputs.shape[1:])
+            shape = tuple(self_shape) if self_shape else default_self_shape(model, example_inputs)
             x = synthetic_batch(model, shape, settings, progress, True, info)
         info = {"calibration": "self", "self_source": info["source"], "self_seconds": round(info["seconds"], 2),
-                "self_kind": "deepinversion" if has_bn else "class-impressions",
+                "self_kind": "deepinversion" if has_bn else "class-impressions", "self_shape": list(shape),
                 "self_settings": {k: v for k, v in dataclasses.asdict(settings).items() if k in ("batch", "iters", "seed")}}
         batches = list(x.split(batch_size))
     else:
