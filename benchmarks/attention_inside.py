@@ -39,7 +39,7 @@ from modelfold.calib.data import self_text  # noqa: E402
 from modelfold.evaluate import text as ev  # noqa: E402
 from modelfold.hf.adapters import find_adapter  # noqa: E402
 from modelfold.hf.adapters.refs import get, linear_like, put  # noqa: E402
-from modelfold.hf.attention_inside import narrow_heads, vo_subspace  # noqa: E402
+from modelfold.hf.attention_inside import choose_pairs, narrow_heads, pair_energy, pair_scores, vo_subspace  # noqa: E402,E501
 from modelfold.hf.calib_layer import gram, target_cross  # noqa: E402
 from modelfold.hf.calibrated import capture, record, run_block, token_scale  # noqa: E402
 from modelfold.hf.core import compress_model  # noqa: E402
@@ -90,6 +90,54 @@ def vo_only(model, ids, r: int, lam: float = 1e-3):
     return work
 
 
+def zero_pairs(spec, keep: list[list[int]]) -> None:
+    """Zero the q and k rows of the rotary pairs not in ``keep[g]`` (per KV group g; same shapes)."""
+    hd, half, rep = spec.head_dim, spec.head_dim // 2, spec.n_rep
+    for ref, per in ((spec.q, rep), (spec.k, 1)):
+        lin = get(ref)
+        w = lin.weight.detach().clone().view(-1, hd, lin.in_features)
+        b = None if lin.bias is None else lin.bias.detach().clone().view(-1, hd)
+        for h in range(w.shape[0]):
+            drop = torch.tensor([j for j in range(half) if j not in keep[h // per]], dtype=torch.long)
+            rows = torch.cat([drop, drop + half])
+            w[h, rows] = 0
+            if b is not None:
+                b[h, rows] = 0
+        put(ref, linear_like(w.reshape(-1, lin.in_features), None if b is None else b.reshape(-1)))
+
+
+@torch.no_grad()
+def qk_only(model, ids, dn: int, per_group: bool = False, lam: float = 1e-3):
+    """In memory: q/k narrowed to dn/2 rotary pairs (rows zeroed; the global pairs narrow_heads would
+    choose, or, not expressible, each KV group's own best pairs), v full, o_proj refit by least squares."""
+    import copy
+
+    work = copy.deepcopy(model)
+    a = find_adapter(work)
+    glob = choose_pairs(pair_scores(work, a, ids), dn // 2, "free")
+    inputs = capture(work, a, ids)
+    for i in range(len(a.layers(work))):
+        block, spec = a.layers(work)[i], a.attention(work, i)
+        scale = token_scale(block, inputs, a.mlp_sum(work, i))
+        o = get(spec.o)
+        w = o.weight.detach()
+        x = record(block, inputs, {"o": o})["o"] * scale[:, None]
+        y = x.double() @ w.double().T
+        if per_group:
+            e = pair_energy(record(block, inputs, {"x": get(spec.q)})["x"], spec).view(spec.num_kv_heads, spec.n_rep, -1)
+            keep = [choose_pairs(e[g].sum(0), dn // 2, "free") for g in range(spec.num_kv_heads)]
+        else:
+            keep = [glob] * spec.num_kv_heads
+        zero_pairs(spec, keep)
+        x2 = record(block, inputs, {"o": o})["o"] * scale[:, None]
+        new_w, _ = ridge_refit(w, gram(x2, False, scale), None, lam, None, False,
+                               target_cross=target_cross(x2, y, False, scale=scale))
+        put(spec.o, linear_like(new_w.to(w.dtype).contiguous(), o.bias))
+        inputs = run_block(block, inputs)
+    work.as_if_removed = (spec.num_heads + spec.num_kv_heads) * (spec.head_dim - dn) * w.shape[0] * len(a.layers(work))
+    return work
+
+
 def rows(ids) -> dict:
     """name: (method, attention step, whether the fixed MLP compression follows)."""
     r = {"original": ("original", None, False),
@@ -104,6 +152,12 @@ def rows(ids) -> dict:
         r[f"inside-{dn}"] = (f"inside, head_dim 64->{dn} (free pairs, longrope factors)", inside(ids, dn), False)
     r["vo-only-32"] = ("v/o rank 32 of 64 per KV group, q/k full (in memory only)",
                        lambda m: vo_only(m, ids, 32), False)
+    r["qk-only-48"] = ("q/k 24 of 32 rotary pairs (the global choice), v/o full (in memory only)",
+                       lambda m: qk_only(m, ids, 48), False)
+    r["qk-only-48-group"] = ("q/k 24 of 32 rotary pairs chosen per KV group, v/o full (in memory only)",
+                             lambda m: qk_only(m, ids, 48, per_group=True), False)
+    r["vo-only-48"] = ("v/o rank 48 of 64 per KV group, q/k full (in memory only)",
+                       lambda m: vo_only(m, ids, 48), False)
     r["mlp-only"] = ("MLP 18% middle layers only", None, True)
     r["heads-q25+mlp"] = ("head selection, query heads 3->2 per group + MLP", heads(ids, 1 / 3), True)
     r["inside-48+mlp"] = ("inside, head_dim 64->48 + MLP", inside(ids, 48), True)
