@@ -28,13 +28,10 @@ from ..checks import forward
 from ..engine import resolve
 from ..groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup
 from ..merge import representatives
+from .capture import StopForward, hooks, module_call, run_stopped, run_through
 from .compensate import Gram, conv_patches, ridge_refit, with_ones
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-class _Stop(Exception):
-    pass
 
 
 def refittable(mod: nn.Module) -> bool:
@@ -46,22 +43,10 @@ def refittable(mod: nn.Module) -> bool:
 
 def capture_input(model: nn.Module, name: str, x: Any) -> torch.Tensor:
     """Input of submodule ``name`` on ``x`` (forward stopped right there)."""
-    got: list[torch.Tensor] = []
-
-    def hook(mod: nn.Module, inp: Any) -> None:
-        got.append(inp[0].detach())
-        raise _Stop
-
-    h = model.get_submodule(name).register_forward_pre_hook(hook)
-    try:
-        forward(model, x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    if not got:
+    call = module_call(model.get_submodule(name), lambda: forward(model, x))
+    if call is None:
         raise RuntimeError(f"module {name} did not run on the calibration inputs")
-    return got[0]
+    return call[0][0].detach()
 
 
 def rows(mod: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -154,7 +139,7 @@ class CNNCalibrator:
             return {}
         acc: dict[str, list] = {}
         gen = torch.Generator().manual_seed(self.seed)
-        handles = []
+        pairs: list = []
         pending: set[str] = set()
         for sl in cons:
             table = sl.table(cg.size)
@@ -178,18 +163,12 @@ class CNNCalibrator:
                     acc[sl.module] = [sq, [s]]
                 pending.discard(sl.module)
                 if not pending:
-                    raise _Stop  # the rest of the network is not needed
-            handles.append(model.get_submodule(sl.module).register_forward_pre_hook(hook))
-        try:
+                    raise StopForward  # the rest of the network is not needed
+            pairs.append((model.get_submodule(sl.module), hook))
+        with hooks(pairs):
             for b in self._score_batches():
                 pending.update(sl.module for sl in cons)
-                try:
-                    forward(model, b)
-                except _Stop:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+                run_stopped(lambda b=b: forward(model, b))
         feats: dict[str, torch.Tensor] = {}
         for name, (sq, samples) in acc.items():
             feats[f"{name}:activation:sq"] = sq.float()
@@ -266,7 +245,7 @@ class CNNCalibrator:
         bn.train()
         try:
             for b in self.batches:
-                _run_through(model, name, b)
+                run_through(model.get_submodule(name), lambda b=b: forward(model, b))
         finally:
             bn.momentum = mom
             bn.eval()
@@ -352,17 +331,3 @@ def bias_gaining(model: nn.Module, x: Any) -> list[str]:
             continue
         out.append(name)
     return out
-
-
-def _run_through(model: nn.Module, name: str, x: Any) -> None:
-    """Forward ``x`` until module ``name`` has run (its train-mode BN statistics update)."""
-    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
-        raise _Stop
-
-    h = model.get_submodule(name).register_forward_hook(hook)
-    try:
-        forward(model, x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
