@@ -290,7 +290,9 @@ def notes_md() -> list[str]:
         lines += [f"## Profile: ours (real text {r['calibration_shape'][0]} x {r['calibration_shape'][1]}, automatic "
                   f"budget) on the first {r['layers']} decoder layer(s)", "",
                   f"{r['wall_seconds']} s wall, {r['cpu_seconds']} CPU s (`--profile-layers {r['layers']}`; "
-                  "cumulative CPU seconds by function, nested calls overlap):", "", "| function | CPU s |", "|---|---|"]
+                  "cumulative CPU seconds by function, nested calls overlap; peak RSS "
+                  f"{r.get('peak_rss_gib')} GiB, load1 {r.get('load1_start')}/{r.get('load1_end')}; code: "
+                  f"{r.get('code', 'the commit of this file')}):", "", "| function | CPU s |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in r["cpu_seconds_by_function"].items()]
         lines.append("")
     return lines
