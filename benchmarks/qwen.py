@@ -284,8 +284,7 @@ def notes_md() -> list[str]:
                          f"{r['cpu_seconds']} CPU s, peak RSS seen {r['peak_rss_gib_seen']} GiB, load1 seen "
                          f"{r['load1'][0]}-{r['load1'][1]}; stopped by {r['stopped_by']}. {r['note']}.")
         lines.append("")
-    prof = OUT / "qwen_profile.json"
-    if prof.is_file():
+    for prof in sorted(OUT.glob("qwen_profile-*layers.json")):
         r = json.loads(prof.read_text())
         lines += [f"## Profile: ours (real text {r['calibration_shape'][0]} x {r['calibration_shape'][1]}, automatic "
                   f"budget) on the first {r['layers']} decoder layer(s)", "",
@@ -320,7 +319,7 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true",
                    help="evaluate rows compressed earlier by --compress-only instead of compressing them again")
     p.add_argument("--profile-layers", type=int, default=0,
-                   help="instead: CPU seconds per stage on the first N layers (benchmarks/results/qwen_profile.json)")
+                   help="instead: CPU seconds per stage on the first N layers (results/qwen_profile-Nlayers.json)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -337,7 +336,7 @@ def main() -> None:
     if args.profile_layers:
         res = run_child(args, "profile", "ours-data")
         print(json.dumps(res), flush=True)
-        (OUT / "qwen_profile.json").write_text(json.dumps(res, indent=1))
+        (OUT / f"qwen_profile-{args.profile_layers}layers.json").write_text(json.dumps(res, indent=1))
         return
     path = OUT / "qwen.json"
     old = json.loads(path.read_text()) if path.is_file() else []
