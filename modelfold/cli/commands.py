@@ -139,16 +139,13 @@ def _run_stream(args: argparse.Namespace) -> int:
         if args.executor != "local":
             raise ModelFoldError("calibrated compression runs its layers in order (the calibration activations "
                                  "flow from layer to layer); drop --executor ray")
-        if getattr(args, "device", None) not in (None, "cpu"):
-            raise ModelFoldError("calibrated compression layer by layer runs on the CPU; drop --device, or add "
-                                 "--stream never to compress in memory on the device")
         tok = _tokenizer(hf, args.model)
         method = {"compress": getattr(args, "method", "select"), "fold": "fold", "prune": "select"}[args.command]
         extra = {"score": args.score, "budget": args.budget} if args.command == "compress" else {}
         report = compress_checkpoint(args.model, args.out, ratio=args.ratio, seed=args.seed, method=method,
                                      calibration=_calibration(args.calibration, tok), tokenizer=tok,
                                      n_calib=args.n_calib, calib_len=args.calib_len, round_to=args.round_to,
-                                     **extra, **kw)
+                                     device=getattr(args, "device", None), **extra, **kw)
         print(report)
         print(f"saved to {args.out} (compressed layer by layer; reload with modelfold.load_pretrained)")
         return 0

@@ -82,7 +82,11 @@ def test_cli_compress_device(tmp_path, capsys, monkeypatch) -> None:
     capsys.readouterr()
     assert main([*args, "--device", "cuda", "--out", str(tmp_path / "c")]) == 2
     assert "cuda" in capsys.readouterr().err and not (tmp_path / "c").exists()
-    streamed = ["compress", str(src), "--ratio", "0.3", "--calibration", str(tmp_path / "ids.pt"), "--device", "cuda",
-                "--out", str(tmp_path / "d")]  # layer by layer: CPU only, said before any work
-    assert main(streamed) == 2
-    assert "--stream never" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    streamed = ["compress", str(src), "--ratio", "0.3", "--calibration", str(tmp_path / "ids.pt"), "--stream", "always"]
+    assert main([*streamed, "--out", str(tmp_path / "d")]) == 0  # layer by layer, on the CPU ...
+    assert main([*streamed, "--device", "cpu", "--out", str(tmp_path / "e")]) == 0  # ... the same with --device cpu
+    d, e = (modelfold.hf.load_pretrained(tmp_path / x).state_dict() for x in "de")
+    assert all(torch.equal(d[k], e[k]) for k in d)
+    capsys.readouterr()
+    assert main([*streamed, "--device", "cuda", "--out", str(tmp_path / "f")]) == 2  # no GPU: refused, nothing written
+    assert "cuda" in capsys.readouterr().err and not (tmp_path / "f").exists()
