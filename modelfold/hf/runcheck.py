@@ -146,12 +146,12 @@ def _real(v: Any, name: str, device: torch.device, dtype: torch.dtype, gen: torc
         if v.is_floating_point():
             if "mask" in name:
                 return torch.zeros(shape, dtype=dtype, device=device)
-            return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            return torch.randn(shape, generator=gen, device=gen.device).to(device=device, dtype=dtype)
         if v.dtype == torch.bool:
             return torch.ones(shape, dtype=torch.bool, device=device)
         if not shape:
             return torch.zeros((), dtype=v.dtype, device=device)
-        return torch.arange(shape[-1], dtype=v.dtype).expand(shape).contiguous().to(device)
+        return torch.arange(shape[-1], dtype=v.dtype, device=device).expand(shape).contiguous()
     if isinstance(v, tuple | list):
         return type(v)(_real(x, name, device, dtype, gen) for x in v)
     if isinstance(v, dict):

@@ -57,7 +57,7 @@ def test_no_tensor_is_created_on_the_default_device(family, kw, tmp_path):
     before = torch.get_default_device()
     torch.set_default_device("meta")
     try:
-        compress_checkpoint(src, tmp_path / "meta", calibration=ids, progress=False, device="cpu", verify=False, **kw)
+        compress_checkpoint(src, tmp_path / "meta", calibration=ids, progress=False, device="cpu", **kw)
     finally:
         torch.set_default_device(before)
     assert same(tensors(tmp_path / "ref"), tensors(tmp_path / "meta")) == []
