@@ -197,16 +197,26 @@ def save_row(path: Path, rec: dict) -> None:
         write_md(records)
 
 
+ORDER = ("original", "heads-q20", "inside-52", "inside-50", "heads-q25", "inside-48", "inside-48-theta", "inside-48-pca",
+         "inside-48-nols", "heads-g33", "inside-44", "inside-42", "qk-only-48", "qk-only-48-group", "vo-only-48",
+         "vo-only-32", "mlp-only", "heads-q25+mlp", "inside-48+mlp")
+
+
 def write_md(records: list) -> None:
     lines = ["# Attention inside the heads vs head selection (benchmarks/attention_inside.py)", "",
-             f"{SMOL}, self-generated calibration (8 x 512), perplexity on the evaluation windows of 512 tokens; "
-             "2 CPU cores shared with other work (load1 before/after each row).", "",
+             f"{SMOL}, self-generated calibration (8 x 512), perplexity on the 12 evaluation windows of 512 tokens. "
+             "One thread per run, 2 CPU cores shared with other work: load1 before/after each row; CPU s is this "
+             "process's. Rows marked (in memory only) keep the original shapes and count parameters as if "
+             "narrowed; no Llama config expresses them.", "",
              "| row | method | attention params removed | all params removed | perplexity | wall s | CPU s | load1 |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in records:
+    rank = {n: i for i, n in enumerate(ORDER)}
+    for r in sorted(records, key=lambda r: rank.get(r["row"], len(ORDER))):
+        wall, cpu = r.get("wall_seconds", "–"), r.get("cpu_seconds", "–")
+        if "mlp" in r:  # the attention step + the fixed MLP step
+            wall, cpu = f"{wall} + {r['mlp']['wall_seconds']}", f"{cpu} + {r['mlp']['cpu_seconds']}"
         lines.append(f"| {r['row']} | {r['method']} | {r['attention_sparsity']:.1%} | {r['param_sparsity']:.1%} | "
-                     f"{r['perplexity']} | {r.get('wall_seconds', '–')} | {r.get('cpu_seconds', '–')} | "
-                     f"{r.get('load1', '–')} |")
+                     f"{r['perplexity']} | {wall} | {cpu} | {r.get('load1', '–')} |")
     (OUT / "attention_inside.md").write_text("\n".join(lines) + "\n")
 
 
@@ -215,7 +225,11 @@ def main() -> None:
     p.add_argument("--rows", nargs="*", default=None)
     p.add_argument("--windows", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--md-only", action="store_true", help="rewrite the table from the JSON file")
     args = p.parse_args()
+    if args.md_only:
+        write_md(json.loads((OUT / "attention_inside.json").read_text()))
+        return
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
