@@ -47,11 +47,12 @@ OUT = Path(__file__).resolve().parent / "results"
 #: method -> (how, amount): "compress" = modelfold.compress (automatic per-layer budget: deci), "uniform" = the same
 #: with budget="uniform" (one FFN width: llama), "prune" = magnitude pruning of the MLPs at that parameter sparsity
 #: (one FFN width, seconds to make: the uniform shapes for the speed runs), "fold" = data-free fold of the MLPs
-#: at that ratio.
+#: at that ratio; "mlp95": 95% of every MLP's neurons pruned (not a usable model: the far point that pins down the
+#: per-token cost that does not shrink with the weights in deploy_speed.py's fit).
 METHODS = {"original": None, "compress10": ("compress", 0.10), "compress18": ("compress", 0.18),
            "compress30": ("compress", 0.30), "uniform10": ("uniform", 0.10), "uniform18": ("uniform", 0.18),
            "uniform30": ("uniform", 0.30), "prune10": ("prune", 0.10), "prune18": ("prune", 0.18),
-           "prune30": ("prune", 0.30), "fold30": ("fold", 0.30)}
+           "prune30": ("prune", 0.30), "fold30": ("fold", 0.30), "mlp95": ("prune_ratio", 0.95)}
 
 
 def smollm2() -> Path:
@@ -111,8 +112,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Path]:
             if kind in ("compress", "uniform"):
                 out = modelfold.compress(model, sparsity=amount, tokenizer=tok, seed=0, progress=True,
                                          budget="auto" if kind == "compress" else "uniform")
-            elif kind == "prune":
-                out = modelfold.prune(model, sparsity=amount, targets="mlp")
+            elif kind in ("prune", "prune_ratio"):
+                amt = {"sparsity": amount} if kind == "prune" else {"ratio": amount}
+                out = modelfold.prune(model, targets="mlp", **amt)
             else:
                 out = modelfold.fold(model, ratio=amount, targets="mlp", seed=0)
             print(f"{m}: {time.time() - t:.0f} s", flush=True)
@@ -228,8 +230,10 @@ def main() -> None:
         for t, path in files:
             arch = None
             if not t.endswith("(shipped)"):
-                info = mh.save_gguf(model, path, dtype=t, source=smollm2())
-                arch = info.arch
+                made = Path(dirs[m]) / ("config.json" if m != "original" else "")
+                if not path.is_file() or path.stat().st_mtime < made.stat().st_mtime:  # else written from it
+                    mh.save_gguf(model, path, dtype=t, source=smollm2())
+                arch = gguf_arch(path)
             rec = {"runtime": "llama.cpp", **common, "gguf_type": t, "gguf_arch": arch or "llama",
                    **run_worker("llama.cpp", path, args)}
             records.append(rec)
@@ -251,6 +255,12 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(table(records, meta))
     print(table(records, meta))
+
+
+def gguf_arch(path: Path) -> str:
+    import gguf
+
+    return gguf.GGUFReader(path).fields["general.architecture"].contents()
 
 
 def table(records: list[dict], meta: dict) -> str:

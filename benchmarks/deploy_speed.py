@@ -164,13 +164,24 @@ def summarize(res: dict, methods: list[str], files: dict, t: str, threads: int, 
         if i:
             s, sc = float(np.median(wall[i])), float(np.median(cpu[i]))
             rec.update(gen_speedup=round(s, 4), gen_speedup_q1_q3=[round(float(x), 4) for x in np.percentile(
-                wall[i], [25, 75])], gen_speedup_cpu=round(sc, 4), efficiency=round(s / red, 3),
-                efficiency_cpu=round(sc / red, 3), gain_share=round((s - 1) / (red - 1), 3),
-                meets_goal=bool(s >= 0.9 * red))
+                wall[i], [25, 75])], gen_speedup_cpu=round(sc, 4), gen_speedup_cpu_q1_q3=[
+                round(float(x), 4) for x in np.percentile(cpu[i], [25, 75])])
+            derive(rec)
         rec["fit_fixed_ms_per_token"], rec["fit_ms_per_mb"] = round(fixed, 3), round(per_mb, 5)
         rec["made_by"] = info[m]["made_by"]
         recs.append(rec)
     return recs
+
+
+def derive(rec: dict) -> None:
+    """The goal's numbers from the measured speed-ups. The verdict uses CPU time at 1 thread (on oversubscribed
+    cores a single thread's wall time mostly measures its share of the CPU) and wall time with more threads (CPU
+    time there also counts the waits at each operation's barrier)."""
+    red, s, sc = rec["bytes_reduction"], rec["gen_speedup"], rec["gen_speedup_cpu"]
+    basis = sc if rec["threads"] == 1 else s
+    rec.update(efficiency=round(s / red, 3), efficiency_cpu=round(sc / red, 3),
+               speedup_basis="cpu" if rec["threads"] == 1 else "wall", gain_share=round((basis - 1) / (red - 1), 3),
+               meets_goal=bool(basis >= 0.9 * red))
 
 
 def gguf_arch(path: Path) -> str:
@@ -192,37 +203,57 @@ def attach_quality(recs: list[dict], deploy_json: Path) -> None:
 
 
 def table(recs: list[dict], meta: dict) -> str:
-    lines = [f"SmolLM2-135M-Instruct in llama.cpp (llama-cpp-python {meta['llama_cpp']}), {meta['date']}, commit "
-             f"{meta['commit']}, {meta['cpus']} cores shared (load average 1 min during the runs: "
-             f"{meta['load1_range'][0]}-{meta['load1_range'][1]}), OMP_WAIT_POLICY={meta['omp_wait_policy']}; "
+    runs = "; ".join(f"{x['date']} at commit {x['commit']} (load average 1 min {x['load1_range'][0]}-"
+                     f"{x['load1_range'][1]})" for x in [*meta.get("earlier_runs", []), meta])
+    lines = [f"SmolLM2-135M-Instruct in llama.cpp (llama-cpp-python {meta['llama_cpp']}), {meta['cpus']} cores "
+             f"shared with other jobs; runs: {runs}; OMP_WAIT_POLICY={meta['omp_wait_policy']}; "
              f"{meta['gen']} tokens decoded per run, {meta['reps']} interleaved repetitions (O C O C ... O), "
              "speed-up = median over repetitions of tokens/s over the original runs around it.\n",
-             "| type | threads | method | arch | params removed | weight MB | bytes reduction | gen tok/s | "
-             "gen speed-up (q1-q3) | speed-up by CPU time | efficiency (goal >= 0.9) | gain share | ppl | load |",
-             "|" + "---|" * 14]
+             "Efficiency = speed-up / bytes reduction, the goal is >= 0.9: by CPU time at 1 thread, by wall time with "
+             "2 threads (the bold one decides); gain share = (speed-up - 1) / (bytes reduction - 1), same basis.\n",
+             "| type | threads | method | arch | params removed | weight MB | bytes reduction | gen tok/s (wall) | "
+             "gen tok / CPU s | speed-up wall (q1-q3) | speed-up CPU time (q1-q3) | efficiency CPU / wall | "
+             "gain share | ppl | load |", "|" + "---|" * 15]
     for r in recs:
         sp = eff = share = cpu = ""
         if r["method"] != "original":
-            q = r["gen_speedup_q1_q3"]
+            derive(r)
+            q, qc = r["gen_speedup_q1_q3"], r.get("gen_speedup_cpu_q1_q3", [float("nan")] * 2)
             sp = f"{r['gen_speedup']:.2f}x ({q[0]:.2f}-{q[1]:.2f})"
-            cpu = f"{r['gen_speedup_cpu']:.2f}x"
-            eff = f"{r['efficiency']:.2f}" + ("" if r["meets_goal"] else " (miss)")
+            cpu = f"{r['gen_speedup_cpu']:.2f}x ({qc[0]:.2f}-{qc[1]:.2f})"
+            e = [f"{r['efficiency_cpu']:.2f}", f"{r['efficiency']:.2f}"]
+            e[r["speedup_basis"] == "wall"] = f"**{e[r['speedup_basis'] == 'wall']}**"
+            eff = " / ".join(e) + ("" if r["meets_goal"] else " (miss)")
             share = f"{r['gain_share']:.2f}"
         ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else ""
         ld = r["load1_min_median_max"]
         lines.append(f"| {r['gguf_type']} | {r['threads']} | {r['method']} | {r['gguf_arch']} | "
                      f"{r['param_sparsity']:.1%} | {r['weight_bytes'] / 1e6:.1f} | {r['bytes_reduction']:.3f}x | "
-                     f"{r['gen_tokens_per_s']:.1f} | {sp} | {cpu} | {eff} | {share} | {ppl} | {ld[0]}-{ld[2]} |")
-    fits = {(r["gguf_type"], r["threads"]): r for r in recs}
-    lines += ["", "Seconds per generated token fitted as fixed + per MB of weights (wall time at 2 threads, CPU "
-              "time at 1 thread):", "", "| type | threads | fixed ms/token | ms per MB | fixed share of the "
-              "original's token |", "|---|---|---|---|---|"]
-    for (t, th), r in fits.items():
-        o = next(x for x in recs if x["gguf_type"] == t and x["threads"] == th and x["method"] == "original")
-        ms = 1e3 / (o["gen_tokens_per_cpu_s"] if th == 1 else o["gen_tokens_per_s"])
-        lines.append(f"| {t} | {th} | {r['fit_fixed_ms_per_token']:.2f} | {r['fit_ms_per_mb']:.4f} | "
-                     f"{r['fit_fixed_ms_per_token'] / ms:.0%} |")
+                     f"{r['gen_tokens_per_s']:.1f} | {r['gen_tokens_per_cpu_s']:.1f} | {sp} | {cpu} | {eff} | {share} | "
+                     f"{ppl} | {ld[0]}-{ld[2]} |")
+    lines += ["", "Seconds per generated token fitted as fixed + per MB of weights (CPU time at 1 thread, wall time "
+              "at 2), per run (the models measured together) and over all runs:", "",
+              "| type | threads | run | fixed ms/token | ms per MB | fixed share of the original's token |",
+              "|---|---|---|---|---|---|"]
+    for t, th in dict.fromkeys((r["gguf_type"], r["threads"]) for r in recs):
+        rs = [r for r in recs if r["gguf_type"] == t and r["threads"] == th]
+        rate = "gen_tokens_per_cpu_s" if th == 1 else "gen_tokens_per_s"
+        o_ms = 1e3 / float(np.mean([r[rate] for r in rs if r["method"] == "original"]))
+        fits = {r["run"]: (r["fit_fixed_ms_per_token"], r["fit_ms_per_mb"]) for r in rs}
+        if len(fits) > 1:
+            fits["all"] = fit_fixed([1 / r[rate] for r in rs], [r["weight_bytes"] for r in rs])
+        for run, (fixed, per_mb) in fits.items():
+            lines.append(f"| {t} | {th} | {run} | {fixed:.2f} | {per_mb:.4f} | {fixed / o_ms:.0%} |")
     return "\n".join(lines) + "\n"
+
+
+def merge(old: dict, recs: list[dict], raw: list[dict], m: dict) -> tuple[list[dict], list[dict], dict]:
+    """``old`` (an earlier output) with this run's records: a compressed model measured now replaces its old
+    record; the originals of both runs stay (each run's speed-ups are relative to its own original runs)."""
+    new = {(r["method"], r["gguf_type"], r["threads"]) for r in recs if r["method"] != "original"}
+    keep = [r for r in old["records"] if (r["method"], r["gguf_type"], r["threads"]) not in new]
+    recs = sorted(keep + recs, key=lambda r: (r["gguf_type"], r["threads"], r["run"], r["bytes_reduction"]))
+    return recs, old["runs"] + raw, {**m, "earlier_runs": old["meta"].get("earlier_runs", []) + [old["meta"]]}
 
 
 def main() -> None:
@@ -238,12 +269,28 @@ def main() -> None:
     ap.add_argument("--omp-active", action="store_true", help="leave OpenMP's default (spinning) wait policy")
     ap.add_argument("--append", action="store_true", help="keep the records of --out that this run does not "
                     "measure (each compressed model's speed-up is relative to the original runs of its own run)")
+    ap.add_argument("--merge-from", metavar="JSON", help="measure nothing: merge that output of an earlier run into "
+                    "--out (as --append would have) and rewrite the tables")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         prompt = [int(x) for x in np.load(args.prompt_file)]
         print(json.dumps(worker(args.worker, prompt, args.threads[0], args.reps, args.seed)))
+        return
+    if args.merge_from:
+        new = json.loads(Path(args.merge_from).read_text())
+        recs, raw, m = merge(json.loads(Path(args.out).read_text()), new["records"], new["runs"], new["meta"])
+        for x in raw:  # quartiles of the CPU-time speed-ups (records of older versions of this script lack them)
+            cpu = ratios(x["runs"], "cpu_s")
+            for r in recs:
+                if r["gguf_type"] == x["gguf_type"] and r["threads"] == x["threads"] and r["method"] in x[
+                        "methods"][1:] and x["methods"].index(r["method"]) in cpu:
+                    r["gen_speedup_cpu_q1_q3"] = [round(float(v), 4) for v in np.percentile(
+                        cpu[x["methods"].index(r["method"])], [25, 75])]
+        Path(args.out).write_text(json.dumps({"meta": m, "records": recs, "runs": raw}, indent=1) + "\n")
+        Path(args.out).with_suffix(".md").write_text(table(recs, m))
+        print(table(recs, m))
         return
     import llama_cpp
 
@@ -268,12 +315,7 @@ def main() -> None:
     for r in recs:
         r["run"] = m["date"]
     if args.append and Path(args.out).is_file():
-        old = json.loads(Path(args.out).read_text())
-        new = {(r["method"], r["gguf_type"], r["threads"]) for r in recs if r["method"] != "original"}
-        keep = [r for r in old["records"] if (r["method"], r["gguf_type"], r["threads"]) not in new]
-        recs = sorted(keep + recs, key=lambda r: (r["gguf_type"], r["threads"], r["run"] != m["date"],
-                                                  r["bytes_reduction"]))
-        raw, m = old["runs"] + raw, {**m, "earlier_runs": old["meta"].get("earlier_runs", []) + [old["meta"]]}
+        recs, raw, m = merge(json.loads(Path(args.out).read_text()), recs, raw, m)
     Path(args.out).write_text(json.dumps({"meta": m, "records": recs, "runs": raw}, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(table(recs, m))
     print(table(recs, m))
