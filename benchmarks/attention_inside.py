@@ -188,8 +188,9 @@ def mlp_first(model, ids):
 def save_row(path: Path, rec: dict) -> None:
     """Merge ``rec`` into the JSON file under a lock (several invocations may run side by side)."""
     import fcntl
+    import tempfile
 
-    with open(path.with_suffix(".lock"), "w") as lock:
+    with open(Path(tempfile.gettempdir()) / "modelfold-attention_inside.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         records = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["row"] != rec["row"]]
         records.append(rec)
