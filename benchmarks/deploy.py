@@ -266,7 +266,11 @@ def gguf_arch(path: Path) -> str:
 def table(records: list[dict], meta: dict) -> str:
     base = {(r["runtime"], r["gguf_type"]): r for r in records if r["method"] == "original"}
     lines = [f"SmolLM2-135M-Instruct, {meta['threads']} threads, {meta['windows']} windows of 512 tokens, "
-             f"{meta['date']}, load average at the end {meta['load_avg_end']}\n",
+             f"{meta['date']}, load average at the end {meta['load_avg_end']}"
+             + "".join(f"; rows of methods not run then: {x['date']} (load at the end {x['load_avg_end']})"
+                       for x in meta.get("earlier_runs", [])) + ". Generation speed-ups here compare runs "
+             "made at different moments of a shared machine: benchmarks/deploy_speed.py measures them "
+             "interleaved\n",
              "| runtime | method | type | arch | sparsity | weight MB | ppl | pp tok/s | gen tok/s | gen speed-up / "
              "bytes ratio | peak RSS GiB | load |", "|" + "---|" * 12]
     for r in records:

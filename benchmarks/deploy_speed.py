@@ -27,6 +27,7 @@ Writes benchmarks/results/deploy_speed.{json,md} (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -144,11 +145,10 @@ def model_info(methods: list[str], cache: Path) -> dict[str, dict]:
 
 def summarize(res: dict, methods: list[str], files: dict, t: str, threads: int, info: dict, gen: int) -> list[dict]:
     """One record per model of one (type, threads) worker: median tokens/s, interleaved speed-ups, the goal."""
-    from modelfold.evaluate import llamacpp as lc
 
     runs = res["runs"]
     wall, cpu = ratios(runs, "wall_s"), ratios(runs, "cpu_s")
-    wb = [lc.weight_bytes(files[m, t]) for m in methods]
+    wb = [weight_bytes(files[m, t]) for m in methods]
     sec = [float(np.median([r["wall_s"] for r in runs if r["model"] == i])) / gen for i in range(len(methods))]
     sec_cpu = [float(np.median([r["cpu_s"] for r in runs if r["model"] == i])) / gen for i in range(len(methods))]
     fixed, per_mb = fit_fixed(sec_cpu if threads == 1 else sec, wb)
@@ -184,6 +184,15 @@ def derive(rec: dict) -> None:
                meets_goal=bool(basis >= 0.9 * red))
 
 
+@functools.cache
+def weight_bytes(path: Path) -> int:
+    """``llamacpp.weight_bytes``, once per file (parsing SmolLM2's 49k-token vocabulary takes seconds of CPU)."""
+    from modelfold.evaluate import llamacpp as lc
+
+    return lc.weight_bytes(path)
+
+
+@functools.cache
 def gguf_arch(path: Path) -> str:
     import gguf
 
@@ -239,7 +248,7 @@ def table(recs: list[dict], meta: dict) -> str:
         rs = [r for r in recs if r["gguf_type"] == t and r["threads"] == th]
         rate = "gen_tokens_per_cpu_s" if th == 1 else "gen_tokens_per_s"
         o_ms = 1e3 / float(np.mean([r[rate] for r in rs if r["method"] == "original"]))
-        fits = {r["run"]: (r["fit_fixed_ms_per_token"], r["fit_ms_per_mb"]) for r in rs}
+        fits = {r.get("run", "this run"): (r["fit_fixed_ms_per_token"], r["fit_ms_per_mb"]) for r in rs}
         if len(fits) > 1:
             fits["all"] = fit_fixed([1 / r[rate] for r in rs], [r["weight_bytes"] for r in rs])
         for run, (fixed, per_mb) in fits.items():
