@@ -82,7 +82,7 @@ def one(row: str, sparsity: float, seed: int, threads: int | None = None) -> dic
     return {"model": "mobilenet_v2_imagenet", "method": "compress (calibrated selection + LS, automatic budget)",
             "calibration": "self", "row": row, "options": {k: v for k, v in opts.items() if k.startswith("budget_")},
             "self_batch": settings.get("batch"), "self_iters": settings.get("iters"),
-            "self_shape": info.get("self_shape"), "seed": seed, "target_sparsity": sparsity,
+            "self_shape": info.get("self_shape"), "self_source": info.get("self_source"), "seed": seed, "target_sparsity": sparsity,
             "param_sparsity": round(rep.param_sparsity, 5), **{k: round(v, 4) for k, v in compare(ref, logits(out, x)).items()},
             "eval_images": len(x), "total_seconds": round(wall, 1),
             "cpu_seconds": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1),
@@ -99,6 +99,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         shape = r.get("self_shape") or ["?"]
         note = (" (default)" if r["row"].startswith("default") else "") + "".join(f" +{k}" for k in r.get("options", {}))
+        note += " (cached batch: no synthesis)" if r.get("self_source") == "cache" else ""
         lines.append(f"| {r['self_batch']} x {r['self_iters']} x {shape[-1]}{note} "
                      f"| {r['param_sparsity']:.1%} | {r['agreement']:.1%} | {r['kl']:.3f} | {r['total_seconds']:.0f} "
                      f"| {r['cpu_seconds']:.0f} | {r['synthesis_seconds']:.0f} | {r['budget_seconds']:.0f} "
@@ -113,7 +114,7 @@ def write(records: list[dict], out: Path) -> None:
     tmp.replace(out)
     md = ["# MobileNetV2 (ImageNet): self-calibration batch size and resolution", "",
           "`benchmarks/cnn_self_batch.py`: `modelfold.compress(mobilenet_v2, torch.zeros(1, 3, 224, 224), "
-          "sparsity=s)` without data, one fresh process per row, nothing cached. Agreement: top-1 agreement "
+          "sparsity=s)` without data, one fresh process per row, nothing cached unless the row says so. Agreement: top-1 agreement "
           "with the original on 140 held-out crops (benchmarks/mobilenet.py). Wall and CPU seconds "
           "(getrusage) on the shared 2-core machine: load1 is the 1-minute load average during the row.", ""]
     for s in sorted({r["target_sparsity"] for r in records}):
@@ -129,6 +130,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "cnn_self_batch.json")
     ap.add_argument("--threads", type=int, help="torch threads per row (default: torch's)")
+    ap.add_argument("--cache", type=Path, help="a kept $MODELFOLD_CACHE (default: a new empty one per row); a row "
+                    "whose batch is found there records self_source 'cache' and no synthesis cost")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -139,7 +142,8 @@ def main() -> None:
     for row in args.rows:
         if (row, args.sparsity, args.seed) in done:
             continue
-        with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = str(args.cache) if args.cache else tmp
             env = {**os.environ, "MODELFOLD_CACHE": cache, "PYTHONPATH": str(REPO),
                    # the tracer's wall-clock bound (300 s per step) fires on a machine this loaded: off
                    "MODELFOLD_TRACE_TIMEOUT": os.environ.get("MODELFOLD_TRACE_TIMEOUT", "0")}

@@ -24,7 +24,7 @@ from ..repair.stats import BN_TYPES, as_batches
 SOURCES = ("self",)
 # The default self batch: images x optimisation steps, synthesized with the shorter side at most ``side``
 # pixels where the model takes smaller images (fully convolutional); measured in benchmarks/cnn_self_batch.py.
-SELF_DEFAULTS = {"batch": 32, "iters": 50, "side": 112}
+SELF_DEFAULTS = {"batch": 16, "iters": 25, "side": 112}
 
 
 def default_self_shape(model: nn.Module, example_inputs: torch.Tensor, side: int | None = None) -> tuple[int, ...]:
