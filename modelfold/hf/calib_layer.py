@@ -96,13 +96,14 @@ def refit_columns(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch
 
 def compress_mlp(spec: MLPSpec, k: int, h: torch.Tensor, opts: CalibOptions,
                  rerun: Callable[[], torch.Tensor] | None = None, target: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None) -> float:
+                 scale: torch.Tensor | None = None, g: torch.Tensor | None = None) -> float:
     """Keep ``k`` neurons of the MLP whose consumer inputs on the calibration set are ``h`` (N, n).
 
     ``rerun`` recomputes the consumer's inputs after the producers changed (needed by "fold").
     ``target`` (N, d): the outputs the least-squares refit aims at (default: the consumer's own
     outputs on ``h``; feedback passes what the original model's residual stream needs).
     ``scale`` (N,): per-row weights (square roots), so every sum over samples is a weighted one.
+    ``g``: the Gram matrix of the (weighted) ``h`` when the consumer has no bias, if already computed.
     Returns the relative output error of the MLP on the calibration activations.
     """
     cons = get(spec.consumer)
@@ -113,7 +114,7 @@ def compress_mlp(spec: MLPSpec, k: int, h: torch.Tensor, opts: CalibOptions,
         h = h * scale[:, None].to(h.dtype)
         target = None if target is None else target * scale[:, None].to(target.dtype)
     stats = FeatureStats.of(h)
-    g = gram(h, bias is not None, scale)
+    g = gram(h, bias is not None, scale) if g is None or bias is not None else g
     n = spec.width
     if opts.method == "select":
         keep = torch.sort(torch.topk(unit_importance(opts.score, stats, w, g, 1, opts.lam, bias, k), k).indices).values

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..calib.capture import module_call
 from ..checks import kept_width
 from ..device import model_device
 from ..errors import UnsupportedModelError
@@ -26,6 +25,10 @@ from .adapters import Adapter
 from .adapters.base import MLPSpec
 from .adapters.refs import hook_module
 from .calib_layer import CalibOptions, compress_attention, compress_mlp
+
+
+class _Caught(Exception):
+    pass
 
 
 def layer_mlp(adapter: Adapter, model: nn.Module, i: int) -> MLPSpec:
@@ -51,19 +54,27 @@ def capture(model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: 
     """Inputs of block 0 for each micro-batch of ``ids`` (the model runs only up to block 0)."""
     first = adapter.layers(model)[0]
     ids = ids.to(model_device(model))  # token ids made on the CPU, model wherever it is
-    xs, kws = [], []
-    with torch.no_grad():
-        for s in range(0, ids.shape[0], micro_batch):
-            call = module_call(first, lambda s=s: model(input_ids=ids[s:s + micro_batch], use_cache=False))
-            if call is None:
-                continue
-            args, kw = call
-            x = args[0] if args else kw.pop("hidden_states")
-            if len(args) > 1:  # positional extras (BERT's attention mask in some versions)
-                kw["__args__"] = args[1:]
-            xs.append(x.detach())
-            kws.append(kw)
-    return BlockInputs(xs, kws)
+    got: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.pop("hidden_states")
+        kw = dict(kwargs)
+        if len(args) > 1:  # positional extras (BERT's attention mask in some versions)
+            kw["__args__"] = args[1:]
+        got.append((x.detach(), kw))
+        raise _Caught
+
+    h = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for s in range(0, ids.shape[0], micro_batch):
+                try:
+                    model(input_ids=ids[s:s + micro_batch], use_cache=False)
+                except _Caught:
+                    pass
+    finally:
+        h.remove()
+    return BlockInputs([x for x, _ in got], [kw for _, kw in got])
 
 
 def _call(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -92,6 +103,7 @@ class Seen:
     acts: dict[str, torch.Tensor]  # (N, features) inputs of the watched modules
     sums: torch.Tensor | None = None  # (N, d) residual + MLP output (``sum_point``), when asked for
     out: BlockInputs | None = None  # the block's outputs (the next block's inputs), when asked for
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # Gram matrices of the weighted acts, if made
 
 
 def _flat(t: Any) -> torch.Tensor:
@@ -241,8 +253,9 @@ class Calibrated:
             out.append(GroupReport(aspec.name, aspec.names, before, after,
                                    "pruned" if after < before else "kept", "", err))
         if mlp:
-            h = seen.acts["c"] if not attn and "c" in seen.acts else \
-                record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
+            given = not attn and "c" in seen.acts
+            h = seen.acts["c"] if given else record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
+            gc = seen.grams.get("c") if given and goal is None else None
             del seen
 
             def rerun() -> torch.Tensor:
@@ -253,7 +266,7 @@ class Calibrated:
                 s_c, z_c = sum_point(block, self.inputs, adapter.mlp_sum(work, i), hook_module(spec.consumer))
                 target = goal - (s_c - z_c)  # what the consumer must add to land on the original's sum
                 del s_c, z_c
-            err = compress_mlp(spec, k, h, self.opts, rerun, target, scale)
+            err = compress_mlp(spec, k, h, self.opts, rerun, target, scale, gc)
             out.append(GroupReport(spec.name, spec.member_names(), n, k,
                                    "folded" if self.opts.method == "fold" else "pruned", "", err))
         if self.carry:

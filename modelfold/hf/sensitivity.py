@@ -23,7 +23,7 @@ from ..report import count_params
 from .adapters import Adapter
 from .adapters.refs import get, hook_module
 from .attention import resolve_mode, units_k
-from .calib_layer import CalibOptions, attention_units, choose_heads, gram
+from .calib_layer import CalibOptions, attention_units, choose_heads, gram, refit_columns
 from .calibrated import BlockInputs, Calibrated, Seen, capture, layer_mlp, observe, run_block, scale_of
 from .plan import Plan, parse_targets
 from .sizing import attention_removed, mlp_removed
@@ -31,12 +31,15 @@ from .sizing import attention_removed, mlp_removed
 RATIO_GRID = tuple(round(0.05 * i, 2) for i in range(17))  # 0 .. 0.8
 
 
-def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:
+def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float],
+               grams: dict | None = None) -> list:
+    """Error at each ratio of ``grid`` (one refit each); ``grams["c"]`` receives the Gram matrix."""
     grid = list(grid)
-    cons = get(spec.consumer)
-    w = cons.weight.detach()
+    w = get(spec.consumer).weight.detach()
     stats = FeatureStats.of(h)
     g = gram(h, False)
+    if grams is not None:
+        grams["c"] = g
     least = max(1, round(spec.width * (1.0 - max(grid))))
     order = torch.argsort(unit_importance(opts.score, stats, w, g, 1, opts.lam, keep=least), descending=True)
     n = spec.width
@@ -47,10 +50,7 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
             curve.append((0.0, 0.0, 0.0))
             continue
         keep = torch.sort(order[:k]).values
-        opts_nb = opts
-        from .calib_layer import refit_columns
-
-        new_w, _ = refit_columns(w, None, g, keep, opts_nb, stats)
+        new_w, _ = refit_columns(w, None, g, keep, opts, stats)
         err = output_error(w, g, new_w, g[keep][:, keep], g[keep])
         curve.append((r, float(mlp_removed(spec, r, opts.round_to)), err / energy))
     return curve
@@ -145,7 +145,7 @@ class Sensitivity:
             self.total = count_params(model)  # every tensor (meta ones too): what sparsity= is a fraction of
         if "c" in acts:
             spec = layer_mlp(adapter, model, i)
-            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["c"], self.opts, energy, self.grid)
+            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["c"], self.opts, energy, self.grid, seen.grams)
             self.levels[f"{i}:mlp"] = _levels(spec.width, lambda r: mlp_removed(spec, r, self.opts.round_to),
                                               max(self.grid))
         if "o" in acts:
