@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..calib.capture import module_call
 from ..checks import kept_width
 from ..device import model_device
 from ..errors import UnsupportedModelError
@@ -25,10 +26,6 @@ from .adapters import Adapter
 from .adapters.base import MLPSpec
 from .adapters.refs import hook_module
 from .calib_layer import CalibOptions, compress_attention, compress_mlp
-
-
-class _Caught(Exception):
-    pass
 
 
 def layer_mlp(adapter: Adapter, model: nn.Module, i: int) -> MLPSpec:
@@ -54,27 +51,19 @@ def capture(model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: 
     """Inputs of block 0 for each micro-batch of ``ids`` (the model runs only up to block 0)."""
     first = adapter.layers(model)[0]
     ids = ids.to(model_device(model))  # token ids made on the CPU, model wherever it is
-    got: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.pop("hidden_states")
-        kw = dict(kwargs)
-        if len(args) > 1:  # positional extras (BERT's attention mask in some versions)
-            kw["__args__"] = args[1:]
-        got.append((x.detach(), kw))
-        raise _Caught
-
-    h = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for s in range(0, ids.shape[0], micro_batch):
-                try:
-                    model(input_ids=ids[s:s + micro_batch], use_cache=False)
-                except _Caught:
-                    pass
-    finally:
-        h.remove()
-    return BlockInputs([x for x, _ in got], [kw for _, kw in got])
+    xs, kws = [], []
+    with torch.no_grad():
+        for s in range(0, ids.shape[0], micro_batch):
+            call = module_call(first, lambda s=s: model(input_ids=ids[s:s + micro_batch], use_cache=False))
+            if call is None:
+                continue
+            args, kw = call
+            x = args[0] if args else kw.pop("hidden_states")
+            if len(args) > 1:  # positional extras (BERT's attention mask in some versions)
+                kw["__args__"] = args[1:]
+            xs.append(x.detach())
+            kws.append(kw)
+    return BlockInputs(xs, kws)
 
 
 def _call(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
