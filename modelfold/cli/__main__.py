@@ -4,4 +4,5 @@ import sys
 
 from .commands import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (e.g. pkgutil.walk_packages) runs nothing
+    sys.exit(main())
