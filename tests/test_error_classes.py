@@ -18,6 +18,9 @@ INTERNAL = {
     # UnsupportedModelError, so it never reaches the user. It must not subclass ModelFoldError: code
     # inside the bounded block that catches ModelFoldError would swallow the stop signal.
     "modelfold.bounds.BoundExceeded",
+    # raised by a forward hook to end a calibration forward early (calib/capture.py) and caught right there
+    # by run_stopped; it never reaches the user, and must not be caught as a ModelFoldError on the way.
+    "modelfold.calib.capture.StopForward",
 }
 
 
