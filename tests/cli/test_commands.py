@@ -169,7 +169,7 @@ def test_no_verify_reaches_every_path(tmp_path, monkeypatch, capsys) -> None:
     torch.manual_seed(0)
     torch.save(randomize_bn(ResNetish(8)).eval(), tmp_path / "m.pt")
     pytest.importorskip("transformers")
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "hf"))
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "hf"))
     from hf_models import make_model
 
     make_model("llama").save_pretrained(tmp_path / "llama")
