@@ -23,7 +23,7 @@ from ..report import count_params
 from .adapters import Adapter
 from .adapters.refs import get, hook_module
 from .attention import resolve_mode, units_k
-from .calib_layer import CalibOptions, attention_units, choose_heads, gram, refit_columns
+from .calib_layer import CalibOptions, attention_units, choose_heads, gram
 from .calibrated import BlockInputs, Calibrated, Seen, capture, layer_mlp, observe, run_block, scale_of
 from .plan import Plan, parse_targets
 from .sizing import attention_removed, mlp_removed
@@ -33,7 +33,7 @@ RATIO_GRID = tuple(round(0.05 * i, 2) for i in range(17))  # 0 .. 0.8
 
 def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float],
                grams: dict | None = None) -> list:
-    """Error at each ratio of ``grid`` (one refit each); ``grams["c"]`` receives the Gram matrix."""
+    """Error at each ratio of ``grid`` (see :func:`nested_errors`); ``grams["c"]`` receives the Gram matrix."""
     grid = list(grid)
     w = get(spec.consumer).weight.detach()
     stats = FeatureStats.of(h)
@@ -43,17 +43,49 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
     least = max(1, round(spec.width * (1.0 - max(grid))))
     order = torch.argsort(unit_importance(opts.score, stats, w, g, 1, opts.lam, keep=least), descending=True)
     n = spec.width
+    ks = {r: kept_width(n, r, opts.round_to) for r in grid}
+    errs = nested_errors(w, g, order, opts.lam, ks.values())
     curve = []
     for r in grid:
-        k = kept_width(n, r, opts.round_to)
+        k = ks[r]
         if k >= n:
             curve.append((0.0, 0.0, 0.0))
             continue
-        keep = torch.sort(order[:k]).values
-        new_w, _ = refit_columns(w, None, g, keep, opts, stats)
-        err = output_error(w, g, new_w, g[keep][:, keep], g[keep])
-        curve.append((r, float(mlp_removed(spec, r, opts.round_to)), err / energy))
+        curve.append((r, float(mlp_removed(spec, r, opts.round_to)), errs[k] / energy))
     return curve
+
+
+def nested_errors(weight: torch.Tensor, g: torch.Tensor, order: torch.Tensor, lam: float,
+                  ks: Iterable[int]) -> dict[int, float]:
+    """{k: e_k} for the widths ``ks``: e_k = J_k - J_n, J_k = min over W' of ||H W^T - H_k W'^T||^2 + reg ||W'||^2 the
+    least-squares (ridge) objective of the consumer ``weight`` (d, n) refitted to read only the first ``k``
+    features of ``order``; ``g`` = H^T H (n, n), reg = ``lam`` x the mean diagonal of ``g``. So e_k is
+    the output error the removal adds, the ridge's own share (reg ||W'||^2, about the same at every k)
+    taken out; e_n = 0.
+
+    Every e_k from one Cholesky factorisation: with the features in ``order``, L L^T = G + reg I and
+    Y = L^-1 G W^T, the leading k x k block of L is the factor of the first k features and the first k
+    rows of Y are their solve, so J_k = tr(W G W^T) - ||Y[:k]||^2: one O(n^3) step where a refit per
+    ratio took one each (SmolLM2, one MLP: 4.7 s -> 0.8 s of CPU; errors within 4% of the per-ratio
+    refits, whose ridge was relative to the kept features' mean diagonal), and monotone in k."""
+    gd = g.double()
+    w = weight.double()
+    n = gd.shape[0]
+    reg = lam * float(torch.diagonal(gd).mean().clamp_min(1e-12))
+    gp = gd[order][:, order]
+    diag = torch.arange(n, device=gd.device)
+    gp[diag, diag] += reg
+    chol, info = torch.linalg.cholesky_ex(gp)
+    gw = (gd @ w.T)[order]  # (n, d)
+    ks = sorted({min(max(int(k), 0), n) for k in ks} | {n})
+    if int(info) != 0:  # not positive definite even with the ridge: one solve per width
+        explained = {k: float((gw[:k] * torch.linalg.lstsq(gp[:k, :k], gw[:k]).solution).sum()) if k else 0.0
+                     for k in ks}
+    else:
+        y = torch.linalg.solve_triangular(chol, gw, upper=False)
+        cum = torch.cat([torch.zeros(1, dtype=y.dtype, device=y.device), y.pow(2).sum(1).cumsum(0)])
+        explained = {k: float(cum[k]) for k in ks}
+    return {k: max(explained[n] - e, 0.0) for k, e in explained.items()}
 
 
 def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:

@@ -178,3 +178,28 @@ def test_calibration_errors():
         compress_model(make_model("bert"), ratio=0.3, calibration="self")
     with pytest.raises(CalibrationError, match="not understood"):
         compress_model(m, ratio=0.3, calibration=3)
+
+
+def test_nested_errors_are_the_ridge_refits_errors():
+    """One Cholesky for every width: e_k = J_k - J_n, J_k the ridge objective of a refit reading the first
+    k features of the order, as a direct solve per width gives it."""
+    from modelfold.hf.sensitivity import nested_errors
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(200, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen,
+                                                                               dtype=torch.float64)
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    g = h.T @ h
+    order = torch.randperm(12, generator=gen)
+    lam = 1e-3
+    reg = lam * float(torch.diagonal(g).mean())
+
+    def objective(k: int) -> float:
+        hk = h[:, order[:k]]
+        x = torch.linalg.solve(hk.T @ hk + reg * torch.eye(k, dtype=h.dtype), hk.T @ (h @ w.T))
+        return float(((hk @ x - h @ w.T) ** 2).sum() + reg * (x ** 2).sum())
+
+    got = nested_errors(w, g, order, lam, [3, 7, 12])
+    for k in (3, 7):
+        assert got[k] == pytest.approx(objective(k) - objective(12), rel=1e-9)
+    assert got[12] == 0.0 and got[3] > got[7] > 0
