@@ -103,7 +103,7 @@ def hf_cases(tmp: Path) -> dict[str, Callable[[], dict]]:
     import transformers as T
 
     from modelfold import hf
-    from modelfold.hf.stream_calib import compress_checkpoint
+    from modelfold.hf.checkpoint import compress_checkpoint
 
     def llama(layers: int = 4) -> torch.nn.Module:
         torch.manual_seed(0)

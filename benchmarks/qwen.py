@@ -76,7 +76,7 @@ def windows_and_calib(args) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation windows, and real calibration ids from the articles none of them touches."""
     from transformers import AutoConfig
 
-    from modelfold.calib.data import text_ids
+    from modelfold.hf.calib.data import text_ids
     from modelfold.evaluate import text as ev
 
     tok = tokenizer()

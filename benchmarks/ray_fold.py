@@ -41,7 +41,7 @@ LAYER_SHAPES = {"tinyllama-1.1b": (2048, 5632), "llama-7b": (4096, 11008), "llam
 def make_checkpoint(path: Path, layers: int) -> int:
     import transformers
 
-    from modelfold.hf.stream import ShardWriter, skeleton
+    from modelfold.hf.checkpoint import ShardWriter, skeleton
 
     cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=2048, intermediate_size=5632,
                                    num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
@@ -59,7 +59,7 @@ def make_checkpoint(path: Path, layers: int) -> int:
 
 def child_fold(mode: str, src: str, dst: str) -> dict:
     torch.set_num_threads(1)
-    from modelfold.hf.stream import fold_checkpoint
+    from modelfold.hf.checkpoint import fold_checkpoint
 
     rec: dict = {"ray_init_seconds": 0.0}
     if mode.startswith("ray-"):
@@ -107,7 +107,7 @@ def spawn(args: list[str]) -> dict:
 
 
 def same(a: Path, b: Path) -> bool:
-    from modelfold.hf.stream import ShardReader
+    from modelfold.hf.checkpoint import ShardReader
 
     ra, rb = ShardReader(a), ShardReader(b)
     return set(ra.keys()) == set(rb.keys()) and all(torch.equal(ra.get(k), rb.get(k)) for k in ra.keys())

@@ -48,7 +48,7 @@ def make_checkpoint(path: Path, a: argparse.Namespace) -> int:
     """Write a random bf16 Llama checkpoint of the given shape, one tensor at a time; returns bytes."""
     import transformers
 
-    from modelfold.hf.stream import ShardWriter, skeleton
+    from modelfold.hf.checkpoint import ShardWriter, skeleton
 
     cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
                                    num_hidden_layers=a.layers, num_attention_heads=a.heads,
@@ -78,7 +78,7 @@ def _written() -> int | None:
 def child(mode: str, src: str, dst: str, ratio: float, targets: str, threads: int) -> None:
     torch.set_num_threads(threads)
     import modelfold.hf as mh
-    from modelfold.hf.stream import fold_checkpoint
+    from modelfold.hf.checkpoint import fold_checkpoint
 
     t0 = time.perf_counter()
     info = {}
@@ -139,7 +139,7 @@ def run(mode: str, src: Path, dst: Path, a: argparse.Namespace, cap: int | None)
 
 
 def same_outputs(a: Path, b: Path) -> bool:
-    from modelfold.hf.stream import ShardReader
+    from modelfold.hf.checkpoint import ShardReader
 
     ra, rb = ShardReader(a), ShardReader(b)
     if set(ra.keys()) != set(rb.keys()):
@@ -178,7 +178,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="stream_fold-", dir=a.workdir))
     t0 = time.perf_counter()
     if a.src and Path(a.src).exists():
-        from modelfold.hf.stream import checkpoint_bytes
+        from modelfold.hf.checkpoint import checkpoint_bytes
 
         src, size = Path(a.src), checkpoint_bytes(a.src)
     elif a.src:  # written there and kept for later runs

@@ -378,7 +378,7 @@ CASES += [
 
 
 def _compress_checkpoint(work: Path, src: Path, dst: Path, **kw: Any) -> Any:
-    from modelfold.hf.stream_calib import compress_checkpoint
+    from modelfold.hf.checkpoint import compress_checkpoint
 
     return compress_checkpoint(src, dst, calibration=_ids(work), progress=False, **kw)
 

@@ -82,7 +82,8 @@ def test_old_import_names_are_the_same_class(module, name):
 def test_one_calibration_error_catches_both_sources():
     import torch
 
-    from modelfold.calib import cnn_sources, data
+    from modelfold.calib import cnn_sources
+    from modelfold.hf.calib import data
 
     with pytest.raises(data.CalibrationError):
         cnn_sources.calibration_batches("nonsense", torch.nn.Linear(2, 2), torch.zeros(1, 2))

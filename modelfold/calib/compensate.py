@@ -20,12 +20,14 @@ import torch.nn.functional as F
 
 
 class Gram:
-    """Running ``A^T A``, ``A^T B`` and the sample count over blocks of rows (float64)."""
+    """Running ``A^T A``, ``A^T B`` and the sample count over blocks of rows (float64); with
+    ``square=False`` only ``A^T B`` (a cross product with a target)."""
 
-    def __init__(self) -> None:
+    def __init__(self, square: bool = True) -> None:
         self.aa: torch.Tensor | None = None
         self.ab: torch.Tensor | None = None
         self.n = 0
+        self.square = square
 
     def add(self, a: torch.Tensor, b: torch.Tensor | None = None, block: int = 8192) -> None:
         """Accumulate rows of ``a`` (N, k) and ``b`` (N, n); ``b`` defaults to ``a``."""
@@ -36,9 +38,10 @@ class Gram:
         for s in range(0, a.shape[0], block):
             ab = a[s:s + block].double()
             bb = ab if b is a else b[s:s + block].double()
-            aa_ = ab.T @ ab
+            aa_ = ab.T @ ab if self.square or b is a else None
             abx = aa_ if b is a else ab.T @ bb
-            self.aa = aa_ if self.aa is None else self.aa + aa_
+            if self.square:
+                self.aa = aa_ if self.aa is None else self.aa + aa_
             self.ab = abx if self.ab is None else self.ab + abx
         self.n += a.shape[0]
 

@@ -173,7 +173,7 @@ def _tokenizer(hf: object, path: str) -> object:
 def _inspect_hf(args: argparse.Namespace) -> int:
     """Layers, widths, heads and reachable sparsity of a transformers directory (no weights read)."""
     from ..hf.checkpoint import skeleton
-    from ..hf.core import adapter_of
+    from ..hf.model import adapter_of
     from ..hf.sizing import summary
     from ..hf.validate import check_foldable
 

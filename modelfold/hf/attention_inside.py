@@ -36,8 +36,8 @@ from ..errors import UnsupportedModelError
 from .adapters import find_adapter
 from .adapters.base import AttnSpec
 from .adapters.refs import get, linear_like, put
-from .calib_layer import gram, target_cross
-from .calibrated import BlockInputs, capture, record, run_block, token_scale
+from .calib.blocks import BlockInputs, capture, record, run_block, token_scale
+from .calib.layer import gram, target_cross
 
 FAMILIES = ("llama", "mistral", "qwen2")
 PAIRS = ("free", "theta")
@@ -271,7 +271,7 @@ def narrow_heads(model: nn.Module, head_dim: int | None = None, *, ratio: float 
     (:func:`vo_subspace`). compensate: "ls" (refit o_proj) or "none". With nothing removed the model
     is returned unchanged (a copy).
     """
-    from ..calib import data as cdata
+    from .calib import data as cdata
 
     adapter, rot = check_family(model)
     hd = adapter.attention(model, 0).head_dim

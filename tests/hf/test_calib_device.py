@@ -13,7 +13,7 @@ from hf_models import make_model
 
 import modelfold
 from modelfold.device import DeviceError
-from modelfold.hf.core import compress_model
+from modelfold.hf.calib.compress import compress_model
 
 CONFIGS = [dict(ratio=0.3), dict(sparsity=0.1), dict(ratio=0.3, method="fold", targets="all"),
            dict(ratio=0.3, score="obs", targets="all"), dict(sparsity=0.1, targets="all")]

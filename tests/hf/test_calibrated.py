@@ -7,11 +7,11 @@ import torch
 from hf_models import FAMILIES, make_model, out
 
 import modelfold.hf as mh
-from modelfold.calib.data import CalibrationError, sample, self_text
+from modelfold.hf.calib.data import CalibrationError, sample, self_text
 from modelfold.hf.adapters import find_adapter
 from modelfold.hf.adapters.refs import hook_module
-from modelfold.hf.calibrated import capture, observe, record, run_block, sum_point
-from modelfold.hf.core import compress_model
+from modelfold.hf.calib.blocks import capture, observe, record, run_block, sum_point
+from modelfold.hf.calib.compress import compress_model
 from modelfold.report import count_params
 
 
@@ -183,7 +183,7 @@ def test_calibration_errors():
 def test_nested_errors_are_the_ridge_refits_errors():
     """One Cholesky for every width: e_k = J_k - J_n, J_k the ridge objective of a refit reading the first
     k features of the order, as a direct solve per width gives it."""
-    from modelfold.hf.sensitivity import nested_errors
+    from modelfold.hf.calib.sensitivity import nested_errors
 
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(200, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen,

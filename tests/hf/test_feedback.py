@@ -9,8 +9,8 @@ from hf_models import ALL_FAMILIES, make_model
 
 from modelfold.hf.adapters import find_adapter
 from modelfold.hf.adapters.refs import hook_module
-from modelfold.hf.calibrated import capture, sum_point
-from modelfold.hf.core import compress_model
+from modelfold.hf.calib.blocks import capture, sum_point
+from modelfold.hf.calib.compress import compress_model
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -60,7 +60,7 @@ def test_feedback_lowers_the_last_layer_error_on_its_calibration_inputs(family):
         a = find_adapter(model)
         inp = capture(model, a, x)
         for blk in a.layers(model)[:-1]:
-            from modelfold.hf.calibrated import run_block
+            from modelfold.hf.calib.blocks import run_block
             inp = run_block(blk, inp)
         return sum_point(a.layers(model)[-1], inp, a.mlp_sum(model, 2))[0]
 

@@ -9,7 +9,7 @@ from hf_models import make_model
 import modelfold.hf as mh
 from modelfold.cli import main
 from modelfold.device import DeviceError
-from modelfold.hf.stream import fold_checkpoint
+from modelfold.hf.checkpoint import fold_checkpoint
 
 
 def test_hf_fold_device_cpu_equals_default_and_cuda_without_gpu_is_refused(tmp_path, monkeypatch):

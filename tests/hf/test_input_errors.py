@@ -15,7 +15,7 @@ import modelfold
 import modelfold.hf as mh
 from modelfold.cli import main
 from modelfold.errors import CheckpointError, UnsupportedModelError
-from modelfold.hf.stream import fold_checkpoint
+from modelfold.hf.checkpoint import fold_checkpoint
 
 
 def _bloom():

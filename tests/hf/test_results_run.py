@@ -177,7 +177,7 @@ def test_alignment_combines_with_round_to(round_to: int | None) -> None:
 
 
 def test_sparsity_counts_the_alignment() -> None:
-    from modelfold.hf.core import adapter_of
+    from modelfold.hf.model import adapter_of
     from modelfold.hf.plan import make_plan
     from modelfold.hf.sizing import plan_removed
     from modelfold.report import count_params
@@ -256,7 +256,7 @@ def test_check_layer_runs_on_a_meta_skeleton(monkeypatch, tmp_path) -> None:
         release_layer(src, i)
     _unaligned(monkeypatch)
     load_layer(src, 1)
-    from modelfold.hf.core import prune_layer_fn
+    from modelfold.hf.model import prune_layer_fn
 
     prune_layer_fn()(src.model, src.adapter, 1, {"mlp": 0.3})  # 123 neurons per expert
     with pytest.raises(ResultError, match=r"layer 1 .*model\.layers\.1\.mlp\.experts"):

@@ -62,7 +62,7 @@ def test_unreachable_sparsity_is_refused_with_the_reachable_amount():
 def test_stream_sparsity_matches_in_memory(tmp_path):
     from safetensors.torch import load_file
 
-    from modelfold.hf.stream import fold_checkpoint
+    from modelfold.hf.checkpoint import fold_checkpoint
 
     src = tmp_path / "src"
     make_model("qwen2").save_pretrained(src)

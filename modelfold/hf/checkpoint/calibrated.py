@@ -3,9 +3,9 @@
 The calibration activations stream from layer to layer beside the weights: a front model (the
 embeddings and everything outside the blocks, plus one block that never runs) catches the first
 block's inputs; then each block is read from the shards, measured (``budget="auto"``: a first pass
-over all blocks), compressed by the same step as in memory (:class:`~modelfold.hf.calibrated.Calibrated`),
+over all blocks), compressed by the same step as in memory (:class:`~modelfold.hf.calib.step.Calibrated`),
 run on the activations, written and released. Memory: one block plus the activations. The result
-is bit-identical to :func:`~modelfold.hf.core.compress_model` on the same model loaded whole.
+is bit-identical to :func:`~modelfold.hf.calib.compress.compress_model` on the same model loaded whole.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ...calib import data as cdata
-from ...checks import check_round_to, check_sparsity
+from ...checks import check_sparsity
 from ...device import resolve_device
-from ...errors import InvalidRatioError
 from ...report import FoldReport
 from ..adapters import Adapter
-from ..calib_layer import CalibOptions
-from ..calibrated import BlockInputs, Calibrated, capture
-from ..sensitivity import PROBE_SHAPE, Sensitivity
+from ..calib import data as cdata
+from ..calib.blocks import BlockInputs, capture
+from ..calib.compress import CompressConfig
+from ..calib.layer import CalibOptions
+from ..calib.sensitivity import PROBE_SHAPE, Sensitivity
+from ..calib.step import Calibrated
 from .run import run_checkpoint
 from .source import Source, load_layer, release_layer, trim_heap
 
@@ -107,7 +108,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                         max_shard_size: int | str = "2GB", progress: bool = True,
                         round_to: int | None = None, verify: bool = True,
                         device: str | torch.device | None = None) -> FoldReport:
-    """:func:`~modelfold.hf.core.compress_model` + save, one block in memory at a time.
+    """:func:`~modelfold.hf.calib.compress.compress_model` + save, one block in memory at a time.
 
     ``calibration="self"`` for a causal LM samples the text from the whole model first (loaded
     memory-mapped; cached on disk, so later runs skip it); token ids or texts need no full load.
@@ -115,32 +116,39 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
     activations live while it is measured and compressed (the embeddings, the other blocks and the
     self-sampling stay on the CPU); default the CPU, by the same code.
     """
-    check_sparsity(sparsity, ratio)  # before any file is read
+    cfg = CompressConfig(ratio=ratio, sparsity=sparsity, calibration=calibration, tokenizer=tokenizer,
+                         method=method, score=score, compensate=compensate, budget=budget, targets=targets,
+                         skip_first=skip_first, skip_last=skip_last, n_calib=n_calib, calib_len=calib_len, lam=lam,
+                         feedback=feedback, weighting=weighting, seed=seed, n_init=n_init,
+                         attention_mode=attention_mode, max_ratio=max_ratio, round_to=round_to)
+    return compress_checkpoint_with(src, dst, cfg, max_shard_size=max_shard_size, progress=progress, verify=verify,
+                                    device=device)
+
+
+def compress_checkpoint_with(src: str | os.PathLike, dst: str | os.PathLike, cfg: CompressConfig, *,
+                             max_shard_size: int | str = "2GB", progress: bool = True, verify: bool = True,
+                             device: str | torch.device | None = None) -> FoldReport:
+    """:func:`compress_checkpoint` with its options as one :class:`~modelfold.hf.calib.compress.CompressConfig`."""
+    check_sparsity(cfg.sparsity, cfg.ratio)  # before any file is read
     dev = resolve_device(device)
-    if budget not in ("auto", "uniform"):
-        raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
-    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
-                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init,
-                        round_to=check_round_to(round_to))
+    opts = cfg.options()
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     fn = OnDevice(torch.empty(0, dtype=torch.long, device="cpu"), opts, dev)
 
     def prepare(ctx: Source) -> Any:
-        ctx.adapter.check_heads(ratio, targets)  # before the calibration data are made
-        sampled = isinstance(calibration, str) and calibration == "self" and cdata.is_causal_lm(ctx.model)
+        ctx.adapter.check_heads(cfg.ratio, cfg.targets)  # before the calibration data are made
+        sampled = cfg.self_made and cfg.calibration == "self" and cdata.is_causal_lm(ctx.model)
         if sampled:  # the whole model samples, and is gone before the front is built: peak max(), not sum
             whole = _full_model(ctx.path)
-            ids = cdata.resolve(whole, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
-                                progress=progress, info=info)
+            ids = cfg.ids(whole, progress, info)
             del whole
             gc.collect()
             trim_heap()
         front = _front(ctx)
         if not sampled:
-            ids = cdata.resolve(front, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
-                                progress=progress, info=info)
-        info.update(calibration="self" if isinstance(calibration, str) else "data",
+            ids = cfg.ids(front, progress, info)
+        info.update(calibration="self" if cfg.self_made else "data",
                     calibration_tokens=int(ids.numel()), calibration_seconds=round(time.perf_counter() - t0, 2))
         with torch.no_grad():
             start = inputs_to(capture(front, ctx.adapter, ids), dev)
@@ -148,8 +156,8 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
         del front
         plan = None
         t_sens = time.perf_counter()
-        if budget == "auto" and sparsity is not None:
-            sens = Sensitivity(opts, targets, max_ratio)
+        if cfg.auto:
+            sens = Sensitivity(opts, cfg.targets, cfg.max_ratio)
             sens.inputs = start
             sens.ref = probe_ref if sens.probe else None
             n = len(ctx.per_layer)
@@ -159,16 +167,16 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                     ctx.adapter.layers(ctx.model)[i].to(dev)
                     sens.step(ctx.model, ctx.adapter, i)
                     release_layer(ctx, i)
-            plan = sens.plan(sparsity * ctx.reader.numel())
+            plan = sens.plan(cfg.sparsity * ctx.reader.numel())
             info["sensitivity_seconds"] = round(time.perf_counter() - t_sens, 2)
         fn.inputs, fn.ids = start, ids  # ids: the fingerprint of a resumable run
         return plan
 
-    name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
-    report = run_checkpoint(src, dst, ratio, name, {"round_to": round_to}, targets=targets, skip_first=skip_first, skip_last=skip_last,
-                     repair="calibrated", max_shard_size=max_shard_size, progress=progress, sparsity=sparsity,
-                     attention_mode=attention_mode, executor="local", ray_address=None, ray_options=None,
-                     layer_fn=fn, prepare=prepare, verify=verify)
+    report = run_checkpoint(src, dst, cfg.ratio, cfg.name, {"round_to": cfg.round_to}, targets=cfg.targets,
+                            skip_first=cfg.skip_first, skip_last=cfg.skip_last, repair="calibrated",
+                            max_shard_size=max_shard_size, progress=progress, sparsity=cfg.sparsity,
+                            attention_mode=cfg.attention_mode, executor="local", ray_address=None,
+                            ray_options=None, layer_fn=fn, prepare=prepare, verify=verify)
     info["plan"] = {g.root: g.channels_after for g in report.groups}
     report.repair_info = info
     report.seconds = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ...errors import CheckpointError
 from ...report import GroupReport
 from ..convert import to_disk, to_model
-from ..core import LayerFn, fold_layer_fn, prune_layer_fn
+from ..model import LayerFn, fold_layer_fn, prune_layer_fn
 from ..plan import Plan
 from ..runcheck import check_layer_runs
 from .resume import Partial, group_from_dict, group_to_dict

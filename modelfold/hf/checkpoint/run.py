@@ -23,7 +23,7 @@ import torch
 from ...checks import check_round_to
 from ...errors import CheckpointError
 from ...report import FoldReport
-from ..core import LayerFn, record_sizes, resolve_ratio, width_info
+from ..model import LayerFn, record_sizes, resolve_ratio, width_info
 from ..plan import make_plan
 from .layers import fold_layers, layer_fn_for
 from .resume import fingerprint, resumable_dir

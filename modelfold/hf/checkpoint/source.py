@@ -19,8 +19,8 @@ import torch.nn as nn
 from ...errors import CheckpointError
 from ..adapters import Adapter
 from ..convert import disk_to_model_names, to_model
-from ..core import adapter_of
 from ..io import is_hf_dir, model_class
+from ..model import adapter_of
 from ..validate import check_model_dir
 from .shards import INDEX, WEIGHT_SUFFIXES, ShardReader
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import modelfold.hf as mh
 from modelfold.hf.checkpoint import compress_checkpoint
-from modelfold.hf.core import compress_model
+from modelfold.hf.calib.compress import compress_model
 
 
 def tensors(d):

@@ -11,7 +11,7 @@ from hf_models import make_model
 from safetensors.torch import load_file
 
 from modelfold.device import DeviceError
-from modelfold.hf.calibrated import BlockInputs
+from modelfold.hf.calib.blocks import BlockInputs
 from modelfold.hf.checkpoint import compress_checkpoint
 from modelfold.hf.checkpoint.calibrated import inputs_to
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calib.compensate import Gram, relative_output_error, ridge_refit, with_ones
-from ..calib.score import SCORES, FeatureStats, unit_importance
-from ..cluster import kmeans
-from .adapters.base import AttnSpec, MLPSpec
-from .adapters.refs import get, linear_like, put
-from .attention import apply_units, resolve_mode, units_k
-from .mlp import fold_mlp_with_labels, prune_mlp_keep
+from ...calib.compensate import Gram, relative_output_error, ridge_refit, with_ones
+from ...calib.score import SCORES, FeatureStats, unit_importance
+from ...cluster import kmeans
+from ..adapters.base import AttnSpec, MLPSpec
+from ..adapters.refs import get, linear_like, put
+from ..attention import apply_units, resolve_mode, units_k
+from ..mlp import fold_mlp_with_labels, prune_mlp_keep
 
 METHODS = ("select", "fold")
 
@@ -64,13 +64,9 @@ def gram(h: torch.Tensor, ones: bool, scale: torch.Tensor | None = None) -> torc
 def target_cross(h: torch.Tensor, target: torch.Tensor, ones: bool, block: int = 8192,
                  scale: torch.Tensor | None = None) -> torch.Tensor:
     """``[h, 1]^T target`` (float64), block by block (rows already weighted by ``scale``, if given)."""
-    out = None
-    for s in range(0, h.shape[0], block):
-        a = h[s:s + block].double()
-        a = with_ones(a, None if scale is None else scale[s:s + block]) if ones else a
-        part = a.T @ target[s:s + block].double()
-        out = part if out is None else out + part
-    return out
+    g = Gram(square=False)
+    g.add(with_ones(h.double(), scale) if ones else h, target, block)  # as float64: the bias column exact
+    return g.ab
 
 
 def refit_columns(weight: torch.Tensor, bias: torch.Tensor | None, g_full: torch.Tensor, idx: torch.Tensor,

@@ -15,18 +15,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..calib.budget import SPARSITY_TOL, fill, refine, settle, unreachable
-from ..calib.compensate import output_error
-from ..calib.score import FeatureStats, unit_importance
-from ..checks import kept_width
-from ..report import count_params
-from .adapters import Adapter
-from .adapters.refs import get, hook_module
-from .attention import resolve_mode, units_k
-from .calib_layer import CalibOptions, attention_units, choose_heads, gram
-from .calibrated import BlockInputs, Calibrated, Seen, capture, layer_mlp, observe, run_block, scale_of
-from .plan import Plan, parse_targets
-from .sizing import attention_removed, mlp_removed
+from ...calib.budget import SPARSITY_TOL, fill, refine, settle, unreachable
+from ...calib.compensate import output_error
+from ...calib.score import FeatureStats, unit_importance
+from ...checks import kept_width
+from ...report import count_params
+from ..adapters import Adapter
+from ..adapters.refs import get, hook_module
+from ..attention import resolve_mode, units_k
+from ..plan import Plan, parse_targets
+from ..sizing import attention_removed, mlp_removed
+from .blocks import BlockInputs, Seen, capture, layer_mlp, observe, run_block, scale_of
+from .layer import CalibOptions, attention_units, choose_heads, gram
+from .step import Calibrated
 
 RATIO_GRID = tuple(round(0.05 * i, 2) for i in range(17))  # 0 .. 0.8
 
@@ -89,7 +90,7 @@ def nested_errors(weight: torch.Tensor, g: torch.Tensor, order: torch.Tensor, la
 
 
 def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:
-    from .calib_layer import refit_columns
+    from .layer import refit_columns
 
     mode = resolve_mode(spec, opts.attention_mode)
     _, width = attention_units(spec, mode)

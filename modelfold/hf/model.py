@@ -1,4 +1,4 @@
-"""fold_model / prune_model: run a per-layer plan through a family adapter."""
+"""fold_model / prune_model: run a per-layer plan through a family adapter (``run_layers``), in memory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import check_round_to, check_sparsity, check_weights
-from ..device import model_device, resolve_device
+from ..checks import check_round_to, check_weights
+from ..device import resolve_device
 from ..errors import InvalidRatioError
 from ..report import FoldReport, GroupReport, count_params
 from .adapters import Adapter, find_adapter
@@ -68,7 +68,7 @@ def resolve_ratio(model: nn.Module, adapter: Adapter, ratio: float | Mapping | N
                               skip_last=skip_last, attention_mode=attention_mode, round_to=round_to)
 
 
-def _run(model: nn.Module, ratio: float | Mapping | None, method: str, *, targets: str | Iterable[str],
+def run_layers(model: nn.Module, ratio: float | Mapping | None, method: str, *, targets: str | Iterable[str],
          skip_first: int, skip_last: int, progress: bool, repair: str, layer_fn,
          sparsity: float | None = None, attention_mode: str = "auto",
          round_to: int | None = None, verify: bool = True) -> tuple[nn.Module, FoldReport]:
@@ -115,7 +115,7 @@ def fold_layer_fn(*, repair: str = "none", seed: int = 0, n_init: int = 3,
     """The per-layer step of ``fold_model``: fold layer ``i`` of ``work`` in place by its plan entry.
 
     A pure function of that layer's tensors and the plan, shared by the in-memory path and the
-    layer-by-layer checkpoint path (``modelfold.hf.stream``), so both give bit-identical weights.
+    layer-by-layer checkpoint path (``modelfold.hf.checkpoint``), so both give bit-identical weights.
     ``round_to``: kept MLP widths and head widths rounded to multiples of it (``checks.kept_width``).
     """
     round_to = check_round_to(round_to)
@@ -195,7 +195,7 @@ def fold_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsi
     """
     layer = fold_layer_fn(repair=repair, seed=seed, n_init=n_init, attention_mode=attention_mode, device=device,
                           round_to=round_to)
-    work, report = _run(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
+    work, report = run_layers(model, ratio, "fold", targets=targets, skip_first=skip_first, skip_last=skip_last,
                         progress=progress, repair=repair, layer_fn=layer, sparsity=sparsity,
                         attention_mode=attention_mode, round_to=check_round_to(round_to), verify=verify)
     return (work, report) if return_report else work
@@ -211,88 +211,7 @@ def prune_model(model: nn.Module, ratio: float | Mapping | None = None, *, spars
 
     ``round_to`` and ``verify`` as in :func:`fold_model`."""
     layer = prune_layer_fn(norm=norm, attention_mode=attention_mode, round_to=round_to)
-    work, report = _run(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
+    work, report = run_layers(model, ratio, f"sp-l{norm}", targets=targets, skip_first=skip_first,
                         skip_last=skip_last, progress=progress, repair="none", layer_fn=layer, sparsity=sparsity,
                         attention_mode=attention_mode, round_to=check_round_to(round_to), verify=verify)
-    return (work, report) if return_report else work
-
-
-def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sparsity: float | None = None,
-                   calibration: Any = "self", tokenizer: Any = None, method: str = "select", score: str = "act",
-                   compensate: str = "ls", budget: str = "auto", targets: str | Iterable[str] = "mlp",
-                   skip_first: int = 0, skip_last: int = 0, n_calib: int | None = None,
-                   calib_len: int | None = None, lam: float = 1e-3,
-                   feedback: bool = False, weighting: str = "token", seed: int = 0, n_init: int = 3,
-                   attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
-                   return_report: bool = False, round_to: int | None = None, verify: bool = True,
-                   device: str | torch.device | None = None) -> nn.Module | tuple[nn.Module, FoldReport]:
-    """Calibrated compression: activation-aware selection (or folding) + least-squares refit, sequential.
-
-    calibration: "self" (text the causal LM samples itself; random vocabulary words for encoders, which
-        need tokenizer=), a LongTensor of token ids (n, L), or a list of strings with tokenizer=.
-    method: "select" (keep the neurons/heads with the highest ``score``) or "fold" (k-means on
-        activation features, merge). compensate: "ls", "bias" or "none".
-    budget: "auto" (with sparsity=: per-layer ratios from measured sensitivity and a global probe) or
-        "uniform". score: "act" (default), "obs", "wanda", "flap" or "magnitude" (modelfold.calib.score).
-    weighting: "token" (each token's error relative to its residual norm; default) or "none".
-    feedback: refit MLP consumers towards the original model's residual stream (off: it overfits the
-        small calibration sets measured so far; docs/calibration.md).
-    device: where everything runs ("cpu", "cuda", "cuda:N", "auto"): a copy of the model is moved
-        there (sampling, forward passes, least squares) and the result comes back on the model's device.
-    Other arguments as in :func:`fold_model` (``round_to``: kept widths at multiples of it; ``verify``:
-    the result runs one forward before it is returned). See docs/calibration.md.
-    """
-    if device is not None:
-        dev, home = resolve_device(device), model_device(model)
-        if dev != home:
-            args = dict(ratio=ratio, sparsity=sparsity, calibration=calibration, tokenizer=tokenizer, method=method,
-                        score=score, compensate=compensate, budget=budget, targets=targets, skip_first=skip_first,
-                        skip_last=skip_last, n_calib=n_calib, calib_len=calib_len, lam=lam, feedback=feedback,
-                        weighting=weighting, seed=seed, n_init=n_init, attention_mode=attention_mode,
-                        max_ratio=max_ratio, progress=progress, round_to=round_to)
-            check_weights(model)
-            work, report = compress_model(copy.deepcopy(model).to(dev), return_report=True, verify=False, **args)
-            work = work.to(home)
-            if verify:  # where it is returned
-                check_model_runs(work, adapter_of(work))
-            return (work, report) if return_report else work
-    round_to = check_round_to(round_to)
-    from ..calib import data as cdata
-    from .calib_layer import CalibOptions
-    from .calibrated import Calibrated
-    from .sensitivity import sensitivity_plan
-
-    if budget not in ("auto", "uniform"):
-        raise InvalidRatioError(f"budget must be 'auto' or 'uniform', got {budget!r}")
-    opts = CalibOptions(method=method, score=score, compensate=compensate, lam=lam, feedback=feedback,
-                        weighting=weighting, attention_mode=attention_mode, seed=seed, n_init=n_init,
-                        round_to=round_to)
-    adapter = adapter_of(model)
-    check_weights(model)
-    check_sparsity(sparsity, ratio)  # before the calibration data are made
-    adapter.check_heads(ratio, targets)
-    t0 = time.perf_counter()
-    info: dict[str, Any] = {}
-    ids = cdata.resolve(model, calibration, tokenizer, n_seq=n_calib, seq_len=calib_len, seed=seed,
-                        progress=progress, info=info)
-    info["calibration_seconds"] = round(time.perf_counter() - t0, 2)
-    info["calibration_tokens"] = int(ids.numel())
-    if budget == "auto" and sparsity is not None:
-        t1 = time.perf_counter()
-        total = count_params(model)
-        with torch.no_grad():
-            plan, _ = sensitivity_plan(model, adapter, ids, sparsity * total, opts, targets, max_ratio=max_ratio,
-                                       progress=progress)
-        info["budget_seconds"] = round(time.perf_counter() - t1, 2)
-        ratio, sparsity, skip_first, skip_last = plan, None, 0, 0
-    fn = Calibrated(ids, opts)
-    name = {"select": f"select-{score}", "fold": "fold-act"}[method] + ("+ls" if compensate == "ls" else "")
-    work, report = _run(model, ratio, name, targets=targets, skip_first=skip_first, skip_last=skip_last,
-                        progress=progress, repair="none", layer_fn=fn, sparsity=sparsity,
-                        attention_mode=attention_mode, round_to=round_to, verify=verify)
-    report.seconds = time.perf_counter() - t0
-    report.repair = "calibrated"
-    info["calibration"] = "self" if isinstance(calibration, str) else "data"
-    info["plan"] = {g.root: g.channels_after for g in report.groups}
-    report.repair_info = info
     return (work, report) if return_report else work
