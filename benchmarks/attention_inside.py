@@ -35,14 +35,14 @@ import torch  # noqa: E402
 
 import modelfold.hf as mh  # noqa: E402
 from modelfold.calib.compensate import ridge_refit  # noqa: E402
-from modelfold.hf.calib.data import self_text  # noqa: E402
 from modelfold.evaluate import text as ev  # noqa: E402
 from modelfold.hf.adapters import find_adapter  # noqa: E402
 from modelfold.hf.adapters.refs import get, linear_like, put  # noqa: E402
 from modelfold.hf.attention_inside import choose_pairs, narrow_heads, pair_energy, pair_scores, vo_subspace  # noqa: E402,E501
-from modelfold.hf.calib.layer import gram, target_cross  # noqa: E402
 from modelfold.hf.calib.blocks import capture, record, run_block, token_scale  # noqa: E402
 from modelfold.hf.calib.compress import compress_model  # noqa: E402
+from modelfold.hf.calib.data import self_text  # noqa: E402
+from modelfold.hf.calib.layer import gram, target_cross  # noqa: E402
 from modelfold.report import count_params  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"

@@ -32,11 +32,11 @@ import torch  # noqa: E402
 
 import modelfold  # noqa: E402
 import modelfold.hf as mh  # noqa: E402
-from modelfold.hf.calib.data import random_words, self_text, text_ids  # noqa: E402
 from modelfold.evaluate import text as ev  # noqa: E402
 from modelfold.hf.adapters import find_adapter  # noqa: E402
-from modelfold.hf.calib.layer import CalibOptions  # noqa: E402
 from modelfold.hf.calib.compress import compress_model  # noqa: E402
+from modelfold.hf.calib.data import random_words, self_text, text_ids  # noqa: E402
+from modelfold.hf.calib.layer import CalibOptions  # noqa: E402
 from modelfold.hf.calib.sensitivity import Sensitivity  # noqa: E402
 from modelfold.report import count_params  # noqa: E402
 

@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 import modelfold
 import modelfold.evaluate.text as ev
 import modelfold.hf as mh
-from modelfold.hf.calib.data import text_ids
 from modelfold.errors import UnsupportedModelError
 from modelfold.hf.adapters import find_adapter
+from modelfold.hf.calib.data import text_ids
 from modelfold.hf.checkpoint.calibrated import compress_checkpoint
 from modelfold.report import count_params
 

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from calibration import pkg_dir  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from modelfold.hf.calib.data import random_words  # noqa: E402
 from modelfold.evaluate import text as ev  # noqa: E402
 from modelfold.hf.calib.compress import compress_model  # noqa: E402
+from modelfold.hf.calib.data import random_words  # noqa: E402
 from modelfold.report import count_params  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "minilm_calibration"

@@ -76,8 +76,8 @@ def windows_and_calib(args) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation windows, and real calibration ids from the articles none of them touches."""
     from transformers import AutoConfig
 
-    from modelfold.hf.calib.data import text_ids
     from modelfold.evaluate import text as ev
+    from modelfold.hf.calib.data import text_ids
 
     tok = tokenizer()
     config = AutoConfig.from_pretrained(str(fp32_dir()))

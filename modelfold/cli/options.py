@@ -9,7 +9,7 @@ import argparse
 from .. import io
 from ..errors import ModelFoldError
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf_out.TYPES
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # = modelfold.hf.gguf.TYPES
 
 
 def add_width_options(sp: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from .adapters import SUPPORTED, find_adapter
 from .attention import fold_attention, prune_attention
 from .calib.compress import compress_model
 from .checkpoint import fold_checkpoint, prune_checkpoint
-from .gguf_out import save_gguf
+from .gguf import save_gguf
 from .io import is_hf_dir, load_any, load_pretrained, load_tokenizer, save
 from .model import HF_REPAIRS, fold_model, prune_model
 from .plan import InvalidPlanError, make_plan

@@ -201,7 +201,7 @@ def load_any(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
                               "(or a directory holding exactly one)")
     from transformers import AutoModelForCausalLM
 
-    from .gguf_out import check_readable
+    from .gguf.write import check_readable
 
     check_gguf(g)  # an architecture transformers can dequantize, else a clean refusal
     check_readable(g)  # no per-layer size arrays (a non-uniform fold written for llama.cpp)

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 import modelfold
 import modelfold.hf as mh
 from modelfold.hf.adapters import find_adapter, get, put
+from modelfold.hf.checkpoint import fold_checkpoint, prune_checkpoint
 from modelfold.hf.plan import make_plan
 from modelfold.hf.sizing import plan_removed
-from modelfold.hf.checkpoint import fold_checkpoint, prune_checkpoint
 from modelfold.report import count_params
 
 

@@ -7,11 +7,11 @@ import torch
 from hf_models import FAMILIES, make_model, out
 
 import modelfold.hf as mh
-from modelfold.hf.calib.data import CalibrationError, sample, self_text
 from modelfold.hf.adapters import find_adapter
 from modelfold.hf.adapters.refs import hook_module
 from modelfold.hf.calib.blocks import capture, observe, record, run_block, sum_point
 from modelfold.hf.calib.compress import compress_model
+from modelfold.hf.calib.data import CalibrationError, sample, self_text
 from modelfold.report import count_params
 
 

@@ -6,8 +6,8 @@ from hf_models import make_model
 from safetensors.torch import load_file
 
 import modelfold.hf as mh
-from modelfold.hf.checkpoint import compress_checkpoint
 from modelfold.hf.calib.compress import compress_model
+from modelfold.hf.checkpoint import compress_checkpoint
 
 
 def tensors(d):

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, InvalidWeightsError, ModelFoldError, UnsupportedModelError
-from ..io import atomic_write
-from .gguf_layers import PER_LAYER, choose_arch, gguf_tensors, pad_ffn
-from .runcheck import check_model_runs
+from ...errors import CheckpointError, InvalidWeightsError, ModelFoldError, UnsupportedModelError
+from ...io import atomic_write
+from ..runcheck import check_model_runs
+from .layers import PER_LAYER, choose_arch, gguf_tensors, pad_ffn
 
 #: transformers ``model_type`` -> GGUF architecture (llama.cpp runs Mistral as ``llama``). Per-layer sizes go to
-#: ``gguf_layers.PER_LAYER`` instead (``deci`` for llama/mistral/qwen2, ``openelm`` for qwen3).
+#: ``layers.PER_LAYER`` instead (``deci`` for llama/mistral/qwen2, ``openelm`` for qwen3).
 ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 #: Output types: names accepted by ``save_gguf(dtype=...)`` / ``--gguf-type``.
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -278,7 +278,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, dtype: str = "f16", sou
 
     dtype: one of :data:`TYPES` for every matrix, or ``"source"``: each tensor in the type it has in
     ``source`` (where ``gguf.quants`` can write it, else Q8_0). 1-D tensors (norms, biases) stay F32, as
-    llama.cpp writes them. Quantized types need rows that split into 32-value blocks (``gguf_layers.ROUND_TO``):
+    llama.cpp writes them. Quantized types need rows that split into 32-value blocks (``layers.ROUND_TO``):
     with ``pad=True`` an FFN width that is not a multiple of 32 gets zero neurons (the same outputs; listed in
     ``GGUFInfo.padded``; compress with ``round_to=32`` to avoid them); any other matrix whose rows do not split
     (or every one, with ``pad=False``) is written as F16 and listed in ``GGUFInfo.fallbacks``.

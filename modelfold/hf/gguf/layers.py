@@ -1,4 +1,4 @@
-"""Per-layer sizes and block-aligned widths for GGUF output (used by :func:`modelfold.hf.gguf_out.save_gguf`).
+"""Per-layer sizes and block-aligned widths for GGUF output (used by :func:`modelfold.hf.gguf.write.save_gguf`).
 
 llama.cpp reads ``feed_forward_length``, ``attention.head_count`` and ``attention.head_count_kv`` as per-layer
 arrays for every architecture, but only some of its loaders build each layer at its own size. Two of those
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UnsupportedModelError
+from ...errors import UnsupportedModelError
 
 #: transformers ``model_type`` -> the llama.cpp architecture that holds per-layer sizes for it.
 PER_LAYER = {"llama": "deci", "mistral": "deci", "qwen2": "deci", "qwen3": "openelm"}
