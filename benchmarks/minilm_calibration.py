@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/minilm_calibration.py base w512       # a subset
 
 Calibrated compression with the automatic budget (MLP neurons and heads, ``targets="all"``), self calibration
-(random whole-word vocabulary sequences, ``modelfold.calib.data.random_words``), 1 torch thread. Quality: mean
+(random whole-word vocabulary sequences, ``modelfold.hf.calib.data.random_words``), 1 torch thread. Quality: mean
 cosine of the sentence embeddings to the original's on the 50 benchmark sentences of benchmarks/calibration.py
 (Wikipedia sentences the calibration never sees: it is random words). Issue 19's target is >= 0.93.
 Appends one JSON line per variant to benchmarks/results/minilm_calibration.jsonl and rewrites the .md table.
