@@ -40,7 +40,7 @@ def _run_hf(args: argparse.Namespace) -> int:
                              f"{args.model} is folded in memory (drop --stream never, or re-save it as safetensors)")
     model = hf.load_any(args.model)
     kw = {"targets": args.targets, "seed": args.seed, "return_report": True, "sparsity": args.sparsity,
-          "skip_first": args.skip_first, "skip_last": args.skip_last, "round_to": args.round_to,
+          "skip_first": args.skip_first, "skip_last": args.skip_last, "round_to": _gguf_round_to(args),
           "verify": args.verify}
     tok = _tokenizer(hf, args.model)
     if args.calibration is not None:
@@ -63,6 +63,21 @@ def _run_hf(args: argparse.Namespace) -> int:
     hf.save(out, args.out, tokenizer=tok, verify=args.verify)
     print(f"saved to {args.out}")
     return 0
+
+
+def _gguf_round_to(args: argparse.Namespace) -> int | None:
+    """``--round-to``, or for a quantized ``.gguf`` output the type's block (32): widths llama.cpp stores
+    without padding. An explicit ``--round-to`` (1: exact widths, zero-padded by the writer) wins."""
+    if args.round_to is not None or not args.out.endswith(".gguf"):
+        return args.round_to
+    from ..hf.gguf.layers import ROUND_TO
+
+    block = ROUND_TO.get(args.gguf_type, 1)
+    if block > 1:
+        print(f"modelfold: --gguf-type {args.gguf_type} stores rows in blocks of {block} values: kept widths are "
+              f"multiples of {block} (--round-to 1 keeps exact widths; the writer then pads with zeros)")
+        return block
+    return None
 
 
 def _calibration(src: str, tokenizer: object) -> object:

@@ -16,7 +16,7 @@ def add_width_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--round-to", type=int, default=None, metavar="N",
                     help="hardware-friendly widths: every reduced group / MLP keeps a multiple of N channels "
                          "(e.g. 8, 16, 64; nearest multiple, never above the original width; groups narrower "
-                         "than N stay whole). Not with calibrated compression of HF models")
+                         "than N stay whole). Default: 32 for a quantized --gguf-type with --out FILE.gguf (its block), else 1")
 
 
 def add_device_option(sp: argparse.ArgumentParser, command: str) -> None:

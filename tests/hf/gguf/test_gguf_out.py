@@ -188,3 +188,23 @@ def test_cli_gguf_in_gguf_out(tmp_path, capsys) -> None:
     assert "--stream always" in capsys.readouterr().err
     assert main(["fold", "resnet18_fmnist", "--ratio", "0.25", "--out", str(tmp_path / "x.gguf")]) == 2
     assert "transformers causal LMs" in capsys.readouterr().err
+
+
+def test_cli_quantized_gguf_output_rounds_widths_to_the_block(tmp_path, capsys) -> None:
+    """A quantized --gguf-type makes kept widths multiples of its 32-value block (no zero padding); an
+    explicit --round-to 1 keeps exact widths, which the writer pads."""
+    from modelfold.cli import main
+
+    src = tmp_path / "src.gguf"
+    save_gguf(tiny(inter=160), src, dtype="f32")  # 160 * 0.7 = 112: not a multiple of 32
+    widths = {}
+    for name, extra in (("auto", []), ("exact", ["--round-to", "1"])):
+        out = tmp_path / f"{name}.gguf"
+        assert main(["prune", str(src), "--ratio", "0.3", "--out", str(out), "--gguf-type", "q8_0", *extra]) == 0
+        printed = capsys.readouterr().out
+        assert ("blocks of 32" in printed) == (name == "auto")
+        assert ("padded with zero neurons" in printed) == (name == "exact")
+        r = gguf.GGUFReader(str(out))
+        ffn = next(f for k, f in r.fields.items() if k.endswith("feed_forward_length"))
+        widths[name] = int(ffn.parts[ffn.data[0]][0])
+    assert widths["auto"] in (96, 128) and widths["exact"] == 128  # 112 kept, stored padded to 128
