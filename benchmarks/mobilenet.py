@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 import modelfold  # noqa: E402
 from modelfold.assets import IMAGENET_MEAN, IMAGENET_STD, mobilenet_v2_imagenet, package_dir  # noqa: E402
-from modelfold.calib.cnn_budget import plan_for_sparsity  # noqa: E402
+from modelfold.traced.budget import plan_for_sparsity  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 EVAL_SKIMAGE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",

@@ -5,7 +5,7 @@
 * Encoders (BERT-style, no generative head): sequences of random whole-word tokens of the model's
   own vocabulary between [CLS] and [SEP] (an encoder cannot write text; see docs/calibration.md
   for what this recovers against real text).
-* CNNs: the DeepInversion batch (``modelfold.repair.dir``), see docs/calibration-cnn.md.
+* CNNs: the DeepInversion batch (``modelfold.traced.repair.dir``), see docs/calibration-cnn.md.
 
 User data for transformers: a LongTensor of token ids (n, L), or a list of strings together with
 ``tokenizer=`` (split into ``seq_len`` token chunks).

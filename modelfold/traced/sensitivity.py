@@ -1,6 +1,6 @@
 """Refit-aware sensitivity of a channel group (automatic CNN budget, ``calibration_kwargs={"budget_refit": True}``).
 
-The plain sensitivity (``cnn_budget._silenced_error``) zeroes the consumer columns of a group's weakest
+The plain sensitivity (``budget._silenced_error``) zeroes the consumer columns of a group's weakest
 channels and measures the network's output error: pruning *without* the least-squares refit that
 ``compress`` applies afterwards. A group whose consumer the refit repairs well (a 1x1 projection with
 thousands of im2col rows) and one it cannot repair (a classifier fitted on a few pooled samples) look
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..engine import CONSUMER, resolve
-from ..groups import ChannelGroup
-from .cnn import capture_input, refittable, rows
-from .compensate import with_ones
+from ..calib.compensate import with_ones
+from .calibrator import capture_input, refittable, rows
+from .engine import CONSUMER, resolve
+from .groups import ChannelGroup
 
 
 def consumer_grams(model: nn.Module, cg: ChannelGroup, halves: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:

@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from ..checks import forward
 from ..errors import CalibrationError, InputShapeError, ModelFoldError
-from ..repair.dir import DIRSettings, synthetic_batch
-from ..repair.stats import BN_TYPES, as_batches
+from .repair.dir import DIRSettings, synthetic_batch
+from .repair.stats import BN_TYPES, as_batches
 
 SOURCES = ("self",)
 # The default self batch: images x optimisation steps, synthesized with the shorter side at most ``side``
