@@ -72,6 +72,7 @@ def test_errors_module_classes_all_subclass_modelfolderror():
 
 @pytest.mark.parametrize(("module", "name"), [
     ("modelfold.calib.data", "CalibrationError"), ("modelfold.traced.sources", "CalibrationError"),
+    ("modelfold.calib.cnn_sources", "CalibrationError"),
     ("modelfold.traced.repair", "RepairError"), ("modelfold.repair", "RepairError"),
     ("modelfold.hf.plan", "InvalidPlanError"),
     ("modelfold.hf", "InvalidPlanError"), ("modelfold.device", "DeviceError"),
