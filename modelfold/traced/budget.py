@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..calib.budget import SPARSITY_TOL, exhaustive, fill, refine, settle, unreachable
 from ..checks import forward, kept_width
 from ..errors import InvalidRatioError
-from .engine import CONSUMER, group_features, mark_user_kept, resolve
+from .engine import CONSUMER, group_features, group_slices, mark_user_kept, resolve
 from .groups import ChannelGroup, build_graph, iter_groups
 from .planners import activation_scores
 
@@ -34,13 +34,9 @@ CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
 def _channel_params(model: nn.Module, cg: ChannelGroup) -> int:
     """Parameters one channel of the group owns (rows, columns, per-channel vectors)."""
     total = 0
-    for sl in cg.slices:
-        owner = resolve(model, sl.module)
-        m = sl.table(cg.size).shape[1]
-        for attr, dim in sl.tensors:
-            t = owner if attr == "" else getattr(owner, attr, None)
-            if isinstance(t, nn.Parameter):
-                total += t.numel() // t.shape[dim] * m
+    for _, _, table, tensors in group_slices(model, cg):
+        m = table.shape[1]
+        total += sum(t.numel() // t.shape[dim] * m for _, dim, t in tensors if isinstance(t, nn.Parameter))
     return total
 
 
@@ -105,16 +101,11 @@ def _silenced_error(model: nn.Module, cg: ChannelGroup, drop: torch.Tensor, x: t
                     ref: torch.Tensor) -> float:
     saved = []
     with torch.no_grad():
-        for sl in cg.slices:
-            if sl.kind != CONSUMER:
-                continue
-            owner = resolve(model, sl.module)
-            pos = sl.table(cg.size)[drop].reshape(-1)
-            for attr, dim in sl.tensors:
-                t = getattr(owner, attr, None)
-                if isinstance(t, torch.Tensor):
-                    saved.append((t, dim, pos, t.data.index_select(dim, pos).clone()))
-                    t.data.index_fill_(dim, pos, 0.0)
+        for _, _, table, tensors in group_slices(model, cg, lambda sl, _: sl.kind == CONSUMER):
+            pos = table[drop].reshape(-1)
+            for _, dim, t in tensors:
+                saved.append((t, dim, pos, t.data.index_select(dim, pos).clone()))
+                t.data.index_fill_(dim, pos, 0.0)
         try:
             return float((_output(model, x) - ref).pow(2).mean())
         finally:
