@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..calib.budget import SPARSITY_TOL, exhaustive, fill, refine, settle, unreachable
+from ..calib.budget import SPARSITY_TOL, exhaustive, fill, ratio_grid, refine, settle, unreachable
 from ..checks import forward, kept_width
 from ..errors import InvalidRatioError
 from .engine import CONSUMER, group_features, group_slices, mark_user_kept, resolve
 from .groups import ChannelGroup, build_graph, iter_groups
 from .planners import activation_scores
 
-CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
+CANDIDATES = ratio_grid(0.1, 0.5)[1:] + (0.7,)  # coarse: 0.1 .. 0.5, then 0.7 (each curve adds its 0)
 
 
 def _channel_params(model: nn.Module, cg: ChannelGroup) -> int:
