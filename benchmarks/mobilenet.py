@@ -11,7 +11,7 @@ motorcycle_left, hubble_deep_field, ihc, retina), 5 crops each (4 corners + cent
 KL(original || compressed) of the softmax outputs. Calibration "data" uses other photos only:
 scikit-image's grey-scale photos (as RGB) and motorcycle_right, random crops; "self" is the
 DeepInversion batch the model makes itself, cached: compress()'s default self batch
-(``calib.cnn_sources.SELF_DEFAULTS``, chosen in benchmarks/cnn_self_batch.py), or ``--self BxTxR``
+(``traced.sources.SELF_DEFAULTS``, chosen in benchmarks/cnn_self_batch.py), or ``--self BxTxR``
 (images x steps x pixels; the rows before that default used 32 x 60 x 64). No ignore=: every group
 is eligible.
 Records: ``benchmarks/results/mobilenet.json`` (resumable).
