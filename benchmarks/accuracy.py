@@ -35,10 +35,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import modelfold  # noqa: E402
-from modelfold.baselines import ifm  # noqa: E402
 from modelfold.cache import model_hash  # noqa: E402
-from modelfold.repair.dir import DIRSettings, synthetic_batch  # noqa: E402
 from modelfold.report import count_macs, count_params  # noqa: E402
+from modelfold.traced.baselines import ifm  # noqa: E402
+from modelfold.traced.repair.dir import DIRSettings, synthetic_batch  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("fold-naive", "fold-ar", "fold-dir", "fold-r", "sp-l1", "sp-l2", "ifm", "tp-magnitude")

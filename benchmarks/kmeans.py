@@ -5,8 +5,8 @@
     python benchmarks/kmeans.py --layers 15 --cnn-groups 2   # a subset
 
 Problems: SmolLM2-135M MLP neuron features (``modelfold.hf.mlp.mlp_features``) of ``--layers`` at
-``--llm-ratios``; the channel-group features the CNN planner clusters (``modelfold.engine.group_features``
-as stacked by ``modelfold.policies.kmeans_planner``) of the shipped Fashion-MNIST ResNet18 / VGG11-BN,
+``--llm-ratios``; the channel-group features the CNN planner clusters (``modelfold.traced.engine.group_features``
+as stacked by ``modelfold.traced.planners.kmeans_planner``) of the shipped Fashion-MNIST ResNet18 / VGG11-BN,
 recorded during a fold at ratio 0.3, clustered at ``--cnn-ratios``. k = round(n (1 - ratio)), as the
 folds use. Both inertias are measured by ``modelfold.cluster.inertia`` (float64, original features).
 Ours is also run with 1 and 2 torch threads: ``same`` says whether the labels are bit-identical.
@@ -50,8 +50,8 @@ def smollm_problems(layers: list[int]) -> dict[str, torch.Tensor]:
 
 def cnn_problems(per_model: int) -> dict[str, torch.Tensor]:
     from modelfold import zoo
-    from modelfold.engine import compress
-    from modelfold.policies import _stack, kmeans_planner
+    from modelfold.traced.engine import compress
+    from modelfold.traced.planners import _stack, kmeans_planner
 
     out: dict[str, torch.Tensor] = {}
     for name in ("resnet18_fmnist", "vgg11_bn_fmnist"):

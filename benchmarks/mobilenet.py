@@ -11,7 +11,7 @@ motorcycle_left, hubble_deep_field, ihc, retina), 5 crops each (4 corners + cent
 KL(original || compressed) of the softmax outputs. Calibration "data" uses other photos only:
 scikit-image's grey-scale photos (as RGB) and motorcycle_right, random crops; "self" is the
 DeepInversion batch the model makes itself, cached: compress()'s default self batch
-(``calib.cnn_sources.SELF_DEFAULTS``, chosen in benchmarks/cnn_self_batch.py), or ``--self BxTxR``
+(``traced.sources.SELF_DEFAULTS``, chosen in benchmarks/cnn_self_batch.py), or ``--self BxTxR``
 (images x steps x pixels; the rows before that default used 32 x 60 x 64). No ignore=: every group
 is eligible.
 Records: ``benchmarks/results/mobilenet.json`` (resumable).
@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 import modelfold  # noqa: E402
 from modelfold.assets import IMAGENET_MEAN, IMAGENET_STD, mobilenet_v2_imagenet, package_dir  # noqa: E402
-from modelfold.calib.cnn_budget import plan_for_sparsity  # noqa: E402
+from modelfold.traced.budget import plan_for_sparsity  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 EVAL_SKIMAGE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",

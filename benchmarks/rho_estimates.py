@@ -31,11 +31,11 @@ if str(REPO) not in sys.path:
 
 from modelfold import zoo  # noqa: E402
 from modelfold.datasets import fashion_mnist  # noqa: E402
-from modelfold.engine import compress  # noqa: E402
-from modelfold.groups import PRODUCER  # noqa: E402
-from modelfold.policies import kmeans_planner  # noqa: E402
-from modelfold.repair import make_repair  # noqa: E402
-from modelfold.repair.ar import cluster_rho, rho_blocks  # noqa: E402
+from modelfold.traced.engine import compress  # noqa: E402
+from modelfold.traced.groups import PRODUCER  # noqa: E402
+from modelfold.traced.planners import kmeans_planner  # noqa: E402
+from modelfold.traced.repair import make_repair  # noqa: E402
+from modelfold.traced.repair.ar import cluster_rho, rho_blocks  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 1, 32, 32)
 

@@ -4,8 +4,8 @@ from . import errors, io
 from .api import REPAIRS, channel_groups, compress, fold, prune
 from .cluster import kmeans
 from .export import export_onnx
-from .groups import ChannelGroup, Slice
 from .report import FoldReport, GroupReport
+from .traced.groups import ChannelGroup, Slice
 
 __all__ = ["REPAIRS", "ChannelGroup", "FoldReport", "GroupReport", "Slice", "channel_groups", "compress", "errors", "io",
            "export_onnx", "fold", "kmeans", "prune"]

@@ -9,17 +9,17 @@ import torch.nn as nn
 
 from . import checks
 from .device import DeviceError, resolve_device
-from .engine import mark_user_kept
-from .groups import ChannelGroup, build_graph, iter_groups
-from .pipeline import run_traced
-from .policies import (
+from .report import FoldReport
+from .traced.engine import mark_user_kept
+from .traced.groups import ChannelGroup, build_graph, iter_groups
+from .traced.pipeline import run_traced
+from .traced.planners import (
     activation_kmeans_planner,
     activation_planner,
     kmeans_planner,
     magnitude_planner,
     neuron_merging_planner,
 )
-from .report import FoldReport
 
 REPAIRS = ("none", "ar", "dir", "data")
 DEFAULT_GROUPING = "activation"  # calibrated folding; see docs/calibration-cnn.md for the measurement
@@ -36,7 +36,7 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Iterable[nn.Mo
     work = checks.prepare(model, example_inputs)
     names = checks.ignore_names(work, model, ignore)
     kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
-    from .engine import model_outputs, verify_coupling
+    from .traced.engine import model_outputs, verify_coupling
 
     dg = build_graph(work, example_inputs)
     ignored = [m for n, m in work.named_modules() if n in names]
@@ -59,7 +59,7 @@ def _reject_cnn_only(**options: Iterable) -> None:
 
 
 def _calibration_options(calibration: Any, options: dict | None, repair: str) -> dict:
-    from .calib.cnn_sources import CalibrationError
+    from .traced.sources import CalibrationError
 
     options = dict(options or {})
     unknown = sorted(set(options) - CALIBRATION_OPTIONS)
@@ -131,7 +131,7 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     if kwargs:
         raise TypeError(f"fold() got unexpected arguments {sorted(kwargs)}")
     if repair not in REPAIRS:
-        from .repair import RepairError
+        from .traced.repair import RepairError
 
         raise RepairError(f"repair must be one of {REPAIRS}, got {repair!r}")
     opts = _calibration_options(calibration, calibration_kwargs, repair)

@@ -113,10 +113,3 @@ def qwen_coder_gguf() -> Path:
             os.unlink(tmp)
     return path
 
-
-def qwen_coder(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) of Qwen2.5-Coder-1.5B-Instruct, dequantized to ``dtype`` (fp32: ~9.7 GB peak, ~46 s)."""
-    from .hf.io import load_any, load_tokenizer
-
-    path = qwen_coder_gguf()
-    return load_any(path, dtype=dtype), load_tokenizer(path)  # saveable: the GGUF "quantizer" is dropped

@@ -3,10 +3,11 @@
     .venv/bin/python scripts/layout.py          # print every violation; exit 1 if there is one
 
 Rules (issue 18): no import cycle between modules (imports inside functions count: a lazy import
-that breaks a cycle at run time still ties the two modules together); no private name (``_x``)
-imported from another module; no module over 400 lines; no function over 80 lines. Package
-``__init__`` modules re-export and are left out of the cycle check. Alias modules kept for one
-release (a docstring starting with "Alias of") are left out too.
+that breaks a cycle at run time still ties the two modules together); no import up the layers
+(``LAYERS``, likewise counting imports inside functions); no private name (``_x``) imported from
+another module; no module over 400 lines; no function over 80 lines. Package ``__init__`` modules
+re-export and are left out of the cycle check. Alias modules kept for one release (a docstring
+starting with "Alias of") are left out of the cycle and layer checks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "modelfold"
 MAX_LINES, MAX_FUNC = 400, 80
+SHARED = ("errors", "cache", "device", "checks", "bounds", "report", "cluster", "merge", "runcheck", "calib", "io",
+          "datasets", "zoo", "assets", "export", "evaluate")
+# Layer of each top-level name under modelfold, low to high: shared rooms < engines < api < front ends.
+# "" is the package itself (its __init__ re-exports the api). A module imports from its layer or below.
+LAYERS = {**dict.fromkeys(SHARED, 0), "traced": 1, "hf": 1, "api": 2, "": 2, "cli": 3, "demo": 3}
+
+
+def layer(mod: str) -> int | None:
+    return LAYERS.get(mod.split(".")[1] if "." in mod else "")
 
 
 def module_name(path: Path) -> str:
@@ -42,6 +52,8 @@ def scan() -> tuple[dict[str, set[str]], list[str]]:
         is_pkg = path.name == "__init__.py"
         alias = (ast.get_docstring(tree) or "").startswith("Alias of")
         n_lines = len(text.splitlines())
+        if layer(mod) is None and not alias:
+            problems.append(f"layer: {mod} is in no layer (add it to LAYERS)")
         if n_lines > MAX_LINES:
             problems.append(f"size: {mod} has {n_lines} lines (> {MAX_LINES})")
         for node in ast.walk(tree):
@@ -60,6 +72,9 @@ def scan() -> tuple[dict[str, set[str]], list[str]]:
             for target, names in targets:
                 if not target.startswith("modelfold"):
                     continue
+                up = f"layer: {mod} imports {target} from a higher layer"
+                if not alias and (layer(target) or 0) > (layer(mod) or 0) and up not in problems:
+                    problems.append(up)
                 for name in names:
                     if name.startswith("_") and not name.startswith("__") and target != mod:
                         problems.append(f"private: {mod} imports {name} from {target}")

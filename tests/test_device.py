@@ -10,7 +10,7 @@ import modelfold
 from modelfold.cli import main
 from modelfold.device import DeviceError, resolve_device
 from modelfold.errors import ModelFoldError
-from modelfold.repair.dir import DIRSettings, synthesize
+from modelfold.traced.repair.dir import DIRSettings, synthesize
 
 
 @pytest.fixture

@@ -71,8 +71,10 @@ def test_errors_module_classes_all_subclass_modelfolderror():
 
 
 @pytest.mark.parametrize(("module", "name"), [
-    ("modelfold.calib.data", "CalibrationError"), ("modelfold.calib.cnn_sources", "CalibrationError"),
-    ("modelfold.repair", "RepairError"), ("modelfold.hf.plan", "InvalidPlanError"),
+    ("modelfold.calib.data", "CalibrationError"), ("modelfold.traced.sources", "CalibrationError"),
+    ("modelfold.calib.cnn_sources", "CalibrationError"),
+    ("modelfold.traced.repair", "RepairError"), ("modelfold.repair", "RepairError"),
+    ("modelfold.hf.plan", "InvalidPlanError"),
     ("modelfold.hf", "InvalidPlanError"), ("modelfold.device", "DeviceError"),
 ])
 def test_old_import_names_are_the_same_class(module, name):
@@ -82,10 +84,10 @@ def test_old_import_names_are_the_same_class(module, name):
 def test_one_calibration_error_catches_both_sources():
     import torch
 
-    from modelfold.calib import cnn_sources
     from modelfold.hf.calib import data
+    from modelfold.traced import sources
 
     with pytest.raises(data.CalibrationError):
-        cnn_sources.calibration_batches("nonsense", torch.nn.Linear(2, 2), torch.zeros(1, 2))
-    with pytest.raises(cnn_sources.CalibrationError):
+        sources.calibration_batches("nonsense", torch.nn.Linear(2, 2), torch.zeros(1, 2))
+    with pytest.raises(sources.CalibrationError):
         data.resolve(torch.nn.Linear(2, 2), ["some text"], None, n_seq=1, seq_len=4)

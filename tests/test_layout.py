@@ -1,5 +1,5 @@
-"""The package layout keeps its rules (scripts/layout.py): no import cycles, no private names across
-modules, no module over 400 lines, no function over 80 lines."""
+"""The package layout keeps its rules (scripts/layout.py): no import cycles, no import up the layers, no
+private names across modules, no module over 400 lines, no function over 80 lines."""
 
 from __future__ import annotations
 
@@ -34,3 +34,23 @@ def test_the_checker_finds_a_cycle_and_a_private_import(tmp_path, monkeypatch):
     edges, problems = layout.scan()
     assert "private: modelfold.a imports _hidden from modelfold.b" in problems
     assert layout.cycles(edges) == [["modelfold.a", "modelfold.b"]]
+
+
+def test_the_checker_finds_an_import_up_the_layers(tmp_path, monkeypatch):
+    layout = _layout()
+    pkg = tmp_path / "modelfold"
+    (pkg / "traced").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .api import fold\n")
+    (pkg / "traced" / "__init__.py").write_text("")
+    (pkg / "errors.py").write_text("def f():\n    from .traced import engine\n")  # shared room -> engine
+    (pkg / "traced" / "engine.py").write_text("from ..errors import f\n\n\ndef g():\n    from ..api import fold\n")
+    (pkg / "api.py").write_text("from .traced.engine import g\n\n\ndef fold():\n    pass\n")
+    (pkg / "old.py").write_text('"""Alias of modelfold.traced.engine."""\nfrom .traced.engine import g\n')
+    (pkg / "extra.py").write_text("")
+    monkeypatch.setattr(layout, "ROOT", pkg)
+    _, problems = layout.scan()
+    assert sorted(p for p in problems if p.startswith("layer:")) == [
+        "layer: modelfold.errors imports modelfold.traced.engine from a higher layer",
+        "layer: modelfold.extra is in no layer (add it to LAYERS)",
+        "layer: modelfold.traced.engine imports modelfold.api from a higher layer",
+    ]

@@ -18,6 +18,11 @@ from ..errors import InvalidRatioError
 Curve = Sequence[tuple[float, float, float]]  # (ratio, parameters removed, error)
 
 
+def ratio_grid(step: float, top: float) -> tuple[float, ...]:
+    """Candidate ratios 0, step, 2 step, ..., top (rounded to 6 decimals: ``ratio_grid(0.1, 0.3)[3]`` is 0.3)."""
+    return tuple(round(step * i, 6) for i in range(round(top / step) + 1))
+
+
 def _pick(curve: Curve, price: float) -> tuple[float, float, float]:
     # Lowest error - price * removed; ties go to the smaller ratio (deterministic).
     return min(curve, key=lambda c: (c[2] - price * c[1], c[0]))

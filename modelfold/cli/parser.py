@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import api
-from ..repair.ar import RHO_MODES
+from ..traced.repair.ar import RHO_MODES
 from .options import add_checkpoint_options, add_device_option, add_width_options, input_shape
 
 EPILOG = """\

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..calib.capture import module_call
 from ..errors import ResultError
 from ..runcheck import run_or_raise
 from .adapters import Adapter, find_adapter
@@ -87,10 +88,6 @@ def check_model_runs(model: nn.Module, adapter: Adapter | None = None, what: str
         raise
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: layer 0's inputs are known, the rest of the forward is not needed."""
-
-
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -116,26 +113,18 @@ def _capture(model: nn.Module, adapter: Adapter) -> tuple[tuple, dict]:
         return _TEMPLATES[model]
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    got: dict[str, Any] = {}
-
-    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        got["v"] = (_meta(args), _meta(kwargs))
-        raise _Stop
-
-    h = adapter.layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    try:
+
+    def run() -> None:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             dev = model.get_input_embeddings().weight.device  # meta on a skeleton
             model(input_ids=torch.zeros(BATCH, SEQ, dtype=torch.long, device=dev), **extra)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    if "v" not in got:
+
+    call = module_call(adapter.layers(model)[0], run)
+    if call is None:
         raise RuntimeError(f"{type(model).__name__}: the forward never reached layer 0")
-    _TEMPLATES[model] = got["v"]
-    return got["v"]
+    _TEMPLATES[model] = (_meta(call[0]), _meta(call[1]))
+    return _TEMPLATES[model]
 
 
 def _real(v: Any, name: str, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> Any:

@@ -1,6 +1,6 @@
 import pytest
 
-from modelfold.calib.budget import allocate
+from modelfold.calib.budget import allocate, ratio_grid
 from modelfold.errors import InvalidRatioError
 
 
@@ -25,3 +25,12 @@ def test_equal_units_get_equal_ratios_and_zero_target_is_identity():
 def test_unreachable_target_is_refused():
     with pytest.raises(InvalidRatioError, match="at most"):
         allocate({"a": _curve(1.0)}, 1000.0)
+
+
+def test_one_ratio_grid_gives_both_engines_their_candidates():
+    from modelfold.hf.sensitivity import RATIO_GRID
+    from modelfold.traced.budget import CANDIDATES
+
+    assert ratio_grid(0.05, 0.8) == RATIO_GRID == tuple(round(0.05 * i, 2) for i in range(17))
+    assert CANDIDATES == (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
+    assert ratio_grid(0.1, 0.3) == (0.0, 0.1, 0.2, 0.3)  # 3 * 0.1 rounded back to 0.3

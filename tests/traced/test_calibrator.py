@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import modelfold
-from modelfold.calib.cnn import CNNCalibrator
-from modelfold.calib.cnn_sources import CalibrationError
-from modelfold.engine import compress
 from modelfold.errors import InputShapeError
-from modelfold.policies import first_k_planner, magnitude_planner
+from modelfold.traced.calibrator import CNNCalibrator
+from modelfold.traced.engine import compress
+from modelfold.traced.planners import first_k_planner, magnitude_planner
+from modelfold.traced.sources import CalibrationError
 from tests.nets import InvertedResidual, ResNetish, VGGish, double, randomize_bn
 
 NETS = [VGGish, ResNetish, InvertedResidual]

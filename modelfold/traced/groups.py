@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 
-from .bounds import BoundExceeded, bounded
-from .errors import UnsupportedModelError
-from .merge import position_table
+from ..bounds import BoundExceeded, bounded
+from ..errors import UnsupportedModelError
+from ..merge import position_table
 
 PRODUCER, CONSUMER, CHANNEL = "producer", "consumer", "channel"
 

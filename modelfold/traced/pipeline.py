@@ -13,12 +13,12 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import checks
+from .. import checks
+from ..errors import InvalidRatioError, UnsupportedModelError
+from ..report import FoldReport, count_macs, count_params
 from .engine import USER_REASONS, Planner
 from .engine import compress as compress_groups
-from .errors import InvalidRatioError, UnsupportedModelError
 from .groups import ChannelGroup
-from .report import FoldReport, count_macs, count_params
 
 
 def calibrator(model: nn.Module, example_inputs: Any, calibration: Any, opts: dict, seed: int,
@@ -26,8 +26,8 @@ def calibrator(model: nn.Module, example_inputs: Any, calibration: Any, opts: di
     """(CNNCalibrator, info) for ``calibration``, or (None, {}) without one."""
     if calibration is None:
         return None, {}
-    from .calib.cnn import CNNCalibrator
-    from .calib.cnn_sources import calibration_batches
+    from .calibrator import CNNCalibrator
+    from .sources import calibration_batches
 
     batches, info = calibration_batches(calibration, model, example_inputs, seed,
                                         max_samples=opts.get("samples", 1024), progress=progress,
@@ -59,7 +59,7 @@ def run_traced(model: nn.Module, example_inputs: Any, ratio: float | None, spars
     plan: float | dict[str, float] = ratio
     run_info: dict[str, Any] = {"round_to": round_to} if round_to else {}
     if sparsity is not None and calib is not None and calib_opts.get("budget", "auto") == "auto":
-        from .calib.cnn_budget import auto_budget, counter, foldable_groups
+        from .budget import auto_budget, counter, foldable_groups
 
         t1 = time.perf_counter()
         groups = foldable_groups(work, example_inputs, names, kept, verify, seed)
@@ -70,7 +70,7 @@ def run_traced(model: nn.Module, example_inputs: Any, ratio: float | None, spars
         ratio = sum(plan.values()) / max(1, len(plan))
         run_info.update(sparsity=sparsity, sparsity_planned=budget_info["sparsity_planned"])
     elif sparsity is not None:
-        from .calib.cnn_budget import plan_for_sparsity
+        from .budget import plan_for_sparsity
 
         ratio, plan, planned = plan_for_sparsity(work, example_inputs, sparsity, names, kept, round_to,
                                                   verify=verify, seed=seed, calib=calib)
@@ -96,7 +96,7 @@ def run_traced(model: nn.Module, example_inputs: Any, ratio: float | None, spars
     work = fixer.after(work)
     work.eval()
     if sparsity is not None:  # the plan's count is exact; a repair that adds parameters is caught here
-        from .calib.budget import SPARSITY_TOL
+        from ..calib.budget import SPARSITY_TOL
 
         got = 1.0 - count_params(work) / params0
         if abs(got - sparsity) > SPARSITY_TOL:
@@ -106,7 +106,7 @@ def run_traced(model: nn.Module, example_inputs: Any, ratio: float | None, spars
                 f"ask for sparsity={min(0.99, sparsity + run_info['sparsity_planned'] - got):.3f} to land on "
                 f"{sparsity:.3f}, or use another repair")
     if verify:  # the result runs once (example's first item) before it is handed out; ``model`` is untouched
-        from .runcheck import check_cnn_runs
+        from ..runcheck import check_cnn_runs
 
         check_cnn_runs(work, example_inputs)
     info = dict(fixer.summary)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from nets import MLP, ResNetish, VGGish, double, randomize_bn
 
-from modelfold.baselines import ifm, ifm_labels
 from modelfold.report import count_params
+from modelfold.traced.baselines import ifm, ifm_labels
 
 
 def test_ifm_labels_give_k_dense_clusters():

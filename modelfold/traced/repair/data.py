@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import forward
+from ...checks import forward
+from ...merge import representatives
 from ..engine import Planner
-from ..merge import representatives
 from . import Repair, RepairError
 from .stats import BN_TYPES, PlanLog, as_batches, group_has_bn, reset_bn_stats
 

@@ -3,8 +3,8 @@
 import torch
 
 import modelfold
-from modelfold.calib.cnn import CNNCalibrator
-from modelfold.calib.cnn_budget import sensitivity_curves
+from modelfold.traced.budget import sensitivity_curves
+from modelfold.traced.calibrator import CNNCalibrator
 from tests.nets import InvertedResidual, double, randomize_bn
 
 

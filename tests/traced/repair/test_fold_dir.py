@@ -8,9 +8,9 @@ from repair_helpers import TinyCNN, accuracy, tiny_task, train
 
 import modelfold
 from modelfold.errors import InputShapeError
-from modelfold.repair import RepairError
-from modelfold.repair import dir as dir_mod
-from modelfold.repair.dir import DIRSettings, synthetic_batch
+from modelfold.traced.repair import RepairError
+from modelfold.traced.repair import dir as dir_mod
+from modelfold.traced.repair.dir import DIRSettings, synthetic_batch
 
 SETTINGS = DIRSettings(batch=64, iters=80, lr=0.2, seed=0)
 

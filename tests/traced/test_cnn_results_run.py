@@ -71,7 +71,7 @@ def test_result_that_cannot_run_is_refused(how: str) -> None:
     m, x = _assumes16()
     before = _state(m)
     modules = dict(m.named_modules())
-    # calibrated compression runs the partly compressed model itself (calib.cnn), where the module's own
+    # calibrated compression runs the partly compressed model itself (traced.calibrator), where the module's own
     # error surfaces first; fold and prune meet it in the final check
     with pytest.raises(ValueError if how == "compress" else ResultError) as e:
         CALLS[how](m, x)

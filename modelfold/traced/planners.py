@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .cluster import kmeans
+from ..cluster import kmeans
 from .engine import NORM, Plan, Planner
 from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup
 

@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import cache as caches
-from ..checks import forward
-from ..device import resolve_device
+from ... import cache as caches
+from ...checks import forward
+from ...device import resolve_device
+from ...errors import InputShapeError
 from ..engine import Planner
-from ..errors import InputShapeError
 from . import Repair, RepairError
 from .stats import BN_TYPES, PlanLog
 

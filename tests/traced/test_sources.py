@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import modelfold
-from modelfold.calib import cnn_sources
-from modelfold.calib.cnn_sources import SELF_DEFAULTS, calibration_batches, default_self_shape
+from modelfold.traced import sources
+from modelfold.traced.sources import SELF_DEFAULTS, calibration_batches, default_self_shape
 from tests.nets import VGGish, randomize_bn
 
 BARS = ("DeepInversion", "automatic budget", "least-squares refit", "folding groups")
@@ -42,7 +42,7 @@ def test_default_self_batch_is_what_is_synthesized(monkeypatch):
         info.update(source="synthesized", seconds=0.0)
         return torch.zeros(settings.batch, *shape)
 
-    monkeypatch.setattr(cnn_sources, "synthetic_batch", fake)
+    monkeypatch.setattr(sources, "synthetic_batch", fake)
     side = SELF_DEFAULTS["side"]
     batches, info = calibration_batches("self", _pooled(), torch.zeros(1, 3, 224, 224), progress=True)
     assert got == {"shape": (3, side, side), "batch": SELF_DEFAULTS["batch"], "iters": SELF_DEFAULTS["iters"],

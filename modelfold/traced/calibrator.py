@@ -5,7 +5,7 @@ Two roles in the engine (``engine.compress(..., calib=CNNCalibrator(...))``):
 * before a group is planned, :meth:`CNNCalibrator.activation_features` measures the group's
   channels as its consumers see them on the calibration inputs (current, partly compressed
   network): per-position energies and a fixed subsample of values. Activation-aware planners
-  (``modelfold.policies``) read them.
+  (``modelfold.traced.planners``) read them.
 * after every group is compressed, :meth:`CNNCalibrator.finish` refits, in execution order,
   every consumer (conv with groups=1 or linear) whose inputs were folded or pruned: ridge regression
   (``calib.compensate``) of the consumer's output on the compressed network's activations onto the
@@ -24,12 +24,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..calib.capture import StopForward, hooks, module_call, run_stopped, run_through
+from ..calib.compensate import Gram, conv_patches, ridge_refit, with_ones
 from ..checks import forward
-from ..engine import resolve
-from ..groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup
 from ..merge import representatives
-from .capture import StopForward, hooks, module_call, run_stopped, run_through
-from .compensate import Gram, conv_patches, ridge_refit, with_ones
+from .engine import resolve
+from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -76,7 +76,7 @@ def execution_order(model: nn.Module, x: Any) -> tuple[list[str], dict[str, int]
 
 def bn_after(model: nn.Module, x: Any) -> dict[str, str]:
     """conv/linear name -> name of the BatchNorm that reads exactly its output (run once each)."""
-    from ..repair.stats import conv_bn_pairs
+    from .repair.stats import conv_bn_pairs
 
     return dict(conv_bn_pairs(model, x))
 

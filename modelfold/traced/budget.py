@@ -1,7 +1,7 @@
 """Automatic per-group budgets for ``sparsity=`` with calibration (traced CNN engine).
 
 Sensitivity of a group at a ratio r = the relative output error of the whole network when the
-group's lowest-scoring channels (activation scores, ``policies.activation_scores``) are silenced,
+group's lowest-scoring channels (activation scores, ``planners.activation_scores``) are silenced,
 i.e. their consumer columns zeroed, on the calibration inputs: a pruning of that one group without
 compensation, measured end to end without re-tracing the model. The curves' continuous allocation
 (``calib.budget.fill``: fragile groups keep more) is bisected on its parameter target against the
@@ -21,26 +21,22 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..calib.budget import SPARSITY_TOL, exhaustive, fill, ratio_grid, refine, settle, unreachable
 from ..checks import forward, kept_width
-from ..engine import CONSUMER, group_features, mark_user_kept, resolve
 from ..errors import InvalidRatioError
-from ..groups import ChannelGroup, build_graph, iter_groups
-from ..policies import activation_scores
-from .budget import SPARSITY_TOL, exhaustive, fill, refine, settle, unreachable
+from .engine import CONSUMER, group_features, group_slices, mark_user_kept, resolve
+from .groups import ChannelGroup, build_graph, iter_groups
+from .planners import activation_scores
 
-CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
+CANDIDATES = ratio_grid(0.1, 0.5)[1:] + (0.7,)  # coarse: 0.1 .. 0.5, then 0.7 (each curve adds its 0)
 
 
 def _channel_params(model: nn.Module, cg: ChannelGroup) -> int:
     """Parameters one channel of the group owns (rows, columns, per-channel vectors)."""
     total = 0
-    for sl in cg.slices:
-        owner = resolve(model, sl.module)
-        m = sl.table(cg.size).shape[1]
-        for attr, dim in sl.tensors:
-            t = owner if attr == "" else getattr(owner, attr, None)
-            if isinstance(t, nn.Parameter):
-                total += t.numel() // t.shape[dim] * m
+    for _, _, table, tensors in group_slices(model, cg):
+        m = table.shape[1]
+        total += sum(t.numel() // t.shape[dim] * m for _, dim, t in tensors if isinstance(t, nn.Parameter))
     return total
 
 
@@ -56,9 +52,9 @@ def sensitivity_curves(model: nn.Module, example_inputs: Any, calib: Any, ignore
                        ) -> tuple[dict[str, list[tuple[float, float, float]]], dict[str, int]]:
     """Per foldable group root: [(ratio, parameters removed, relative output error)], incl. (0, 0, 0);
     and the group sizes. ``progress``: a tqdm bar over the groups. ``refit``: the error after the
-    silenced channels' consumers are refitted (``cnn_sensitivity``, cross-validated on two halves)."""
-    from .cnn import bn_after
-    from .cnn_sensitivity import compensated_error, consumer_grams
+    silenced channels' consumers are refitted (``sensitivity``, cross-validated on two halves)."""
+    from .calibrator import bn_after
+    from .sensitivity import compensated_error, consumer_grams
 
     x = torch.cat(calib.batches)[:samples]
     ref = _output(model, x)
@@ -105,16 +101,11 @@ def _silenced_error(model: nn.Module, cg: ChannelGroup, drop: torch.Tensor, x: t
                     ref: torch.Tensor) -> float:
     saved = []
     with torch.no_grad():
-        for sl in cg.slices:
-            if sl.kind != CONSUMER:
-                continue
-            owner = resolve(model, sl.module)
-            pos = sl.table(cg.size)[drop].reshape(-1)
-            for attr, dim in sl.tensors:
-                t = getattr(owner, attr, None)
-                if isinstance(t, torch.Tensor):
-                    saved.append((t, dim, pos, t.data.index_select(dim, pos).clone()))
-                    t.data.index_fill_(dim, pos, 0.0)
+        for _, _, table, tensors in group_slices(model, cg, lambda sl, _: sl.kind == CONSUMER):
+            pos = table[drop].reshape(-1)
+            for _, dim, t in tensors:
+                saved.append((t, dim, pos, t.data.index_select(dim, pos).clone()))
+                t.data.index_fill_(dim, pos, 0.0)
         try:
             return float((_output(model, x) - ref).pow(2).mean())
         finally:
@@ -138,7 +129,7 @@ def foldable_groups(model: nn.Module, example_inputs: Any, ignore: set[str], kee
                     verify: bool = True, seed: int = 0) -> dict[str, ChannelGroup]:
     """Root -> group for every group ``engine.compress`` will reduce, decided exactly as it decides
     (user marks, then the coupling check with the same seeds): a plan over these is what it removes."""
-    from ..engine import model_outputs, verify_coupling
+    from .engine import model_outputs, verify_coupling
 
     dg = build_graph(model, example_inputs)
     ignored = [m for n, m in model.named_modules() if n in ignore]
@@ -218,10 +209,10 @@ def counter(work: nn.Module, example_inputs: Any, ignore: set[str], keep_outputs
     indexes shrinks by its removed channels times their positions), which costs microseconds instead
     of a compression; that formula is checked against measured compressions of two plans first and
     replaced by the measurement wherever they disagree. ``count.measure(plan)`` always measures."""
-    from ..engine import compress
-    from ..policies import first_k_planner
     from ..report import count_params
-    from .cnn import added_params
+    from .calibrator import added_params
+    from .engine import compress
+    from .planners import first_k_planner
 
     total = count_params(work)
     memo: dict[tuple, float] = {}
@@ -288,7 +279,7 @@ def _formula(work: nn.Module, example_inputs: Any, groups: dict[str, ChannelGrou
     shaped = {name: list(p.shape) for name, p in params.items() if name in covered}
     extra: dict[str, tuple[str, list[str]]] = {}  # consumer weight -> groups whose reduction makes it refit
     if refits:
-        from .cnn import bias_gaining
+        from .calibrator import bias_gaining
 
         for name in bias_gaining(work, example_inputs):
             readers = [r for r, cg in groups.items() if any(sl.kind == CONSUMER and sl.module == name

@@ -3,7 +3,7 @@
 import torch
 
 import modelfold
-from modelfold.baselines.neuron_merging import merge_columns, plan_merge
+from modelfold.traced.baselines.neuron_merging import merge_columns, plan_merge
 
 
 def _scaled_duplicates(seed=0, n=6, d=5, e=4):

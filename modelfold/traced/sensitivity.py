@@ -1,6 +1,6 @@
 """Refit-aware sensitivity of a channel group (automatic CNN budget, ``calibration_kwargs={"budget_refit": True}``).
 
-The plain sensitivity (``cnn_budget._silenced_error``) zeroes the consumer columns of a group's weakest
+The plain sensitivity (``budget._silenced_error``) zeroes the consumer columns of a group's weakest
 channels and measures the network's output error: pruning *without* the least-squares refit that
 ``compress`` applies afterwards. A group whose consumer the refit repairs well (a 1x1 projection with
 thousands of im2col rows) and one it cannot repair (a classifier fitted on a few pooled samples) look
@@ -21,21 +21,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..engine import CONSUMER, resolve
-from ..groups import ChannelGroup
-from .cnn import capture_input, refittable, rows
-from .compensate import with_ones
+from ..calib.compensate import with_ones
+from .calibrator import capture_input, refittable, rows
+from .engine import CONSUMER, group_slices
+from .groups import ChannelGroup
 
 
 def consumer_grams(model: nn.Module, cg: ChannelGroup, halves: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """Consumer name -> [G of half 0, G of half 1] (float64, inputs with a constant column appended),
     for the group's refittable consumers that run once."""
     out: dict[str, list[torch.Tensor]] = {}
-    for sl in cg.slices:
-        if sl.kind != CONSUMER or sl.module in out:
-            continue
-        mod = model.get_submodule(sl.module)
-        if not refittable(mod):
+    for sl, mod, _, _ in group_slices(model, cg, lambda sl, mod: sl.kind == CONSUMER and refittable(mod)):
+        if sl.module in out:
             continue
         grams = []
         for h in halves:
@@ -58,13 +55,10 @@ def _corrections(model: nn.Module, cg: ChannelGroup, drop: torch.Tensor, grams: 
     """Consumer -> per half: (new flattened weight with the dropped columns zeroed and the kept ones
     refitted on that half, constant shift of its outputs)."""
     out = {}
-    for sl in cg.slices:
-        if sl.kind != CONSUMER or sl.module not in grams:
-            continue
-        mod = model.get_submodule(sl.module)
+    for sl, mod, table, _ in group_slices(model, cg, lambda sl, _: sl.kind == CONSUMER and sl.module in grams):
         w = mod.weight.detach().double().flatten(1)
         n = w.shape[1]
-        d_cols = _columns(mod, sl.table(cg.size)[drop].reshape(-1))
+        d_cols = _columns(mod, table[drop].reshape(-1))
         keep = torch.ones(n + 1, dtype=torch.bool)
         keep[d_cols] = False
         k_idx, d_idx = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
@@ -93,16 +87,12 @@ def compensated_error(model: nn.Module, cg: ChannelGroup, drop: torch.Tensor, ha
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     total, count = 0.0, 0
     with torch.no_grad():
-        for sl in cg.slices:  # plain silencing for consumers the refit does not reach
-            if sl.kind != CONSUMER or sl.module in fixes:
-                continue
-            owner = resolve(model, sl.module)
-            pos = sl.table(cg.size)[drop].reshape(-1)
-            for attr, dim in sl.tensors:
-                t = getattr(owner, attr, None)
-                if isinstance(t, torch.Tensor):
-                    saved.append((t, t.data.clone()))
-                    t.data.index_fill_(dim, pos, 0.0)
+        plain = group_slices(model, cg, lambda sl, _: sl.kind == CONSUMER and sl.module not in fixes)
+        for _, _, table, tensors in plain:  # plain silencing for consumers the refit does not reach
+            pos = table[drop].reshape(-1)
+            for _, dim, t in tensors:
+                saved.append((t, t.data.clone()))
+                t.data.index_fill_(dim, pos, 0.0)
         targets = []
         for name in fixes:
             mod = model.get_submodule(name)

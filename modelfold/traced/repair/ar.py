@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...merge import ar_scale, cluster_rho
 from ..engine import Plan, Planner, model_outputs, outputs_close
 from ..groups import CONSUMER, PRODUCER, ChannelGroup
-from ..merge import ar_scale, cluster_rho
 from . import Repair, RepairError
 from .stats import BN_TYPES, conv_bn_pairs, safe_resolve
 

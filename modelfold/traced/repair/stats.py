@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checks import forward
+from ...checks import forward
+from ...merge import representatives
 from ..engine import Plan, Planner, resolve
 from ..groups import PRODUCER, ChannelGroup
-from ..merge import representatives
 from . import RepairError
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)

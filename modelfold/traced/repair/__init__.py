@@ -5,9 +5,9 @@ features are read), ``wrap`` (around the planner, e.g. to set per-cluster scales
 ``after`` (on the folded model). See ``docs/repair.md``.
 
 - ``"none"``: Fold-Naive.
-- ``"ar"``: Fold-AR, data-free approximate REPAIR (:class:`~modelfold.repair.ar.FoldAR`).
-- ``"dir"``: Fold-DIR, DeepInversion REPAIR (:class:`~modelfold.repair.dir.FoldDIR`).
-- ``"data"``: Fold-R, REPAIR on user data (:class:`~modelfold.repair.data.FoldR`).
+- ``"ar"``: Fold-AR, data-free approximate REPAIR (:class:`~modelfold.traced.repair.ar.FoldAR`).
+- ``"dir"``: Fold-DIR, DeepInversion REPAIR (:class:`~modelfold.traced.repair.dir.FoldDIR`).
+- ``"data"``: Fold-R, REPAIR on user data (:class:`~modelfold.traced.repair.data.FoldR`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from ...errors import RepairError
 from ..engine import Planner
-from ..errors import RepairError
 
 
 class Repair:

@@ -10,13 +10,13 @@ import torch
 from nets import MLP, CatNet, ResNetish, VGGish, double, randomize_bn
 
 import modelfold
-from modelfold.engine import Plan, compress
 from modelfold.merge import representatives
-from modelfold.policies import kmeans_planner
-from modelfold.repair import make_repair
-from modelfold.repair.ar import ar_scale, cluster_rho, pool_spatial, spatial_taps
-from modelfold.repair.stats import PlanLog, reset_bn_stats
 from modelfold.report import count_params
+from modelfold.traced.engine import Plan, compress
+from modelfold.traced.planners import kmeans_planner
+from modelfold.traced.repair import make_repair
+from modelfold.traced.repair.ar import ar_scale, cluster_rho, pool_spatial, spatial_taps
+from modelfold.traced.repair.stats import PlanLog, reset_bn_stats
 
 
 def test_cluster_rho_matches_pairwise_loop():

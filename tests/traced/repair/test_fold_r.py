@@ -10,11 +10,11 @@ from nets import MLP
 from repair_helpers import TinyCNN, accuracy, tiny_task, train
 
 import modelfold
-from modelfold.engine import compress
 from modelfold.merge import representatives
-from modelfold.policies import kmeans_planner
-from modelfold.repair import RepairError, make_repair
-from modelfold.repair.data import channel_stats
+from modelfold.traced.engine import compress
+from modelfold.traced.planners import kmeans_planner
+from modelfold.traced.repair import RepairError, make_repair
+from modelfold.traced.repair.data import channel_stats
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checks import forward, kept_width
-from .errors import UnsupportedModelError
+from ..checks import forward, kept_width
+from ..errors import UnsupportedModelError
+from ..merge import gather_features, merge_tensor, representatives
+from ..report import GroupReport
 from .groups import CHANNEL, CONSUMER, PRODUCER, ChannelGroup, Slice, build_graph, grad_enabled, iter_groups
-from .merge import gather_features, merge_tensor, representatives
-from .report import GroupReport
 
 NORM = "norm"  # feature kind of BatchNorm parameters (never clustered)
 IGNORED = "ignored by the user"
@@ -199,7 +199,7 @@ def compress(
     ``ratio`` is one fraction for every group, or a mapping from group root to its ratio (groups
     not named are left unchanged). ``ignore`` are qualified module names whose slices must stay
     intact; ``keep_outputs`` names modules whose output channels must stay intact (their input
-    channels may still fold). ``calib`` (a :class:`modelfold.calib.cnn.CNNCalibrator`) adds
+    channels may still fold). ``calib`` (a :class:`modelfold.traced.calibrator.CNNCalibrator`) adds
     activation features for the planner and refits consumers by least squares at the end.
     ``round_to``: kept widths rounded to a multiple of it (``checks.kept_width``).
     """

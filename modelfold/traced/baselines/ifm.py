@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...report import FoldReport
 from ..engine import Plan, Planner
 from ..groups import PRODUCER, ChannelGroup
-from ..report import FoldReport
 
 FEATURES = ("producer", "all")
 
