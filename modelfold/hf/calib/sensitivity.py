@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...calib.budget import SPARSITY_TOL, fill, refine, settle, unreachable
+from ...calib.budget import SPARSITY_TOL, fill, ratio_grid, refine, settle, unreachable
 from ...calib.compensate import output_error
 from ...calib.score import FeatureStats, unit_importance
 from ...checks import kept_width
@@ -29,7 +29,7 @@ from .blocks import BlockInputs, Seen, capture, layer_mlp, observe, run_block, s
 from .layer import CalibOptions, attention_units, choose_heads, gram
 from .step import Calibrated
 
-RATIO_GRID = tuple(round(0.05 * i, 2) for i in range(17))  # 0 .. 0.8
+RATIO_GRID = ratio_grid(0.05, 0.8)  # 0, 0.05, .., 0.8
 
 
 def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float],
