@@ -30,6 +30,11 @@ from ...checks import check_weights
 from ...device import model_device
 from ...errors import CalibrationError
 
+#: Default self-made text of a causal LM: 16 sequences x 256 tokens. The same 4,096 tokens as 8 x 512 in half
+#: the sampling steps (a step reads every weight once, whatever the batch): SmolLM2-135M at 18%, 12 windows,
+#: perplexity 34.64 against 37.31 with 8 x 512 (one seed each), sampling 255 steps instead of 511.
+SELF_SHAPE = (16, 256)
+
 
 def cache_dir() -> Path:
     """``$MODELFOLD_CACHE/calib`` (default ``~/.cache/modelfold/calib``)."""
@@ -40,7 +45,7 @@ def is_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM")
 
 
-def self_text(model: nn.Module, n_seq: int = 8, seq_len: int = 512, *, seed: int = 0, temperature: float = 1.0,
+def self_text(model: nn.Module, n_seq: int = SELF_SHAPE[0], seq_len: int = SELF_SHAPE[1], *, seed: int = 0, temperature: float = 1.0,
               use_cache: bool = True, progress: bool = False, info: dict[str, Any] | None = None
               ) -> torch.Tensor:
     """(n_seq, seq_len) token ids sampled from the causal LM ``model`` itself, from its BOS token.
@@ -183,7 +188,8 @@ def resolve(model: nn.Module, calibration: Any, tokenizer: Any = None, *, n_seq:
     """Token ids (n, L) for ``calibration``: "self", a LongTensor of ids, or a list of strings."""
     if isinstance(calibration, str) and calibration == "self":
         if is_causal_lm(model):
-            return self_text(model, n_seq or 8, seq_len or 512, seed=seed, progress=progress, info=info)
+            return self_text(model, n_seq or SELF_SHAPE[0], seq_len or SELF_SHAPE[1], seed=seed, progress=progress,
+                             info=info)
         if tokenizer is None:
             raise CalibrationError(f"calibration='self' for the encoder {type(model).__name__} needs tokenizer= "
                                    "(random whole-word sequences are drawn from its vocabulary; on the command line: "
