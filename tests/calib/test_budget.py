@@ -28,7 +28,7 @@ def test_unreachable_target_is_refused():
 
 
 def test_one_ratio_grid_gives_both_engines_their_candidates():
-    from modelfold.hf.sensitivity import RATIO_GRID
+    from modelfold.hf.calib.sensitivity import RATIO_GRID
     from modelfold.traced.budget import CANDIDATES
 
     assert ratio_grid(0.05, 0.8) == RATIO_GRID == tuple(round(0.05 * i, 2) for i in range(17))
