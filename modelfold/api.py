@@ -12,7 +12,7 @@ from .device import DeviceError, resolve_device
 from .report import FoldReport
 from .traced.engine import mark_user_kept
 from .traced.groups import ChannelGroup, build_graph, iter_groups
-from .traced.pipeline import run_traced
+from .traced.pipeline import TracedRun, run_traced
 from .traced.planners import (
     activation_kmeans_planner,
     activation_planner,
@@ -142,11 +142,12 @@ def fold(model: nn.Module, example_inputs: Any = None, ratio: float | None = Non
     if calibration is not None and opts.get("grouping", DEFAULT_GROUPING) == "activation":
         planner, method = activation_kmeans_planner(seed, n_init), "fold-act"
     extra = {"device": dev} if repair == "dir" and dev is not None else {}
-    out, report = run_traced(model, example_inputs, ratio, sparsity, planner, method,
-                       ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
-                       progress=progress, repair=repair, repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters,
-                                                     "dir_lr": dir_lr, **extra, **(repair_kwargs or {})},
-                       calibration=calibration, calib_opts=opts, round_to=round_to)
+    run = TracedRun(ratio=ratio, sparsity=sparsity, ignore=ignore, keep_outputs=keep_outputs, strict=strict,
+                    verify=verify, seed=seed, progress=progress, repair=repair,
+                    repair_kwargs={"data": data, "dir_batch": dir_batch, "dir_iters": dir_iters, "dir_lr": dir_lr,
+                                   **extra, **(repair_kwargs or {})},
+                    calibration=calibration, calib_opts=opts, round_to=round_to)
+    out, report = run_traced(model, example_inputs, planner, method, run)
     return (out, report) if return_report else out
 
 
@@ -191,9 +192,10 @@ def prune(model: nn.Module, example_inputs: Any = None, ratio: float | None = No
         planner, method = neuron_merging_planner(merge_threshold), "neuron-merging"
     elif calibration is not None and opts.get("selection", "activation") == "activation":
         planner, method = activation_planner(), "sp-act"
-    out, report = run_traced(model, example_inputs, ratio, sparsity, planner, method,
-                       ignore=ignore, keep_outputs=keep_outputs, strict=strict, verify=verify, seed=seed,
-                       progress=progress, calibration=calibration, calib_opts=opts, round_to=round_to)
+    run = TracedRun(ratio=ratio, sparsity=sparsity, ignore=ignore, keep_outputs=keep_outputs, strict=strict,
+                    verify=verify, seed=seed, progress=progress, calibration=calibration, calib_opts=opts,
+                    round_to=round_to)
+    out, report = run_traced(model, example_inputs, planner, method, run)
     return (out, report) if return_report else out
 
 

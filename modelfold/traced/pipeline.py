@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
@@ -40,22 +41,39 @@ def calibrator(model: nn.Module, example_inputs: Any, calibration: Any, opts: di
     return calib, info
 
 
-def run_traced(model: nn.Module, example_inputs: Any, ratio: float | None, sparsity: float | None,
-         planner: Planner, method: str, *, ignore: Iterable[nn.Module | str], strict: bool,
-         verify: bool, seed: int, progress: bool, repair: str = "none",
-         repair_kwargs: dict | None = None,
-         keep_outputs: Iterable[nn.Module | str] = (), calibration: Any = None,
-         calib_opts: dict | None = None, round_to: int | None = None) -> tuple[nn.Module, FoldReport]:
+@dataclass(frozen=True)
+class TracedRun:
+    """Every option of one traced-CNN run (fold, prune, compress, IFM), passed whole to :func:`run_traced`."""
+
+    ratio: float | None = None
+    sparsity: float | None = None
+    ignore: Iterable[nn.Module | str] = ()
+    keep_outputs: Iterable[nn.Module | str] = ()
+    strict: bool = False
+    verify: bool = True
+    seed: int = 0
+    progress: bool = False
+    repair: str = "none"
+    repair_kwargs: dict | None = None
+    calibration: Any = None
+    calib_opts: dict | None = None
+    round_to: int | None = None
+
+
+def run_traced(model: nn.Module, example_inputs: Any, planner: Planner, method: str,
+               run: TracedRun) -> tuple[nn.Module, FoldReport]:
     """Compress ``model`` (a copy) with ``planner`` on every channel group: the traced-CNN pipeline behind
     fold / prune / compress (ratio or sparsity, repair, calibration, round_to, the result checked)."""
+    sparsity, strict, verify, seed, progress, repair = (run.sparsity, run.strict, run.verify, run.seed,
+                                                        run.progress, run.repair)
     t0 = time.perf_counter()
-    ratio = checks.ratio_or_sparsity(ratio, sparsity)
-    round_to = checks.check_round_to(round_to)
-    calib_opts = calib_opts or {}
+    ratio = checks.ratio_or_sparsity(run.ratio, sparsity)
+    round_to = checks.check_round_to(run.round_to)
+    calib_opts = run.calib_opts or {}
     work = checks.prepare(model, example_inputs)
-    names = checks.ignore_names(work, model, ignore)
-    kept = checks.ignore_names(work, model, keep_outputs, "keep_outputs")
-    calib, calib_info = calibrator(model, example_inputs, calibration, calib_opts, seed, progress)
+    names = checks.ignore_names(work, model, run.ignore)
+    kept = checks.ignore_names(work, model, run.keep_outputs, "keep_outputs")
+    calib, calib_info = calibrator(model, example_inputs, run.calibration, calib_opts, seed, progress)
     plan: float | dict[str, float] = ratio
     run_info: dict[str, Any] = {"round_to": round_to} if round_to else {}
     if sparsity is not None and calib is not None and calib_opts.get("budget", "auto") == "auto":
@@ -81,7 +99,7 @@ def run_traced(model: nn.Module, example_inputs: Any, ratio: float | None, spars
     from .repair import make_repair
 
     fixer = make_repair(repair, model=model, example_inputs=example_inputs, seed=seed,
-                        progress=progress, **(repair_kwargs or {}))
+                        progress=progress, **(run.repair_kwargs or {}))
     work = fixer.before(work)
 
     def on_kept(cg: ChannelGroup) -> None:

@@ -77,8 +77,8 @@ def ifm(model: nn.Module, example_inputs: Any, ratio: float | None = None, *, sp
         verify: bool = True, progress: bool = False,
         return_report: bool = False) -> nn.Module | tuple[nn.Module, FoldReport]:
     """Compress ``model`` with IFM on the same channel groups as :func:`modelfold.fold`."""
-    from ..pipeline import run_traced
+    from ..pipeline import TracedRun, run_traced
 
-    out, report = run_traced(model, example_inputs, ratio, sparsity, ifm_planner(features), "ifm", ignore=ignore,
-                       strict=strict, verify=verify, seed=seed, progress=progress)
+    run = TracedRun(ratio=ratio, sparsity=sparsity, ignore=ignore, strict=strict, verify=verify, seed=seed, progress=progress)
+    out, report = run_traced(model, example_inputs, ifm_planner(features), "ifm", run)
     return (out, report) if return_report else out
