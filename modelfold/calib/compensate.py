@@ -96,11 +96,18 @@ def ridge_refit(weight: torch.Tensor, gram_new: torch.Tensor, cross: torch.Tenso
     return sol.to(weight.dtype), bias
 
 
+def output_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """||H W^T||^2 = tr(W G W^T) (float64, a 0-d tensor)."""
+    w = weight.double()
+    return (w @ gram.double() * w).sum()
+
+
 def output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Tensor, gram_new: torch.Tensor,
-                 cross: torch.Tensor) -> float:
-    """||H W^T - H' W'^T||^2 from Grams: tr(W G W^T) - 2 tr(W' C W^T) + tr(W' G' W'^T) (no bias)."""
+                 cross: torch.Tensor, energy: torch.Tensor | None = None) -> float:
+    """||H W^T - H' W'^T||^2 from Grams: tr(W G W^T) - 2 tr(W' C W^T) + tr(W' G' W'^T) (no bias);
+    ``energy``: tr(W G W^T) if already computed (:func:`output_energy`)."""
     w, v = weight.double(), new_weight.double()
-    a = (w @ gram.double() * w).sum()
+    a = output_energy(weight, gram) if energy is None else energy
     b = (v @ cross.double() * w).sum()
     c = (v @ gram_new.double() * v).sum()
     return float((a - 2 * b + c).clamp_min(0.0))
@@ -109,8 +116,9 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Ten
 def relative_output_error(weight: torch.Tensor, gram: torch.Tensor, new_weight: torch.Tensor,
                           gram_new: torch.Tensor, cross: torch.Tensor) -> float:
     """``output_error`` relative to the layer's own output energy ||H W^T||^2 (0 when that is 0)."""
-    base = output_error(weight, gram, weight[:, :0], gram_new[:0, :0], cross[:0])
-    err = output_error(weight, gram, new_weight, gram_new, cross)
+    a = output_energy(weight, gram)  # once: the d x n^2 product is most of the cost
+    base = float(a.clamp_min(0.0))
+    err = output_error(weight, gram, new_weight, gram_new, cross, energy=a)
     return err / base if base > 0 else 0.0
 
 

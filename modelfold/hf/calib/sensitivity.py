@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ...calib.budget import SPARSITY_TOL, fill, ratio_grid, refine, settle, unreachable
-from ...calib.compensate import output_error
+from ...calib.compensate import output_energy, output_error
 from ...calib.score import FeatureStats, unit_importance
 from ...checks import kept_width
 from ...report import count_params
@@ -98,6 +98,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
     stats = FeatureStats.of(a)
     g = gram(a, False)
     scores = unit_importance(opts.score, stats, w, g, width, opts.lam)
+    base = output_energy(w, g)  # tr(W G W^T), the same at every ratio
     curve, seen = [], set()
     for r in grid:
         k = units_k(spec, mode, r, opts.round_to)
@@ -111,7 +112,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
         keep = choose_heads(spec, mode, k, scores)
         cols = (keep[:, None] * width + torch.arange(width, device=keep.device)[None, :]).reshape(-1)
         new_w, _ = refit_columns(w, None, g, cols, opts, stats)
-        err = output_error(w, g, new_w, g[cols][:, cols], g[cols])
+        err = output_error(w, g, new_w, g[cols][:, cols], g[cols], energy=base)
         curve.append((r, float(attention_removed(spec, r, opts.attention_mode, opts.round_to)), err / energy))
     return curve
 
