@@ -168,19 +168,24 @@ def fold_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto",
     return n_before, int(lab.max()) + 1, rel
 
 
+def choose_heads(spec: AttnSpec, mode: str, k: int, scores: torch.Tensor) -> torch.Tensor:
+    """Sorted kept unit indices: the best ``k`` per KV group (query mode) or overall (group mode)."""
+    if mode == "query":
+        r = spec.n_rep
+        keep = torch.cat([torch.topk(scores[g * r:(g + 1) * r], k).indices + g * r
+                          for g in range(spec.num_kv_heads)])
+    else:
+        keep = torch.topk(scores, k).indices
+    return torch.sort(keep).values
+
+
 def prune_attention(spec: AttnSpec, ratio: float, adapter, *, mode: str = "auto",
                     norm: int = 2, round_to: int | None = None) -> tuple[int, int]:
     """Keep the units with the largest Lp norm of the same slices folding clusters on."""
     mode = resolve_mode(spec, mode)
     score = attention_features(spec, mode).norm(p=norm, dim=1)
     k = units_k(spec, mode, ratio, round_to)
-    if mode == "query":
-        r = spec.n_rep
-        keep = torch.cat([torch.topk(score[g * r:(g + 1) * r], k).indices + g * r
-                          for g in range(spec.num_kv_heads)])
-    else:
-        keep = torch.topk(score, k).indices
-    keep = torch.sort(keep).values
+    keep = choose_heads(spec, mode, k, score)
     n_before = spec.num_heads if mode == "query" else spec.num_kv_heads
     apply_units(spec, mode, None, keep, k, adapter)
     return n_before, int(keep.numel())

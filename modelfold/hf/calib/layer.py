@@ -23,7 +23,7 @@ from ...calib.score import SCORES, FeatureStats, unit_importance
 from ...cluster import kmeans
 from ..adapters.base import AttnSpec, MLPSpec
 from ..adapters.refs import get, linear_like, put
-from ..attention import apply_units, resolve_mode, units_k
+from ..attention import apply_units, choose_heads, resolve_mode, units_k
 from ..mlp import fold_mlp_with_labels, prune_mlp_keep
 
 METHODS = ("select", "fold")
@@ -151,17 +151,6 @@ def attention_units(spec: AttnSpec, mode: str) -> tuple[int, int]:
     if mode == "query":
         return spec.num_heads, spec.head_dim
     return spec.num_kv_heads, spec.n_rep * spec.head_dim
-
-
-def choose_heads(spec: AttnSpec, mode: str, k: int, scores: torch.Tensor) -> torch.Tensor:
-    """Sorted kept unit indices: the best ``k`` per KV group (query mode) or overall (group mode)."""
-    if mode == "query":
-        r = spec.n_rep
-        keep = torch.cat([torch.topk(scores[g * r:(g + 1) * r], k).indices + g * r
-                          for g in range(spec.num_kv_heads)])
-    else:
-        keep = torch.topk(scores, k).indices
-    return torch.sort(keep).values
 
 
 def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, opts: CalibOptions,

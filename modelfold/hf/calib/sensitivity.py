@@ -22,11 +22,11 @@ from ...checks import kept_width
 from ...report import count_params
 from ..adapters import Adapter
 from ..adapters.refs import get, hook_module
-from ..attention import resolve_mode, units_k
+from ..attention import choose_heads, resolve_mode, units_k
 from ..plan import Plan, parse_targets
 from ..sizing import attention_removed, mlp_removed
 from .blocks import BlockInputs, Seen, capture, layer_mlp, observe, run_block, scale_of
-from .layer import CalibOptions, attention_units, choose_heads, gram
+from .layer import CalibOptions, attention_units, gram
 from .step import Calibrated
 
 RATIO_GRID = ratio_grid(0.05, 0.8)  # 0, 0.05, .., 0.8
