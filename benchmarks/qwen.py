@@ -219,12 +219,25 @@ def run_child(args, stage: str, name: str) -> dict:
     return res
 
 
+def code_commit() -> str | None:
+    """The commit of the checkout this file runs from (``+dirty`` where the library or this file differ from it)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "modelfold",
+                                "benchmarks/qwen.py"]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def row(args, name: str) -> dict:
     method, calib, _ = ROWS[name]
     rec = {"model": MODEL, "method": method, "calibration": calib, "row": name,
            "target_layer_sparsity": None if name == "original" else args.layer_sparsity,
            "calibration_shape": None if name == "original" else [args.n_calib, args.calib_len],
-           "eval_windows": args.windows, "threads": args.threads}
+           "eval_windows": args.windows, "threads": args.threads, "commit": code_commit()}
     if name != "original":
         done = work_dir() / f"done-compress-{name}.json"
         if args.reuse and done.is_file() and (work_dir() / name / "config.json").is_file():
@@ -268,8 +281,9 @@ def write_md(records: list) -> None:
                      f"{r.get('sensitivity_seconds') or '-'} | {r.get('compress_seconds') or '-'} | "
                      f"{r.get('total_seconds') or '-'} | {r.get('cpu_seconds') or '-'} | "
                      f"{r.get('load1_start')}/{r.get('load1_end')} | {r.get('peak_rss_gib') or r.get('eval_peak_rss_gib')} |")
+    lines.append("")  # a line right after a table would render as one more row of it
     for r in records:
-        lines.append(f"Evaluation of {r['method']} ({r['calibration']}): {r['eval_seconds']} s wall, "
+        lines.append(f"- Evaluation of {r['method']} ({r['calibration']}): {r['eval_seconds']} s wall, "
                      f"{r['eval_cpu_seconds']} CPU s, peak RSS {r['eval_peak_rss_gib']} GiB, load1 "
                      f"{r['eval_load1'][0]}/{r['eval_load1'][1]}.")
     n = next((r["eval_windows"] for r in records), None)
@@ -279,7 +293,21 @@ def write_md(records: list) -> None:
               "Peak RSS: of the compressing process (the original row: of its evaluation); evaluation of a "
               "compressed row loads it whole (`eval_peak_rss_gib` in the JSON).", ""]
     lines += notes_md()
-    (OUT / "qwen.md").write_text("\n".join(lines))
+    md = OUT / "qwen.md"
+    kept = hand_notes(md.read_text()) if md.is_file() else ""
+    md.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
+
+
+HAND_NOTES = "## Load and code per row"
+
+
+def hand_notes(text: str) -> str:
+    """The hand-written section ``HAND_NOTES`` of an earlier qwen.md (up to the next ``## `` heading), kept on rewrite."""
+    i = text.find(HAND_NOTES)
+    if i < 0:
+        return ""
+    j = text.find("\n## ", i + len(HAND_NOTES))
+    return text[i:] if j < 0 else text[i:j + 1]
 
 
 def notes_md() -> list[str]:
