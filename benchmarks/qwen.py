@@ -43,6 +43,8 @@ ROWS = {  # name: (method, calibration, compress_checkpoint options)
     "flap": ("flap (fluctuation, error-based budget)", "data", {"score": "flap", "compensate": "bias",
                                                                 "weighting": "none"}),
     "ours-data": ("select+ls, auto budget", "data", {}),
+    "ours-data-uniform": ("select+ls, uniform", "data", {"budget": "uniform"}),
+    "ours-self-uniform": ("select+ls, uniform", "self", {"budget": "uniform"}),
 }
 
 
