@@ -46,6 +46,7 @@ ROWS = {  # name: (method, calibration, compress_checkpoint options)
     "ours-data-uniform": ("select+ls, uniform", "data", {"budget": "uniform"}),
     "ours-self-uniform": ("select+ls, uniform", "self", {"budget": "uniform"}),
     "act-data-uniform": ("select (act), no refit, uniform", "data", {"budget": "uniform", "compensate": "none"}),
+    "act-self-uniform": ("select (act), no refit, uniform", "self", {"budget": "uniform", "compensate": "none"}),
 }
 
 
