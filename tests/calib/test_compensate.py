@@ -63,3 +63,62 @@ def test_bias_absorbs_mean_shift():
     err_nobias = ((h @ w.T + b - (h[:, keep] @ w3.T + b3)) ** 2).mean()
     assert torch.equal(b3, b)
     assert err_fit < 0.5 * err_nobias
+
+
+def _held_out_case(rows: int, related: bool, seed: int = 0):
+    """A consumer of 40 features keeping the first 30; the 10 removed ones are linear in the kept ones
+    (``related``) or independent noise. Returns (weight, fit Grams, held-out Grams, prior, idx)."""
+    gen = torch.Generator().manual_seed(seed)
+    kept = torch.randn(rows, 30, generator=gen, dtype=torch.float64)
+    gone = kept @ torch.randn(30, 10, generator=gen, dtype=torch.float64) if related else \
+        torch.randn(rows, 10, generator=gen, dtype=torch.float64)
+    h = torch.cat([kept, gone], 1)
+    w = torch.randn(4, 40, generator=gen, dtype=torch.float64)
+    idx = torch.arange(30)
+
+    def grams(x):
+        g = x.T @ x
+        return g[idx][:, idx], g[idx]
+
+    half = rows // 2
+    return w, grams(h[:half]), grams(h[half:]), w[:, idx], idx, h[half:]
+
+
+def _held_out_error(w, v, h, idx):
+    return float(((h @ w.T - h[:, idx] @ v.T) ** 2).sum())
+
+
+def test_choose_lam_refuses_a_refit_that_only_interpolates_the_fit_rows():
+    """Fewer fit rows (20) than kept features (30) and removed features unrelated to the kept ones: any
+    refit just interpolates the fit rows, so the held-out rows choose no refit (inf)."""
+    from modelfold.calib.compensate import choose_lam
+
+    w, fit, val, prior, idx, h_val = _held_out_case(40, related=False)
+    lam = choose_lam(w, fit, val, prior)
+    assert lam == float("inf")
+    weak, _ = ridge_refit(w, *fit, lam=1e-3, prior=prior)
+    assert _held_out_error(w, weak, h_val, idx) > _held_out_error(w, prior, h_val, idx)
+
+
+def test_choose_lam_takes_the_refit_when_the_removed_features_are_predictable():
+    from modelfold.calib.compensate import choose_lam
+
+    w, fit, val, prior, idx, h_val = _held_out_case(400, related=True)
+    lam = choose_lam(w, fit, val, prior)
+    assert lam <= 1e-2
+    chosen, _ = ridge_refit(w, *fit, lam=lam, prior=prior)
+    assert _held_out_error(w, chosen, h_val, idx) < 1e-3 * _held_out_error(w, prior, h_val, idx)
+
+
+def test_refit_towards_the_prior_never_increases_the_calibration_error():
+    """With the evaluation rows as calibration, a refit pulled towards the plainly pruned consumer errs
+    no more than that consumer, at every ridge (the objective at the prior is its error)."""
+    torch.manual_seed(3)
+    h = torch.randn(25, 40, dtype=torch.float64) @ torch.randn(40, 40, dtype=torch.float64)
+    w = torch.randn(6, 40, dtype=torch.float64)
+    idx = torch.randperm(40)[:28]
+    g = h.T @ h
+    plain = float(((h @ w.T - h[:, idx] @ w[:, idx].T) ** 2).sum())
+    for lam in (0.0, 1e-3, 1e-1, 10.0, float("inf")):
+        v, _ = ridge_refit(w, g[idx][:, idx], g[idx], lam=lam, prior=w[:, idx])
+        assert float(((h @ w.T - h[:, idx] @ v.T) ** 2).sum()) <= plain * (1 + 1e-9)

@@ -162,3 +162,11 @@ def scale_of(r: torch.Tensor) -> torch.Tensor:
     """The token weights of :func:`token_scale` from the residual sums ``r`` (N, d)."""
     w = 1.0 / r.double().pow(2).sum(1).clamp_min(1e-12)
     return (w / w.mean()).sqrt().float()
+
+
+def fit_rows(inputs: BlockInputs) -> int:
+    """Activation rows (sequence-major) of the first half of the calibration sequences in ``inputs``: the
+    rows a least-squares refit is fitted on when its ridge is chosen on the other half held out."""
+    seqs = sum(x.shape[0] for x in inputs.xs)
+    rows = sum(x.shape[0] * x.shape[1] for x in inputs.xs)
+    return (seqs // 2) * (rows // seqs) if seqs >= 2 else rows // 2

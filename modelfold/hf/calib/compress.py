@@ -45,7 +45,7 @@ class CompressConfig:
     skip_last: int = 0
     n_calib: int | None = None
     calib_len: int | None = None
-    lam: float = 1e-3
+    lam: float | str = "auto"
     feedback: bool = False
     weighting: str = "token"
     seed: int = 0
@@ -88,7 +88,7 @@ def compress_model(model: nn.Module, ratio: float | Mapping | None = None, *, sp
                    calibration: Any = "self", tokenizer: Any = None, method: str = "select", score: str = "act",
                    compensate: str = "ls", budget: str = "auto", targets: str | Iterable[str] = "mlp",
                    skip_first: int = 0, skip_last: int = 0, n_calib: int | None = None,
-                   calib_len: int | None = None, lam: float = 1e-3,
+                   calib_len: int | None = None, lam: float | str = "auto",
                    feedback: bool = False, weighting: str = "token", seed: int = 0, n_init: int = 3,
                    attention_mode: str = "auto", max_ratio: float = 0.8, progress: bool = False,
                    return_report: bool = False, round_to: int | None = None, verify: bool = True,

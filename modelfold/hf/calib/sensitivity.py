@@ -9,6 +9,7 @@ parameter budget (``calib.budget``) so that the asked sparsity is removed within
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ...calib.budget import SPARSITY_TOL, fill, ratio_grid, refine, settle, unreachable
-from ...calib.compensate import output_energy, output_error
+from ...calib.compensate import choose_lam, output_energy, output_error
 from ...calib.score import FeatureStats, unit_importance
 from ...checks import kept_width
 from ...report import count_params
@@ -25,16 +26,17 @@ from ..adapters.refs import get, hook_module
 from ..attention import choose_heads, resolve_mode, units_k
 from ..plan import Plan, parse_targets
 from ..sizing import attention_removed, mlp_removed
-from .blocks import BlockInputs, Seen, capture, layer_mlp, observe, run_block, scale_of
-from .layer import CalibOptions, attention_units, gram
+from .blocks import BlockInputs, Seen, capture, fit_rows, layer_mlp, observe, run_block, scale_of
+from .layer import CalibOptions, attention_units, fit_gram, gram, refit_columns
 from .step import Calibrated
 
 RATIO_GRID = ratio_grid(0.05, 0.8)  # 0, 0.05, .., 0.8
 
 
 def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float],
-               grams: dict | None = None) -> list:
-    """Error at each ratio of ``grid`` (see :func:`nested_errors`); ``grams["c"]`` receives the Gram matrix."""
+               grams: dict | None = None, split: int | None = None) -> list:
+    """Error at each ratio of ``grid`` (see :func:`nested_errors`); ``grams["c"]`` receives the Gram matrix.
+    The ridge is the one the step would choose at ``PROBE_RATIO`` (``h[:split]`` fit, the rest held out)."""
     grid = list(grid)
     w = get(spec.consumer).weight.detach()
     stats = FeatureStats.of(h)
@@ -42,10 +44,11 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
     if grams is not None:
         grams["c"] = g
     least = max(1, round(spec.width * (1.0 - max(grid))))
-    order = torch.argsort(unit_importance(opts.score, stats, w, g, 1, opts.lam, keep=least), descending=True)
+    order = torch.argsort(unit_importance(opts.score, stats, w, g, 1, opts.ridge, keep=least), descending=True)
     n = spec.width
     ks = {r: kept_width(n, r, opts.round_to) for r in grid}
-    errs = nested_errors(w, g, order, opts.lam, ks.values())
+    errs = nested_errors(w, g, order, curve_ridge(w, g, h, order, kept_width(n, PROBE_RATIO, opts.round_to), opts,
+                                                  split), ks.values(), prior=True)
     curve = []
     for r in grid:
         k = ks[r]
@@ -56,8 +59,22 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
     return curve
 
 
+def curve_ridge(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, order: torch.Tensor, k: int, opts: CalibOptions,
+                split: int | None) -> float:
+    """The ridge of an error curve: inf without a least-squares refit, ``opts.lam`` if fixed, else the one
+    chosen on held-out rows (``calib.compensate.choose_lam``) for the first ``k`` features of ``order``."""
+    if opts.compensate != "ls":
+        return math.inf
+    g_fit = fit_gram(h, False, None, opts, split)
+    if g_fit is None or k >= g.shape[0]:
+        return opts.ridge
+    idx = torch.sort(order[:k]).values
+    return choose_lam(w, (g_fit[idx][:, idx], g_fit[idx]), (g[idx][:, idx] - g_fit[idx][:, idx], g[idx] - g_fit[idx]),
+                      w[:, idx])
+
+
 def nested_errors(weight: torch.Tensor, g: torch.Tensor, order: torch.Tensor, lam: float,
-                  ks: Iterable[int]) -> dict[int, float]:
+                  ks: Iterable[int], prior: bool = False) -> dict[int, float]:
     """{k: e_k} for the widths ``ks``: e_k = J_k - J_n, J_k = min over W' of ||H W^T - H_k W'^T||^2 + reg ||W'||^2 the
     least-squares (ridge) objective of the consumer ``weight`` (d, n) refitted to read only the first ``k``
     features of ``order``; ``g`` = H^T H (n, n), reg = ``lam`` x the mean diagonal of ``g``. So e_k is
@@ -68,17 +85,27 @@ def nested_errors(weight: torch.Tensor, g: torch.Tensor, order: torch.Tensor, la
     Y = L^-1 G W^T, the leading k x k block of L is the factor of the first k features and the first k
     rows of Y are their solve, so J_k = tr(W G W^T) - ||Y[:k]||^2: one O(n^3) step where a refit per
     ratio took one each (SmolLM2, one MLP: 4.7 s -> 0.8 s of CPU; errors within 4% of the per-ratio
-    refits, whose ridge was relative to the kept features' mean diagonal), and monotone in k."""
+    refits, whose ridge was relative to the kept features' mean diagonal), and monotone in k.
+
+    ``prior``: the ridge pulls towards the plainly pruned consumer (its first k columns) instead of zero,
+    ``reg ||W' - W_k||^2``, as the step's refit does: then J_n = 0 and e_k = J_k is at most the error of
+    no refit, which ``lam=inf`` gives (``||H_tail W_tail^T||^2``, the removed features' output)."""
     gd = g.double()
     w = weight.double()
     n = gd.shape[0]
+    ks = sorted({min(max(int(k), 0), n) for k in ks} | {n})
+    if math.isinf(lam):  # no refit: e_k = sum over the removed i, j of G_ij (W^T W)_ij
+        q = (gd * (w.T @ w))[order][:, order]
+        tail = q.flip((0, 1)).cumsum(0).cumsum(1).flip((0, 1))  # tail[i, j] = q[i:, j:].sum()
+        return {k: float(tail[k, k].clamp_min(0.0)) if k < n else 0.0 for k in ks}
     reg = lam * float(torch.diagonal(gd).mean().clamp_min(1e-12))
     gp = gd[order][:, order]
     diag = torch.arange(n, device=gd.device)
     gp[diag, diag] += reg
     chol, info = torch.linalg.cholesky_ex(gp)
     gw = (gd @ w.T)[order]  # (n, d)
-    ks = sorted({min(max(int(k), 0), n) for k in ks} | {n})
+    if prior:
+        gw = gw + reg * w.T[order]
     if int(info) != 0:  # not positive definite even with the ridge: one solve per width
         explained = {k: float((gw[:k] * torch.linalg.lstsq(gp[:k, :k], gw[:k]).solution).sum()) if k else 0.0
                      for k in ks}
@@ -86,18 +113,23 @@ def nested_errors(weight: torch.Tensor, g: torch.Tensor, order: torch.Tensor, la
         y = torch.linalg.solve_triangular(chol, gw, upper=False)
         cum = torch.cat([torch.zeros(1, dtype=y.dtype, device=y.device), y.pow(2).sum(1).cumsum(0)])
         explained = {k: float(cum[k]) for k in ks}
+    if prior:  # J_k = tr(W G W^T) + reg ||W_k||^2 - explained_k; J_n = 0 up to rounding
+        pen = torch.cat([torch.zeros(1, dtype=w.dtype, device=w.device), (w.T[order] ** 2).sum(1).cumsum(0)]) * reg
+        base = float(output_energy(w, gd))
+        j = {k: base + float(pen[k]) - e for k, e in explained.items()}
+        return {k: max(v - j[n], 0.0) for k, v in j.items()}
     return {k: max(explained[n] - e, 0.0) for k, e in explained.items()}
 
 
-def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float]) -> list:
-    from .layer import refit_columns
-
+def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float],
+                split: int | None = None) -> list:
     mode = resolve_mode(spec, opts.attention_mode)
     _, width = attention_units(spec, mode)
     w = get(spec.o).weight.detach()
     stats = FeatureStats.of(a)
     g = gram(a, False)
-    scores = unit_importance(opts.score, stats, w, g, width, opts.lam)
+    g_fit = fit_gram(a, False, None, opts, split)
+    scores = unit_importance(opts.score, stats, w, g, width, opts.ridge)
     base = output_energy(w, g)  # tr(W G W^T), the same at every ratio
     curve, seen = [], set()
     for r in grid:
@@ -111,7 +143,7 @@ def _attn_curve(spec, a: torch.Tensor, opts: CalibOptions, energy: float, grid: 
         seen.add(k)
         keep = choose_heads(spec, mode, k, scores)
         cols = (keep[:, None] * width + torch.arange(width, device=keep.device)[None, :]).reshape(-1)
-        new_w, _ = refit_columns(w, None, g, cols, opts, stats)
+        new_w, _, _ = refit_columns(w, None, g, cols, opts, stats, g_fit=g_fit)
         err = output_error(w, g, new_w, g[cols][:, cols], g[cols], energy=base)
         curve.append((r, float(attention_removed(spec, r, opts.attention_mode, opts.round_to)), err / energy))
     return curve
@@ -179,7 +211,8 @@ class Sensitivity:
             self.total = count_params(model)  # every tensor (meta ones too): what sparsity= is a fraction of
         if "c" in acts:
             spec = layer_mlp(adapter, model, i)
-            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["c"], self.opts, energy, self.grid, seen.grams)
+            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["c"], self.opts, energy, self.grid, seen.grams,
+                                                 fit_rows(self.inputs))
             self.levels[f"{i}:mlp"] = _levels(spec.width, lambda r: mlp_removed(spec, r, self.opts.round_to),
                                               max(self.grid))
         if "o" in acts:
@@ -189,7 +222,7 @@ class Sensitivity:
                 spec.n_rep if mode == "query" else spec.num_kv_heads,
                 lambda r: attention_removed(spec, r, self.opts.attention_mode, self.opts.round_to), max(self.grid))
             self.curves[f"{i}:attention"] = _attn_curve(adapter.attention(model, i), acts["o"], self.opts,
-                                                        energy, self.grid)
+                                                        energy, self.grid, fit_rows(self.inputs))
         del acts
         if self.ref is not None:
             self._probe(model, adapter, i, block, seen)

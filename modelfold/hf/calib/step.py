@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import torch
 import torch.nn as nn
@@ -14,7 +15,18 @@ from ...checks import kept_width
 from ...report import GroupReport
 from ..adapters import Adapter
 from ..adapters.refs import hook_module
-from .blocks import BlockInputs, Seen, capture, layer_mlp, observe, record, run_block, scale_of, sum_point
+from .blocks import (
+    BlockInputs,
+    Seen,
+    capture,
+    fit_rows,
+    layer_mlp,
+    observe,
+    record,
+    run_block,
+    scale_of,
+    sum_point,
+)
 from .layer import CalibOptions, compress_attention, compress_mlp
 
 
@@ -85,9 +97,10 @@ class Calibrated:
             next_orig = run_block(block, self.orig)
         if attn:
             aspec = adapter.attention(work, i)
-            before, after, err = compress_attention(aspec, p["attention"], seen.acts["o"], adapter, self.opts, scale)
+            before, after, err, lam = compress_attention(aspec, p["attention"], seen.acts["o"], adapter, self.opts,
+                                                         scale, fit_rows(self.inputs))
             out.append(GroupReport(aspec.name, aspec.names, before, after,
-                                   "pruned" if after < before else "kept", "", err))
+                                   "pruned" if after < before else "kept", ridge_note(lam), err))
         if mlp:
             given = not attn and "c" in seen.acts
             h = seen.acts["c"] if given else record(block, self.inputs, {"c": hook_module(spec.consumer)})["c"]
@@ -102,10 +115,17 @@ class Calibrated:
                 s_c, z_c = sum_point(block, self.inputs, adapter.mlp_sum(work, i), hook_module(spec.consumer))
                 target = goal - (s_c - z_c)  # what the consumer must add to land on the original's sum
                 del s_c, z_c
-            err = compress_mlp(spec, k, h, self.opts, rerun, target, scale, gc)
+            err, lam = compress_mlp(spec, k, h, self.opts, rerun, target, scale, gc, fit_rows(self.inputs))
             out.append(GroupReport(spec.name, spec.member_names(), n, k,
-                                   "folded" if self.opts.method == "fold" else "pruned", "", err))
+                                   "folded" if self.opts.method == "fold" else "pruned", ridge_note(lam), err))
         if self.carry:
             self.inputs = run_block(block, self.inputs)
         self.orig = next_orig
         return out
+
+
+def ridge_note(lam: float) -> str:
+    """The report's note on the least-squares refit: the ridge chosen (``inf``: none helped)."""
+    if math.isnan(lam):
+        return ""
+    return "no refit (held-out rows)" if math.isinf(lam) else f"ridge {lam:g}"

@@ -102,7 +102,7 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: f
                         sparsity: float | None = None, calibration: Any = "self", tokenizer: Any = None,
                         method: str = "select", score: str = "act", compensate: str = "ls", budget: str = "auto",
                         targets: str | Iterable[str] = "mlp", skip_first: int = 0, skip_last: int = 0,
-                        n_calib: int | None = None, calib_len: int | None = None, lam: float = 1e-3,
+                        n_calib: int | None = None, calib_len: int | None = None, lam: float | str = "auto",
                         feedback: bool = False, weighting: str = "token", seed: int = 0,
                         n_init: int = 3, attention_mode: str = "auto", max_ratio: float = 0.8,
                         max_shard_size: int | str = "2GB", progress: bool = True,

@@ -203,3 +203,49 @@ def test_nested_errors_are_the_ridge_refits_errors():
     for k in (3, 7):
         assert got[k] == pytest.approx(objective(k) - objective(12), rel=1e-9)
     assert got[12] == 0.0 and got[3] > got[7] > 0
+
+
+def test_nested_errors_with_the_prior_and_without_a_refit():
+    """prior=True: e_k is the ridge objective pulled towards the first k columns of W (so e_n = 0 and e_k
+    at most the plain removal error); lam=inf: exactly that removal error, ||H_tail W_tail^T||^2."""
+    from modelfold.hf.calib.sensitivity import nested_errors
+
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(30, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen,
+                                                                              dtype=torch.float64)
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    g = h.T @ h
+    order = torch.randperm(12, generator=gen)
+    lam = 1e-2
+    reg = lam * float(torch.diagonal(g).mean())
+
+    def objective(k: int) -> float:
+        hk, p = h[:, order[:k]], w[:, order[:k]].T
+        x = torch.linalg.solve(hk.T @ hk + reg * torch.eye(k, dtype=h.dtype), hk.T @ (h @ w.T) + reg * p)
+        return float(((hk @ x - h @ w.T) ** 2).sum() + reg * ((x - p) ** 2).sum())
+
+    def plain(k: int) -> float:
+        tail = order[k:]
+        return float(((h[:, tail] @ w[:, tail].T) ** 2).sum())
+
+    got = nested_errors(w, g, order, lam, [3, 7, 12], prior=True)
+    none = nested_errors(w, g, order, float("inf"), [3, 7, 12])
+    for k in (3, 7):
+        assert got[k] == pytest.approx(objective(k), rel=1e-8)
+        assert none[k] == pytest.approx(plain(k), rel=1e-9)
+        assert got[k] <= none[k]
+    assert got[12] == 0.0 and none[12] == 0.0
+
+
+def test_the_report_names_the_ridge_chosen_on_held_out_sequences():
+    """lam="auto": each refit says which ridge the held-out half of the sequences chose; a fixed lam is
+    used as given."""
+    m = make_model("llama", layers=2)
+    ids = torch.randint(3, 61, (6, 20), generator=torch.Generator().manual_seed(2))
+    _, rep = compress_model(m, ratio=0.5, calibration=ids, return_report=True)
+    notes = [g.reason for g in rep.groups if g.status == "pruned"]
+    assert notes and all(n.startswith("ridge ") or n == "no refit (held-out rows)" for n in notes)
+    _, fixed = compress_model(m, ratio=0.5, calibration=ids, lam=0.01, return_report=True)
+    assert all(g.reason == "ridge 0.01" for g in fixed.groups if g.status == "pruned")
+    with pytest.raises(ValueError, match="lam"):
+        compress_model(m, ratio=0.5, calibration=ids, lam="big")
