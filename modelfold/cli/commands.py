@@ -47,7 +47,8 @@ def _run_hf(args: argparse.Namespace) -> int:
         kw.update(calibration=_calibration(args.calibration, tok), tokenizer=tok, n_calib=args.n_calib,
                   calib_len=args.calib_len, progress=True)
     if args.command == "compress":
-        kw.update(method=args.method, score=args.score, budget=args.budget)
+        kw.update(method=args.method, score=args.score, budget=args.budget, compensate=args.compensate,
+                  lam=args.lam)
         out, report = api.compress(model, ratio=args.ratio, device=args.device, **kw)
     elif args.command == "fold":
         out, report = api.fold(model, ratio=args.ratio, repair=args.repair, device=args.device, **kw)
@@ -156,7 +157,8 @@ def _run_stream(args: argparse.Namespace) -> int:
                                  "flow from layer to layer); drop --executor ray")
         tok = _tokenizer(hf, args.model)
         method = {"compress": getattr(args, "method", "select"), "fold": "fold", "prune": "select"}[args.command]
-        extra = {"score": args.score, "budget": args.budget} if args.command == "compress" else {}
+        extra = {"score": args.score, "budget": args.budget, "compensate": args.compensate, "lam": args.lam} \
+            if args.command == "compress" else {}
         report = compress_checkpoint(args.model, args.out, ratio=args.ratio, seed=args.seed, method=method,
                                      calibration=_calibration(args.calibration, tok), tokenizer=tok,
                                      n_calib=args.n_calib, calib_len=args.calib_len, round_to=args.round_to,
@@ -251,7 +253,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ModelFoldError(f"--score {args.score} is for Hugging Face models; CNNs take act or magnitude")
         if args.device not in (None, "cpu"):
             raise ModelFoldError("calibrated CNN compression runs on the CPU; drop --device")
-        opts = {"budget": args.budget}
+        if args.compensate == "bias":
+            raise ModelFoldError("--compensate bias is for Hugging Face models; CNNs take ls or none")
+        if args.lam != "auto":
+            raise ModelFoldError("--lam is for Hugging Face models (CNN refits use their own fixed ridge); drop it")
+        opts = {"budget": args.budget, "compensate": args.compensate == "ls"}
         if args.method == "fold":
             out, report = api.fold(model, x, **common, calibration_kwargs=opts)
         else:

@@ -107,6 +107,14 @@ def _method_options(sp: argparse.ArgumentParser, name: str) -> None:
         sp.add_argument("--budget", choices=("auto", "uniform"), default="auto",
                         help="with --sparsity: per-layer ratios by measured sensitivity (auto, default) or "
                              "one ratio for every layer")
+        sp.add_argument("--compensate", choices=("ls", "bias", "none"), default="ls",
+                        help="repair after selection: ls (default: least-squares refit of the consumers, its "
+                             "ridge chosen on held-out calibration sequences), bias (the removed neurons' mean "
+                             "output into the consumer's bias, as FLAP; transformers only) or none")
+        sp.add_argument("--lam", type=_lam, default="auto",
+                        help="ridge of the least-squares refit, relative to the mean diagonal of the Gram matrix "
+                             "(default auto: chosen per consumer on held-out calibration sequences; "
+                             "transformers only)")
     if name == "fold":
         sp.add_argument("--repair", default="none", choices=api.REPAIRS,
                         help="none = Fold-Naive, ar = Fold-AR, dir = Fold-DIR (data-free), "
@@ -127,3 +135,16 @@ def _method_options(sp: argparse.ArgumentParser, name: str) -> None:
         sp.add_argument("--merge", choices=("neuron",), default=None,
                         help="CNNs: neuron = Neuron Merging (Kim et al. 2020, data-free): pruned channels' "
                              "consumer columns go to their most similar kept channel")
+
+
+def _lam(text: str) -> str | float:
+    """``--lam``: "auto" or a ridge >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}")
+    return value

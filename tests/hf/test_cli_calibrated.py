@@ -57,3 +57,23 @@ def test_cli_calibration_errors(tmp_path, capsys) -> None:
     code = main(["compress", "resnet18", "--ratio", "0.3", "--score", "wanda", "--out", str(tmp_path / "o.pt")])
     assert code == 2 and "Hugging Face" in capsys.readouterr().err  # CNNs compress too, with act/magnitude
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_cli_compensate_none_keeps_the_consumers_columns(tmp_path, capsys) -> None:
+    """--compensate none: selection only, so every kept down_proj column is one of the original's, exactly;
+    the default (ls) refits them; CNNs refuse --compensate bias by name."""
+    model = make_model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    torch.save(_ids(), tmp_path / "ids.pt")
+    for comp in ("none", "ls"):
+        code = main(["compress", str(src), "--ratio", "0.5", "--calibration", str(tmp_path / "ids.pt"),
+                     "--compensate", comp, "--lam", "0.001", "--out", str(tmp_path / comp)])
+        assert code == 0, capsys.readouterr().err
+    orig = model.model.layers[0].mlp.down_proj.weight
+    for comp, same in (("none", True), ("ls", False)):
+        w = modelfold.hf.load_pretrained(tmp_path / comp).model.layers[0].mlp.down_proj.weight
+        assert w.shape[1] < orig.shape[1]
+        assert all(any(torch.equal(c, o) for o in orig.T) for c in w.T) == same
+    code = main(["compress", "resnet18", "--ratio", "0.3", "--compensate", "bias", "--out", str(tmp_path / "o.pt")])
+    assert code == 2 and "CNNs take ls or none" in capsys.readouterr().err
