@@ -115,7 +115,9 @@ def choose_lam(weight: torch.Tensor, fit: tuple[torch.Tensor, torch.Tensor], val
     be far worse than no refit at all on new inputs (Qwen2.5-1.5B: 8,960 FFN features, 2,048 tokens);
     held-out rows show that, and ``inf`` (the prior itself: no refit) is among the choices. Ties go
     to the stronger ridge. Arguments as in :func:`ridge_refit` (with ``fit_bias``, the Grams end with
-    the ones feature)."""
+    the ones feature). The ridges are tried from the strongest down and the search stops at the first
+    that errs more than the one before it (the held-out error of a ridge path is taken as unimodal), so
+    where no refit wins one solve decides it."""
     w = weight.double()
     if fit_bias:
         b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None else bias.double()
@@ -130,8 +132,9 @@ def choose_lam(weight: torch.Tensor, fit: tuple[torch.Tensor, torch.Tensor], val
             vb = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) if vb is None else vb.double()
             v = torch.cat([v, vb[:, None]], dim=1)
         err = float((v @ g_val * v).sum() - 2 * (v * cw.T).sum())  # ||H_val (W - V)^T||^2 less a constant
-        if err < best - 1e-12 * abs(best if math.isfinite(best) else 0.0):
-            best, best_lam = err, lam
+        if not err < best - 1e-12 * abs(best if math.isfinite(best) else 0.0):
+            break
+        best, best_lam = err, lam
     return best_lam
 
 

@@ -9,6 +9,7 @@ parameter budget (``calib.budget``) so that the asked sparsity is removed within
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -34,9 +35,10 @@ RATIO_GRID = ratio_grid(0.05, 0.8)  # 0, 0.05, .., 0.8
 
 
 def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: Iterable[float],
-               grams: dict | None = None, split: int | None = None) -> list:
-    """Error at each ratio of ``grid`` (see :func:`nested_errors`); ``grams["c"]`` receives the Gram matrix.
-    The ridge is the one the step would choose at ``PROBE_RATIO`` (``h[:split]`` fit, the rest held out)."""
+               grams: dict | None = None, split: int | None = None) -> tuple[list, float]:
+    """(error at each ratio of ``grid`` (see :func:`nested_errors`), the ridge); ``grams["c"]`` receives the
+    Gram matrix. The ridge is the one the step would choose at ``PROBE_RATIO`` (``h[:split]`` fit, the
+    rest held out)."""
     grid = list(grid)
     w = get(spec.consumer).weight.detach()
     stats = FeatureStats.of(h)
@@ -47,8 +49,8 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
     order = torch.argsort(unit_importance(opts.score, stats, w, g, 1, opts.ridge, keep=least), descending=True)
     n = spec.width
     ks = {r: kept_width(n, r, opts.round_to) for r in grid}
-    errs = nested_errors(w, g, order, curve_ridge(w, g, h, order, kept_width(n, PROBE_RATIO, opts.round_to), opts,
-                                                  split), ks.values(), prior=True)
+    lam = curve_ridge(w, g, h, order, kept_width(n, PROBE_RATIO, opts.round_to), opts, split)
+    errs = nested_errors(w, g, order, lam, ks.values(), prior=True)
     curve = []
     for r in grid:
         k = ks[r]
@@ -56,7 +58,7 @@ def _mlp_curve(spec, h: torch.Tensor, opts: CalibOptions, energy: float, grid: I
             curve.append((0.0, 0.0, 0.0))
             continue
         curve.append((r, float(mlp_removed(spec, r, opts.round_to)), errs[k] / energy))
-    return curve
+    return curve, lam
 
 
 def curve_ridge(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, order: torch.Tensor, k: int, opts: CalibOptions,
@@ -181,6 +183,7 @@ class Sensitivity:
         self.ref: BlockInputs | None = None  # original stream of the probe sequences
         self.streams: dict[str, BlockInputs] = {}  # probe streams, one unit compressed in each
         self.levels: dict[str, list[tuple[float, int]]] = {}  # unit -> [(ratio, parameters removed)]
+        self.lams: dict[str, float] = {}  # unit -> the ridge its curve used (the probe reuses it)
         self.total: int | None = None  # parameters of the whole model
 
     def start(self, model: nn.Module, adapter: Adapter, ids: torch.Tensor, micro_batch: int = 4) -> None:
@@ -211,8 +214,8 @@ class Sensitivity:
             self.total = count_params(model)  # every tensor (meta ones too): what sparsity= is a fraction of
         if "c" in acts:
             spec = layer_mlp(adapter, model, i)
-            self.curves[f"{i}:mlp"] = _mlp_curve(spec, acts["c"], self.opts, energy, self.grid, seen.grams,
-                                                 fit_rows(self.inputs))
+            self.curves[f"{i}:mlp"], self.lams[f"{i}:mlp"] = _mlp_curve(spec, acts["c"], self.opts, energy,
+                                                                        self.grid, seen.grams, fit_rows(self.inputs))
             self.levels[f"{i}:mlp"] = _levels(spec.width, lambda r: mlp_removed(spec, r, self.opts.round_to),
                                               max(self.grid))
         if "o" in acts:
@@ -234,7 +237,9 @@ class Sensitivity:
             if not any(r > 0 for r, _, e in self.curves.get(f"{i}:{unit}", [])):
                 continue
             snapshot = copy.deepcopy(block)
-            fn = Calibrated(torch.empty(0, dtype=torch.long, device="cpu"), self.opts)
+            lam = self.lams.get(f"{i}:{unit}")
+            opts = self.opts if lam is None or self.opts.lam != "auto" else dataclasses.replace(self.opts, lam=lam)
+            fn = Calibrated(torch.empty(0, dtype=torch.long, device="cpu"), opts)  # the curve's ridge, not again
             fn.inputs, fn.carry = self.inputs, False
             with torch.no_grad():
                 fn(model, adapter, i, {unit: PROBE_RATIO}, seen=seen)  # the original block's run, reused
