@@ -128,7 +128,8 @@ def child_compress(args, name: str) -> dict:
             "calibration_seconds": info.get("calibration_seconds"),
             "sensitivity_seconds": info.get("sensitivity_seconds"),
             "compress_seconds": ri.get("fold_seconds"), "total_seconds": round(rep.seconds, 1),
-            "calibration_tokens": info.get("calibration_tokens"), "plan": info.get("plan")}
+            "calibration_tokens": info.get("calibration_tokens"), "plan": info.get("plan"),
+            "ridges": {g.root: g.reason for g in rep.groups if g.reason}}
 
 
 def child_eval(args, name: str) -> dict:
