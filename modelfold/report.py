@@ -58,7 +58,9 @@ class FoldReport:
 
         done = [g for g in self.groups if g.status != "kept"]
         lines = [
-            f"modelfold {self.method} (repair={self.repair}) ratio={self.ratio:.3f} in {self.seconds:.1f}s",
+            f"modelfold {self.method} (repair={self.repair}) "
+            + (f"ratios per layer up to {self.ratio:.3f}" if self.info.get("ratios") == "per layer"
+               else f"ratio={self.ratio:.3f}") + f" in {self.seconds:.1f}s",
             f"  parameters: {m(self.params_before)} -> {m(self.params_after)} "
             f"(sparsity {self.param_sparsity:.1%})",
             f"  MACs:       {m(self.macs_before)} -> {m(self.macs_after)}",

@@ -94,8 +94,9 @@ def run_layers(model: nn.Module, ratio: float | Mapping | None, method: str, *, 
     if verify:  # a result that cannot run is never handed out (``work`` is a copy: ``model`` is untouched)
         check_model_runs(work, adapter, original=model)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
+    per_layer = {"ratios": "per layer"} if len({r for p in plan.values() for r in p.values()}) > 1 else {}
     report = FoldReport(method, rmax, params0, count_params(work), None, None, time.perf_counter() - t0,
-                        groups, repair, info=width_info(work, adapter, round_to))
+                        groups, repair, info={**width_info(work, adapter, round_to), **per_layer})
     return work, report
 
 

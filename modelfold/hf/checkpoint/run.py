@@ -87,7 +87,8 @@ def run_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, ratio: float 
         model.config.save_pretrained(tmp)
         copy_extras(src_p, tmp)
     rmax = max((r for p in plan.values() for r in p.values()), default=0.0)
-    info = {**width_info(model, adapter, round_to), "executor": executor,
+    per_layer = {"ratios": "per layer"} if len({r for p in plan.values() for r in p.values()}) > 1 else {}
+    info = {**width_info(model, adapter, round_to), **per_layer, "executor": executor,
             **({"resumed_layers": partial.resumed_layers} if partial.resumed else {}), "output_bytes": total, "cpu_seconds": round(time.process_time() - cpu0, 2),
             **{f"{k}_seconds": round(v, 2) for k, v in stages.items()}}
     return FoldReport(method, rmax, source.reader.numel(), numel, None, None, time.perf_counter() - t0,

@@ -249,3 +249,6 @@ def test_the_report_names_the_ridge_chosen_on_held_out_sequences():
     assert all(g.reason == "ridge 0.01" for g in fixed.groups if g.status == "pruned")
     with pytest.raises(ValueError, match="lam"):
         compress_model(m, ratio=0.5, calibration=ids, lam="big")
+    assert "ratio=0.500" in str(rep)  # one ratio everywhere
+    _, mixed = compress_model(m, ratio={0: {"mlp": 0.25}, 1: {"mlp": 0.5}}, calibration=ids, return_report=True)
+    assert "ratios per layer up to 0.500" in str(mixed) and "ratio=" not in str(mixed)
