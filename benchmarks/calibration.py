@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import modelfold.hf as mh  # noqa: E402
 from modelfold.evaluate import text as ev  # noqa: E402
 from modelfold.hf.adapters import find_adapter  # noqa: E402
 from modelfold.hf.calib.compress import compress_model  # noqa: E402
-from modelfold.hf.calib.data import random_words, self_text, text_ids  # noqa: E402
+from modelfold.hf.calib.data import SELF_SHAPE, random_words, self_text, text_ids  # noqa: E402
 from modelfold.hf.calib.layer import CalibOptions  # noqa: E402
 from modelfold.hf.calib.sensitivity import Sensitivity  # noqa: E402
 from modelfold.report import count_params  # noqa: E402
@@ -44,6 +45,15 @@ OUT = Path(__file__).resolve().parent / "results"
 SMOL = "SmolLM2-135M-Instruct"
 MINI = "all-MiniLM-L6-v2"
 FLAP = "flap (fluctuation, error-based budget)"
+
+
+def commit() -> str:
+    """The short commit the library code of a row came from (recorded with every row)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def pkg_dir(name: str) -> Path:
@@ -107,9 +117,9 @@ def smollm(args, rec) -> None:
 
     row("original", "none", model)
     t = time.perf_counter()
-    self_ids = self_text(model, 8, 512, seed=0, progress=True, use_cache=args.cached_sample)  # timed: afresh
+    self_ids = self_text(model, *SELF_SHAPE, seed=0, progress=True, use_cache=args.cached_sample)  # timed: afresh
     t_self = time.perf_counter() - t
-    real_ids = text_ids(tok, ev.wiki_split("calib", tok), 8, 512)
+    real_ids = text_ids(tok, ev.wiki_split("calib", tok), *SELF_SHAPE)  # the same shape as the self-made text
     t = time.perf_counter()
     auto_self = plans(model, self_ids, "act", args.sparsities)
     t_budget = time.perf_counter() - t
@@ -195,10 +205,11 @@ def write_md(records: list) -> None:
         if not rows:
             continue
         lines += [f"## {model}", "", "| method | calibration | params removed | " + " | ".join(metric)
-                  + " | compress s |", "|---|---|---|" + "---|" * len(metric) + "---|"]
+                  + " | compress s | code |", "|---|---|---|" + "---|" * len(metric) + "---|---|"]
         for r in rows:
             lines.append(f"| {r['method']} | {r['calibration']} | {r['param_sparsity']:.1%} | "
-                         + " | ".join(str(r[k]) for k in metric) + f" | {r.get('compress_seconds')} |")
+                         + " | ".join(str(r[k]) for k in metric)
+                         + f" | {r.get('compress_seconds')} | {r.get('commit', 'before 8688636')} |")
         lines.append("")
     (OUT / "calibration.md").write_text("\n".join(lines))
 
@@ -267,6 +278,9 @@ def main() -> None:
     records: list = [r for r in old if not rerun(r)]
 
     def rec(r: dict) -> None:
+        r = {**r, "commit": commit()}
+        if r["model"] == SMOL and r["calibration"] != "none":
+            r["calibration_shape"] = list(SELF_SHAPE)
         records.append(r)
         print(json.dumps(r), flush=True)
         tmp = path.with_suffix(".tmp")

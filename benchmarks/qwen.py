@@ -256,7 +256,8 @@ def row(args, name: str) -> dict:
         rec.update({k: c[k] for k in ("sampling_seconds", "calibration_seconds", "sensitivity_seconds",
                                       "compress_seconds", "total_seconds", "calibration_tokens")},
                    cpu_seconds=c["cpu_seconds"], load1_start=c["load1_start"], load1_end=c["load1_end"],
-                   wall_seconds=c["wall_seconds"], peak_rss_gib=c["peak_rss_gib"], plan=c["plan"])
+                   wall_seconds=c["wall_seconds"], peak_rss_gib=c["peak_rss_gib"], plan=c["plan"],
+                   ridges=c.get("ridges"))
     e = run_child(args, "eval", name)
     total, layer = param_counts(fp32_dir())
     rec.update(param_sparsity=round(1 - e["params"] / total, 4),
