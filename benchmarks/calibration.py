@@ -276,9 +276,10 @@ def main() -> None:
                                                          for sp in args.sparsities)
 
     records: list = [r for r in old if not rerun(r)]
+    code = commit()  # at the start: the library code every row of this run imported
 
     def rec(r: dict) -> None:
-        r = {**r, "commit": commit()}
+        r = {**r, "commit": code}
         if r["model"] == SMOL and r["calibration"] != "none":
             r["calibration_shape"] = list(SELF_SHAPE)
         records.append(r)
