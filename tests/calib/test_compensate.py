@@ -122,3 +122,28 @@ def test_refit_towards_the_prior_never_increases_the_calibration_error():
     for lam in (0.0, 1e-3, 1e-1, 10.0, float("inf")):
         v, _ = ridge_refit(w, g[idx][:, idx], g[idx], lam=lam, prior=w[:, idx])
         assert float(((h @ w.T - h[:, idx] @ v.T) ** 2).sum()) <= plain * (1 + 1e-9)
+
+
+def test_the_row_space_ridge_choice_and_refit_equal_the_gram_ones():
+    """Fewer rows than kept features: choose_lam_rows / ridge_refit_rows (an N x N system) choose the same
+    ridge and give the same consumer as choose_lam / ridge_refit on the Grams, at every ridge."""
+    from modelfold.calib.compensate import choose_lam, choose_lam_rows, ridge_refit_rows
+
+    chosen = set()
+    for related in (False, True):
+        gen = torch.Generator().manual_seed(4)
+        kept = torch.randn(36, 30, generator=gen, dtype=torch.float64)
+        gone = kept @ torch.randn(30, 10, generator=gen, dtype=torch.float64) * 0.3 if related else \
+            torch.randn(36, 10, generator=gen, dtype=torch.float64)
+        h = torch.cat([kept, gone + 0.05 * torch.randn(36, 10, generator=gen, dtype=torch.float64)], 1)
+        w = torch.randn(4, 40, generator=gen, dtype=torch.float64)
+        idx = torch.randperm(40, generator=gen)[:30].sort().values
+        g, gf = h.T @ h, h[:18].T @ h[:18]
+        fit, val = (gf[idx][:, idx], gf[idx]), (g[idx][:, idx] - gf[idx][:, idx], g[idx] - gf[idx])
+        lam = choose_lam_rows(w, h[:18], h[18:], idx)
+        assert lam == choose_lam(w, fit, val, w[:, idx])
+        chosen.add(lam)
+        for lam in (1e-3, 0.1, 1.0, float("inf")):
+            want, _ = ridge_refit(w, g[idx][:, idx], g[idx], lam=lam, prior=w[:, idx])
+            assert torch.allclose(ridge_refit_rows(w, h, idx, lam), want, atol=1e-8, rtol=1e-6)
+    assert float("inf") in chosen and len(chosen) == 2  # both kinds of choice were compared

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ...calib.compensate import Gram, choose_lam, relative_output_error, ridge_refit, with_ones
+from ...calib.compensate import (
+    Gram,
+    choose_lam,
+    choose_lam_rows,
+    relative_output_error,
+    ridge_refit,
+    ridge_refit_rows,
+    with_ones,
+)
 from ...calib.score import SCORES, FeatureStats, unit_importance
 from ...cluster import kmeans
 from ..adapters.base import AttnSpec, MLPSpec
@@ -153,8 +161,11 @@ def compress_mlp(spec: MLPSpec, k: int, h: torch.Tensor, opts: CalibOptions,
                                      k).indices).values
         prune_mlp_keep(spec, keep)
         tc = None if target is None else target_cross(h, target, ones, scale=scale)
-        g_fit = fit_gram(h, ones, scale, opts, split) if tc is None else None
-        new_w, new_b, lam = refit_columns(w, bias, g, keep, opts, stats, tc, g_fit)
+        if opts.compensate == "ls" and not ones and tc is None and h.shape[0] < k:  # fewer rows than features
+            (new_w, lam), new_b = refit_rows(w, h, keep, opts, split), bias
+        else:
+            g_fit = fit_gram(h, ones, scale, opts, split) if tc is None else None
+            new_w, new_b, lam = refit_columns(w, bias, g, keep, opts, stats, tc, g_fit)
         g_new, cross = g[keep][:, keep], g[keep][:, :n]
     else:
         if rerun is None:
@@ -219,6 +230,18 @@ def compress_attention(spec: AttnSpec, ratio: float, a: torch.Tensor, adapter, o
     nf = w.shape[1]
     return n_units, int(keep_units.numel()), relative_output_error(w, g[:nf][:, :nf], new_w, g[cols][:, cols],
                                                                    g[cols][:, :nf]), lam
+
+
+def refit_rows(weight: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, opts: CalibOptions,
+               split: int | None) -> tuple[torch.Tensor, float]:
+    """(consumer', ridge): :func:`refit` for a consumer without bias computed from the rows ``h`` (N, n)
+    themselves, for fewer rows than kept features (``calib.compensate.choose_lam_rows``,
+    ``ridge_refit_rows``): the same ridge choice and refit, in an N x N system."""
+    split = h.shape[0] // 2 if split is None else split
+    lam = opts.lam
+    if lam == "auto":
+        lam = choose_lam_rows(weight, h[:split], h[split:], keep) if 0 < split < h.shape[0] else DEFAULT_LAM
+    return ridge_refit_rows(weight, h, keep, float(lam)), float(lam)
 
 
 def fit_gram(h: torch.Tensor, ones: bool, scale: torch.Tensor | None, opts: CalibOptions,

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ...calib.budget import SPARSITY_TOL, fill, ratio_grid, refine, settle, unreachable
-from ...calib.compensate import choose_lam, output_energy, output_error
+from ...calib.compensate import choose_lam, choose_lam_rows, output_energy, output_error
 from ...calib.score import FeatureStats, unit_importance
 from ...checks import kept_width
 from ...report import count_params
@@ -67,6 +67,9 @@ def curve_ridge(w: torch.Tensor, g: torch.Tensor, h: torch.Tensor, order: torch.
     chosen on held-out rows (``calib.compensate.choose_lam``) for the first ``k`` features of ``order``."""
     if opts.compensate != "ls":
         return math.inf
+    split = h.shape[0] // 2 if split is None else split
+    if opts.lam == "auto" and 0 < split < min(k, h.shape[0]):  # fewer fit rows than features: in the row space
+        return choose_lam_rows(w, h[:split], h[split:], torch.sort(order[:k]).values)
     g_fit = fit_gram(h, False, None, opts, split)
     if g_fit is None or k >= g.shape[0]:
         return opts.ridge
