@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from calib_cost import commit  # noqa: E402  (a sibling script: the short commit of the library code)
 
 import modelfold  # noqa: E402
 import modelfold.hf as mh  # noqa: E402
@@ -45,15 +45,6 @@ OUT = Path(__file__).resolve().parent / "results"
 SMOL = "SmolLM2-135M-Instruct"
 MINI = "all-MiniLM-L6-v2"
 FLAP = "flap (fluctuation, error-based budget)"
-
-
-def commit() -> str:
-    """The short commit the library code of a row came from (recorded with every row)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def pkg_dir(name: str) -> Path:
