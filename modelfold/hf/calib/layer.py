@@ -30,6 +30,7 @@ from ...calib.compensate import (
 )
 from ...calib.score import SCORES, FeatureStats, unit_importance
 from ...cluster import kmeans
+from ...errors import CalibrationError
 from ..adapters.base import AttnSpec, MLPSpec
 from ..adapters.refs import get, linear_like, put
 from ..attention import apply_units, choose_heads, resolve_mode, units_k
@@ -55,15 +56,15 @@ class CalibOptions:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise CalibrationError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+            raise CalibrationError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.weighting not in ("token", "none"):
-            raise ValueError(f"weighting must be 'token' or 'none', got {self.weighting!r}")
+            raise CalibrationError(f"weighting must be 'token' or 'none', got {self.weighting!r}")
         if self.compensate not in ("ls", "bias", "none"):
-            raise ValueError(f"compensate must be 'ls', 'bias' or 'none', got {self.compensate!r}")
+            raise CalibrationError(f"compensate must be 'ls', 'bias' or 'none', got {self.compensate!r}")
         if self.lam != "auto" and (isinstance(self.lam, str) or not self.lam >= 0):
-            raise ValueError(f"lam must be 'auto' or a ridge >= 0 (inf: no refit), got {self.lam!r}")
+            raise CalibrationError(f"lam must be 'auto' or a ridge >= 0 (inf: no refit), got {self.lam!r}")
 
     @property
     def ridge(self) -> float:

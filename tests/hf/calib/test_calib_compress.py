@@ -247,7 +247,7 @@ def test_the_report_names_the_ridge_chosen_on_held_out_sequences():
     assert notes and all(n.startswith("ridge ") or n == "no refit (held-out rows)" for n in notes)
     _, fixed = compress_model(m, ratio=0.5, calibration=ids, lam=0.01, return_report=True)
     assert all(g.reason == "ridge 0.01" for g in fixed.groups if g.status == "pruned")
-    with pytest.raises(ValueError, match="lam"):
+    with pytest.raises(CalibrationError, match="lam must be 'auto' or a ridge"):
         compress_model(m, ratio=0.5, calibration=ids, lam="big")
     assert "ratio=0.500" in str(rep)  # one ratio everywhere
     _, mixed = compress_model(m, ratio={0: {"mlp": 0.25}, 1: {"mlp": 0.5}}, calibration=ids, return_report=True)
