@@ -16,6 +16,7 @@ Shared by the traced CNN engine and the transformers adapters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,18 +125,37 @@ def choose_lam(weight: torch.Tensor, fit: tuple[torch.Tensor, torch.Tensor], val
         w = torch.cat([w, b[:, None]], dim=1)
     g_val, c_val = val[0].double(), val[1].double()
     cw = c_val @ w.T  # (k[+1], d): every candidate's cross term from one product
-    best, best_lam = math.inf, lams[-1]
-    for lam in sorted(lams, reverse=True):
+
+    def held_out_error(lam: float) -> float:  # ||H_val (W - V)^T||^2 less a constant
         v, vb = ridge_refit(weight, fit[0], fit[1], lam, bias, fit_bias, prior=prior)
         v = v.double()
         if fit_bias:
             vb = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) if vb is None else vb.double()
             v = torch.cat([v, vb[:, None]], dim=1)
-        err = float((v @ g_val * v).sum() - 2 * (v * cw.T).sum())  # ||H_val (W - V)^T||^2 less a constant
+        return float((v @ g_val * v).sum() - 2 * (v * cw.T).sum())
+
+    return first_minimum(lams, held_out_error)
+
+
+def first_minimum(lams: tuple[float, ...], error: Callable[[float], float]) -> float:
+    """The ridge of ``lams`` with the least ``error``, searched from the strongest down and stopped at the
+    first that errs more than the one before it (ties go to the stronger ridge)."""
+    best, best_lam = math.inf, max(lams)
+    for lam in sorted(lams, reverse=True):
+        err = error(lam)
         if not err < best - 1e-12 * abs(best if math.isfinite(best) else 0.0):
             break
         best, best_lam = err, lam
     return best_lam
+
+
+def pruned_residual(weight: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the features not in ``idx`` contributed to the consumer's output on the rows ``h``, (N, d);
+    the kept features ``h[:, idx]``), both float64: the residual a refit towards ``weight[:, idx]`` corrects."""
+    w, hd = weight.double(), h.double()
+    gone = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    gone[idx] = False
+    return hd[:, gone] @ w[:, gone].T, hd[:, idx]
 
 
 def choose_lam_rows(weight: torch.Tensor, h_fit: torch.Tensor, h_val: torch.Tensor, idx: torch.Tensor,
@@ -147,45 +167,31 @@ def choose_lam_rows(weight: torch.Tensor, h_fit: torch.Tensor, h_val: torch.Tens
     (:func:`ridge_refit_rows`), so one eigendecomposition of the fit rows' kernel (rows x rows) gives every
     ridge's held-out error; with fewer fit rows than kept features (Qwen2.5-1.5B: 1,024 against 7,168)
     that is far cheaper than a factorisation of the kept features' Gram matrix per ridge."""
-    w = weight.double()
-    hf, hv = h_fit.double(), h_val.double()
-    gone = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-    gone[idx] = False
-    r = hf[:, gone] @ w[:, gone].T  # what the removed features gave: the pruned consumer's residual (N_fit, d)
-    rv = hv[:, gone] @ w[:, gone].T
-    hk = hf[:, idx]
+    r, hk = pruned_residual(weight, h_fit, idx)  # (N_fit, d), (N_fit, k)
+    rv, hvk = pruned_residual(weight, h_val, idx)
     s, u = torch.linalg.eigh(hk @ hk.T)
-    a = (hv[:, idx] @ hk.T) @ u  # (N_val, N_fit)
+    a = (hvk @ hk.T) @ u  # (N_val, N_fit)
     b = u.T @ r  # (N_fit, d)
     mean_diag = max(float((hk * hk).sum()) / max(idx.numel(), 1), 1e-12)  # of the fit Gram, as ridge_refit
-    best, best_lam = math.inf, lams[-1]
-    for lam in sorted(lams, reverse=True):
+
+    def held_out_error(lam: float) -> float:
         e = rv if math.isinf(lam) else rv - a @ (b / (s + lam * mean_diag)[:, None])
-        err = float((e * e).sum())
-        if not err < best - 1e-12 * abs(best if math.isfinite(best) else 0.0):
-            break
-        best, best_lam = err, lam
-    return best_lam
+        return float((e * e).sum())
+
+    return first_minimum(lams, held_out_error)
 
 
 def ridge_refit_rows(weight: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, lam: float) -> torch.Tensor:
     """:func:`ridge_refit` of a consumer without bias reading the features ``idx`` of ``h`` (N, n), pulled
     towards ``weight[:, idx]``, solved in the row space: W' = P + R^T (K + reg I)^-1 H_k with K = H_k H_k^T
     and R the pruned consumer's residual; an N x N system instead of k x k (cheaper when N < k)."""
-    w = weight.double()
-    prior = w[:, idx]
+    prior = weight.double()[:, idx]
     if math.isinf(lam):
         return prior.to(weight.dtype)
-    hd = h.double()
-    gone = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-    gone[idx] = False
-    r = hd[:, gone] @ w[:, gone].T  # (N, d)
-    hk = hd[:, idx]
-    k = idx.numel()
-    reg = lam * max(float((hk * hk).sum()) / max(k, 1), 1e-12)
+    r, hk = pruned_residual(weight, h, idx)  # (N, d), (N, k)
+    reg = lam * max(float((hk * hk).sum()) / max(idx.numel(), 1), 1e-12)
     kern = hk @ hk.T
-    n = kern.shape[0]
-    kern[torch.arange(n), torch.arange(n)] += reg
+    kern.diagonal().add_(reg)
     return (prior + (hk.T @ _solve_psd(kern, r)).T).to(weight.dtype)
 
 

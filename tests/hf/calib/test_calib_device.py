@@ -38,6 +38,21 @@ def test_no_tensor_is_created_on_the_default_device(kw) -> None:
         assert b.device.type == "cpu" and torch.equal(a, b), name
 
 
+def test_the_row_space_refit_is_device_clean() -> None:
+    """Fewer calibration rows (2 x 8) than kept MLP neurons: the ridge choice and refit in the row space."""
+    model = make_model("llama", layers=2)
+    ids = torch.randint(3, 61, (2, 8), generator=torch.Generator().manual_seed(6))
+    assert ids.numel() < 0.7 * model.model.layers[0].mlp.down_proj.in_features  # the row-space path
+    ref = compress_model(model, ratio=0.3, calibration=ids)
+    before = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        got = compress_model(model, ratio=0.3, calibration=ids)
+    finally:
+        torch.set_default_device(before)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), got.state_dict().values(), strict=True))
+
+
 def test_self_calibration_is_device_clean() -> None:
     model = make_model("llama", layers=2)
     ref = compress_model(model, ratio=0.3, calibration="self", n_calib=2, calib_len=12)
